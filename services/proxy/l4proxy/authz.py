@@ -1,0 +1,58 @@
+"""Authorization: which upstreams may a client identity reach (pure).
+
+Rules are matched in order against (client identity, upstream); the first match wins,
+otherwise the default applies. Identities are compared as whole strings, so any
+character a certificate allows (``-``, ``.``, ``:``, ``/``) is safe in a rule.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from .config import ANY, Action, Rule, Upstream
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    action: Action
+    rule: int | None  # index of the matching rule, None when the default applied
+
+    @property
+    def allowed(self) -> bool:
+        return self.action == "allow"
+
+
+class Authorizer:
+    CACHE_LIMIT = 10_000
+
+    def __init__(
+        self, rules: Sequence[Rule], default: Action, upstreams: Sequence[Upstream]
+    ) -> None:
+        self.rules = tuple(rules)
+        self.default: Action = default
+        self.upstreams = tuple(upstreams)
+        self._cache: dict[str, tuple[int, ...]] = {}
+
+    def decide(self, identity: str, upstream: Upstream) -> Verdict:
+        labels = (upstream.key, upstream.name, ANY)
+        for number, rule in enumerate(self.rules):
+            if (identity in rule.clients or ANY in rule.clients) and any(
+                label in rule.upstreams for label in labels
+            ):
+                return Verdict(rule.action, number)
+        return Verdict(self.default, None)
+
+    def allowed(self, identity: str) -> tuple[int, ...]:
+        """Indices of the upstreams ``identity`` may reach, in pool order (cached)."""
+        hit = self._cache.get(identity)
+        if hit is None:
+            hit = tuple(
+                i
+                for i, upstream in enumerate(self.upstreams)
+                if self.decide(identity, upstream).allowed
+            )
+            if len(self._cache) >= self.CACHE_LIMIT:
+                self._cache.clear()
+            self._cache[identity] = hit
+        return hit

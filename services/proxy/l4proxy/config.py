@@ -1,0 +1,486 @@
+"""Configuration: YAML in, frozen dataclasses out.
+
+Parsed once at the edge. Every key has a default except ``tls`` and ``upstreams``;
+unknown keys are errors, and every error names the key path so a user can act on it.
+This module does no I/O beyond reading the one file in :func:`load_config`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+
+IdentitySource = Literal["cn", "san_uri", "san_dns"]
+BalancerName = Literal["least_connections", "round_robin", "power_of_two", "consistent_hash"]
+Action = Literal["allow", "deny"]
+
+IDENTITY_SOURCES: tuple[IdentitySource, ...] = ("cn", "san_uri", "san_dns")
+BALANCERS: tuple[BalancerName, ...] = (
+    "least_connections",
+    "round_robin",
+    "power_of_two",
+    "consistent_hash",
+)
+ACTIONS: tuple[Action, ...] = ("allow", "deny")
+ANY = "*"
+
+
+class ConfigError(ValueError):
+    """Bad configuration. ``key`` is the dotted path of the offending key."""
+
+    def __init__(self, key: str, problem: str) -> None:
+        super().__init__(f"{key}: {problem}" if key else problem)
+        self.key = key
+        self.problem = problem
+
+
+@dataclass(frozen=True, slots=True)
+class Address:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class Upstream:
+    address: Address
+    name: str
+
+    @property
+    def key(self) -> str:
+        """The canonical ``host:port`` string, as written in logs and rules."""
+        return str(self.address)
+
+
+@dataclass(frozen=True, slots=True)
+class TlsConfig:
+    ca: Path
+    cert: Path
+    key: Path
+    identity: IdentitySource = "cn"
+
+
+@dataclass(frozen=True, slots=True)
+class HealthCheckConfig:
+    interval: float = 3.0
+    timeout: float = 1.0
+    rise: int = 1
+    fall: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimitConfig:
+    enabled: bool = True
+    rate: float = 2.0
+    burst: int = 4
+    cleanup_interval: float = 20.0
+    max_concurrent: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    """One authorization rule. ``clients``/``upstreams`` hold names, or ``*`` for any."""
+
+    clients: tuple[str, ...]
+    action: Action
+    upstreams: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class AuthorizationConfig:
+    default: Action = "allow"
+    rules: tuple[Rule, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    handshake: float = 5.0
+    connect: float = 1.0
+    idle: float = 300.0  # 0 disables the idle timeout
+
+
+DEFAULT_LISTEN = Address("0.0.0.0", 8443)  # noqa: S104 - a proxy listens on all interfaces
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    tls: TlsConfig
+    upstreams: tuple[Upstream, ...]
+    listen: Address = DEFAULT_LISTEN
+    balancer: BalancerName = "least_connections"
+    health_check: HealthCheckConfig = field(default_factory=HealthCheckConfig)
+    rate_limit: RateLimitConfig = field(default_factory=RateLimitConfig)
+    authorization: AuthorizationConfig = field(default_factory=AuthorizationConfig)
+    timeouts: Timeouts = field(default_factory=Timeouts)
+
+
+# --- scalar parsers -------------------------------------------------------------------
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?|\.\d+)\s*(ms|s|m|h)?\s*$")
+# (multiplier, divisor): dividing by 1000 keeps "250ms" exactly equal to 250 / 1000.
+_UNITS: dict[str | None, tuple[float, float]] = {
+    "ms": (1.0, 1000.0),
+    "s": (1.0, 1.0),
+    "m": (60.0, 1.0),
+    "h": (3600.0, 1.0),
+    None: (1.0, 1.0),
+}
+
+
+def parse_duration(value: object, key: str, *, allow_zero: bool = False) -> float:
+    """``"3s"``, ``"250ms"``, ``"1m"``, ``"1h"`` or a number of seconds, as float seconds."""
+    seconds: float
+    if isinstance(value, bool):
+        raise ConfigError(key, f"expected a duration such as '3s' or '250ms', got {value!r}")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str):
+        match = _DURATION.match(value)
+        if not match:
+            raise ConfigError(
+                key, f"expected a duration such as '3s', '250ms' or '1m', got {value!r}"
+            )
+        multiplier, divisor = _UNITS[match.group(2)]
+        seconds = float(match.group(1)) * multiplier / divisor
+    else:
+        raise ConfigError(key, f"expected a duration such as '3s' or '250ms', got {value!r}")
+    if not math.isfinite(seconds) or seconds < 0:
+        raise ConfigError(key, f"must be a finite, non-negative duration, got {value!r}")
+    if seconds == 0 and not allow_zero:
+        raise ConfigError(key, "must be greater than zero")
+    return seconds
+
+
+def parse_address(value: object, key: str, *, allow_port_zero: bool = False) -> Address:
+    """``host:port`` or ``[v6]:port``. Port 0 (any free port) only where allowed."""
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(key, f"expected an address 'host:port', got {value!r}")
+    text = value.strip()
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0 or text[end + 1 : end + 2] != ":":
+            raise ConfigError(key, f"expected '[ipv6]:port', got {value!r}")
+        host, port_text = text[1:end], text[end + 2 :]
+        try:
+            host = str(ipaddress.IPv6Address(host))  # one spelling per address
+        except ValueError:
+            raise ConfigError(key, f"{host!r} is not an IPv6 address") from None
+    else:
+        host, sep, port_text = text.rpartition(":")
+        if not sep or not host:
+            raise ConfigError(key, f"expected an address 'host:port', got {value!r}")
+        if ":" in host:
+            raise ConfigError(key, f"write IPv6 addresses as '[{host}]:{port_text}'")
+    lowest = 0 if allow_port_zero else 1
+    if not port_text.isdigit() or not lowest <= int(port_text) < 65536:
+        raise ConfigError(key, f"port must be a number from {lowest} to 65535, got {port_text!r}")
+    return Address(host, int(port_text))
+
+
+def _int(value: object, key: str, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(key, f"expected an integer, got {value!r}")
+    if value < minimum:
+        raise ConfigError(key, f"must be at least {minimum}, got {value}")
+    return value
+
+
+def _number(value: object, key: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigError(key, f"expected a number, got {value!r}")
+    if not math.isfinite(value) or value <= 0:
+        raise ConfigError(key, f"must be a positive number, got {value!r}")
+    return float(value)
+
+
+def _bool(value: object, key: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(key, f"expected true or false, got {value!r}")
+    return value
+
+
+_E = TypeVar("_E", bound=str)
+
+
+def _choice(value: object, key: str, choices: tuple[_E, ...]) -> _E:
+    if value not in choices:
+        raise ConfigError(key, f"must be one of {', '.join(choices)}; got {value!r}")
+    return value
+
+
+def _string(value: object, key: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(key, f"expected a non-empty string, got {value!r}")
+    return value.strip()
+
+
+def _section(
+    raw: Mapping[str, Any], key: str, allowed: tuple[str, ...], *, required: tuple[str, ...] = ()
+) -> Mapping[str, Any]:
+    """Return the mapping at ``raw[key]`` (empty if absent) after checking its keys."""
+    value = raw.get(key, {})
+    if value is None:
+        value = {}
+    if not isinstance(value, Mapping):
+        raise ConfigError(key, f"expected a mapping, got {type(value).__name__}")
+    _check_keys(value, key, allowed, required)
+    return value
+
+
+def _check_keys(
+    mapping: Mapping[Any, Any], where: str, allowed: tuple[str, ...], required: tuple[str, ...] = ()
+) -> None:
+    for name in mapping:
+        if name not in allowed:
+            path = f"{where}.{name}" if where else str(name)
+            raise ConfigError(path, f"unknown key (allowed here: {', '.join(allowed)})")
+    for name in required:
+        if name not in mapping:
+            path = f"{where}.{name}" if where else name
+            raise ConfigError(path, "is required")
+
+
+_T = TypeVar("_T")
+
+
+def _opt(section: Mapping[str, Any], name: str, default: _T, parse: Callable[[object], _T]) -> _T:
+    return parse(section[name]) if name in section else default
+
+
+# --- sections --------------------------------------------------------------------------
+
+_TOP_KEYS = (
+    "listen",
+    "tls",
+    "upstreams",
+    "balancer",
+    "health_check",
+    "rate_limit",
+    "authorization",
+    "timeouts",
+)
+
+
+def _parse_tls(raw: Mapping[str, Any], base_dir: Path) -> TlsConfig:
+    section = _section(
+        raw, "tls", ("ca", "cert", "key", "identity"), required=("ca", "cert", "key")
+    )
+
+    def path(name: str) -> Path:
+        p = Path(_string(section[name], f"tls.{name}"))
+        return p if p.is_absolute() else base_dir / p
+
+    return TlsConfig(
+        ca=path("ca"),
+        cert=path("cert"),
+        key=path("key"),
+        identity=_opt(
+            section, "identity", "cn", lambda v: _choice(v, "tls.identity", IDENTITY_SOURCES)
+        ),
+    )
+
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+
+
+def _parse_upstreams(raw: Mapping[str, Any]) -> tuple[Upstream, ...]:
+    value = raw["upstreams"]
+    if not isinstance(value, list) or not value:
+        raise ConfigError("upstreams", "expected a non-empty list of 'host:port' or mappings")
+    result: list[Upstream] = []
+    for i, item in enumerate(value):
+        key = f"upstreams[{i}]"
+        if isinstance(item, Mapping):
+            _check_keys(item, key, ("address", "name"), ("address",))
+            address = parse_address(item["address"], f"{key}.address")
+            name = _string(item["name"], f"{key}.name") if "name" in item else str(address)
+            if "name" in item and not _NAME.match(name):
+                raise ConfigError(
+                    f"{key}.name",
+                    f"{name!r}: use letters, digits, '.', '-' and '_' (at most 63 characters)",
+                )
+        else:
+            address = parse_address(item, key)
+            name = str(address)
+        result.append(Upstream(address, name))
+    seen: dict[str, int] = {}
+    for i, upstream in enumerate(result):
+        for label in {upstream.key, upstream.name}:
+            if label in seen and seen[label] != i:
+                raise ConfigError(
+                    f"upstreams[{i}]", f"{label!r} is already used by upstreams[{seen[label]}]"
+                )
+            seen[label] = i
+    return tuple(result)
+
+
+def _parse_health(raw: Mapping[str, Any]) -> HealthCheckConfig:
+    section = _section(raw, "health_check", ("interval", "timeout", "rise", "fall"))
+    d = HealthCheckConfig()
+    return HealthCheckConfig(
+        interval=_opt(
+            section, "interval", d.interval, lambda v: parse_duration(v, "health_check.interval")
+        ),
+        timeout=_opt(
+            section, "timeout", d.timeout, lambda v: parse_duration(v, "health_check.timeout")
+        ),
+        rise=_opt(section, "rise", d.rise, lambda v: _int(v, "health_check.rise", 1)),
+        fall=_opt(section, "fall", d.fall, lambda v: _int(v, "health_check.fall", 1)),
+    )
+
+
+def _parse_rate_limit(raw: Mapping[str, Any]) -> RateLimitConfig:
+    section = _section(
+        raw, "rate_limit", ("enabled", "rate", "burst", "cleanup_interval", "max_concurrent")
+    )
+    d = RateLimitConfig()
+    return RateLimitConfig(
+        enabled=_opt(section, "enabled", d.enabled, lambda v: _bool(v, "rate_limit.enabled")),
+        rate=_opt(section, "rate", d.rate, lambda v: _number(v, "rate_limit.rate")),
+        burst=_opt(section, "burst", d.burst, lambda v: _int(v, "rate_limit.burst", 1)),
+        cleanup_interval=_opt(
+            section,
+            "cleanup_interval",
+            d.cleanup_interval,
+            lambda v: parse_duration(v, "rate_limit.cleanup_interval"),
+        ),
+        max_concurrent=_opt(
+            section,
+            "max_concurrent",
+            d.max_concurrent,
+            lambda v: _int(v, "rate_limit.max_concurrent", 0),
+        ),
+    )
+
+
+def _names(value: object, key: str) -> tuple[str, ...]:
+    """A rule's client or upstream: one string or a non-empty list of strings."""
+    items = value if isinstance(value, list) else [value]
+    if not items:
+        raise ConfigError(key, "expected a name, '*' or a non-empty list of names")
+    return tuple(_string(item, key) for item in items)
+
+
+def _parse_authorization(
+    raw: Mapping[str, Any], upstreams: tuple[Upstream, ...]
+) -> AuthorizationConfig:
+    section = _section(raw, "authorization", ("default", "rules"))
+    default: Action = _opt(
+        section, "default", "allow", lambda v: _choice(v, "authorization.default", ACTIONS)
+    )
+    rules_raw = section.get("rules") or []
+    if not isinstance(rules_raw, list):
+        raise ConfigError("authorization.rules", "expected a list of rules")
+    known = {u.key for u in upstreams} | {u.name for u in upstreams}
+    rules: list[Rule] = []
+    for i, item in enumerate(rules_raw):
+        key = f"authorization.rules[{i}]"
+        if not isinstance(item, Mapping):
+            raise ConfigError(
+                key,
+                "expected a mapping like {client: client.a, action: deny, upstream: 'host:port'}",
+            )
+        _check_keys(item, key, ("client", "action", "upstream"), ("client", "action", "upstream"))
+        targets = _names(item["upstream"], f"{key}.upstream")
+        for target in targets:
+            if target != ANY and target not in known:
+                # Canonicalise spellings such as "localhost:08000" before giving up.
+                try:
+                    canonical = str(parse_address(target, f"{key}.upstream"))
+                except ConfigError:
+                    canonical = target
+                if canonical not in known:
+                    raise ConfigError(
+                        f"{key}.upstream",
+                        f"{target!r} is not a configured upstream address or name "
+                        f"(known: {', '.join(sorted(known))}, or '*')",
+                    )
+        rules.append(
+            Rule(
+                clients=_names(item["client"], f"{key}.client"),
+                action=_choice(item["action"], f"{key}.action", ACTIONS),
+                upstreams=tuple(_canonical_target(t, known) for t in targets),
+            )
+        )
+    return AuthorizationConfig(default=default, rules=tuple(rules))
+
+
+def _canonical_target(target: str, known: set[str]) -> str:
+    if target == ANY or target in known:
+        return target
+    return str(parse_address(target, "authorization"))
+
+
+def _parse_timeouts(raw: Mapping[str, Any]) -> Timeouts:
+    section = _section(raw, "timeouts", ("handshake", "connect", "idle"))
+    d = Timeouts()
+    return Timeouts(
+        handshake=_opt(
+            section, "handshake", d.handshake, lambda v: parse_duration(v, "timeouts.handshake")
+        ),
+        connect=_opt(
+            section, "connect", d.connect, lambda v: parse_duration(v, "timeouts.connect")
+        ),
+        idle=_opt(
+            section, "idle", d.idle, lambda v: parse_duration(v, "timeouts.idle", allow_zero=True)
+        ),
+    )
+
+
+def parse_config(raw: object, base_dir: Path) -> Config:
+    """Validate a decoded YAML document. Relative TLS paths resolve against ``base_dir``."""
+    if not isinstance(raw, Mapping):
+        raise ConfigError("", "the configuration must be a YAML mapping of keys to values")
+    _check_keys(raw, "", _TOP_KEYS, ("tls", "upstreams"))
+    upstreams = _parse_upstreams(raw)
+    return Config(
+        listen=_opt(
+            raw,
+            "listen",
+            DEFAULT_LISTEN,
+            lambda v: parse_address(v, "listen", allow_port_zero=True),
+        ),
+        tls=_parse_tls(raw, base_dir),
+        upstreams=upstreams,
+        balancer=_opt(
+            raw, "balancer", "least_connections", lambda v: _choice(v, "balancer", BALANCERS)
+        ),
+        health_check=_parse_health(raw),
+        rate_limit=_parse_rate_limit(raw),
+        authorization=_parse_authorization(raw, upstreams),
+        timeouts=_parse_timeouts(raw),
+    )
+
+
+def load_config(path: Path) -> Config:
+    """Read and validate a config file; every problem is a :class:`ConfigError`."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError("", f"cannot read {path}: {exc.strerror or exc}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        where = ""
+        mark = getattr(exc, "problem_mark", None)
+        if mark is not None:
+            where = f" at line {mark.line + 1}, column {mark.column + 1}"
+        raise ConfigError("", f"{path} is not valid YAML{where}") from None
+    return parse_config(raw, path.resolve().parent)
+
+
+def check_files(config: Config) -> None:
+    """Check that the TLS files exist and are readable (``--check`` and start-up)."""
+    for name in ("ca", "cert", "key"):
+        p: Path = getattr(config.tls, name)
+        if not p.is_file():
+            raise ConfigError(f"tls.{name}", f"{p} does not exist or is not a file")

@@ -1,0 +1,92 @@
+"""The admission pipeline for one authenticated connection (pure).
+
+rate limit -> authorization -> health -> balancer -> (dial; on failure: passive health
+and the next eligible upstream). Every outcome that is not a lease on an upstream is a
+:class:`Rejected` value whose ``decision`` and ``reason`` go into the access log.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+from .authz import Authorizer
+from .balancer import Lease, NoUpstream, UpstreamPool, make_strategy
+from .config import Config
+from .health import Transition
+from .ratelimit import Limited, RateLimiter, Ticket
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    decision: str  # denied | rate_limited | no_healthy_upstream | dial_failed
+    reason: str
+
+
+@dataclass(slots=True)
+class Admission:
+    """An admitted connection: its concurrency ticket, its current upstream lease and the
+    upstreams it has tried. :meth:`release` returns every slot it holds, exactly once."""
+
+    identity: str
+    ticket: Ticket
+    allowed: tuple[int, ...]
+    lease: Lease
+    tried: list[int] = field(default_factory=list)
+
+    def release(self) -> None:
+        self.lease.release()
+        self.ticket.release()
+
+
+class Router:
+    def __init__(self, config: Config, rng: random.Random | None = None) -> None:
+        hc = config.health_check
+        rl = config.rate_limit
+        self.config = config
+        self.pool = UpstreamPool(
+            config.upstreams,
+            make_strategy(config.balancer, config.upstreams, rng),
+            rise=hc.rise,
+            fall=hc.fall,
+        )
+        self.authorizer = Authorizer(
+            config.authorization.rules, config.authorization.default, config.upstreams
+        )
+        self.limiter = RateLimiter(
+            rl.rate, rl.burst, rl.cleanup_interval, rl.max_concurrent, enabled=rl.enabled
+        )
+
+    def admit(self, identity: str, now: float) -> Admission | Rejected:
+        ticket = self.limiter.admit(identity, now)
+        if isinstance(ticket, Limited):
+            return Rejected("rate_limited", ticket.reason)
+        allowed = self.authorizer.allowed(identity)
+        if not allowed:
+            ticket.release()
+            return Rejected("denied", "no_allowed_upstream")
+        picked = self.pool.pick(allowed, identity)
+        if isinstance(picked, NoUpstream):
+            ticket.release()
+            return Rejected("no_healthy_upstream", f"all {len(allowed)} allowed upstreams are down")
+        return Admission(identity, ticket, allowed, picked, [picked.index])
+
+    def dial_failed(
+        self, admission: Admission, now: float, reason: str
+    ) -> tuple[Transition | None, Lease | Rejected]:
+        """The dial on ``admission.lease`` failed: mark that upstream down, give its slot
+        back and pick the next eligible allowed upstream not tried yet."""
+        index = admission.lease.index
+        admission.lease.release()
+        transition = self.pool.health[index].mark_down(now, f"dial failed: {reason}")
+        picked = self.pool.pick(admission.allowed, admission.identity, exclude=admission.tried)
+        if isinstance(picked, NoUpstream):
+            admission.ticket.release()
+            attempts = len(admission.tried)
+            return transition, Rejected("dial_failed", f"{reason} (after {attempts} attempt(s))")
+        admission.lease = picked
+        admission.tried.append(picked.index)
+        return transition, picked
+
+    def check_result(self, index: int, ok: bool, now: float, reason: str) -> Transition | None:
+        return self.pool.health[index].observe(ok, now, reason)

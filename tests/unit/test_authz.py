@@ -1,0 +1,248 @@
+"""Unit tests for l4proxy.authz: ordered rules, first match wins, exact identity match."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from l4proxy.authz import Authorizer, Verdict
+from l4proxy.config import Action, Config, Rule, parse_config
+
+UPSTREAMS = ["127.0.0.1:8000", "127.0.0.1:8001", "127.0.0.1:8002"]
+
+
+def config(rules: list[dict[str, Any]], default: Action = "allow", ups: Any = None) -> Config:
+    return parse_config(
+        {
+            "tls": {"ca": "ca.pem", "cert": "s.pem", "key": "s.key"},
+            "upstreams": UPSTREAMS if ups is None else ups,
+            "authorization": {"default": default, "rules": rules},
+        },
+        Path("/etc/layer4lab"),
+    )
+
+
+def authorizer(
+    rules: list[dict[str, Any]], default: Action = "allow", ups: Any = None
+) -> Authorizer:
+    c = config(rules, default, ups)
+    return Authorizer(c.authorization.rules, c.authorization.default, c.upstreams)
+
+
+def deny(client: object, upstream: object) -> dict[str, Any]:
+    return {"client": client, "action": "deny", "upstream": upstream}
+
+
+def allow(client: object, upstream: object) -> dict[str, Any]:
+    return {"client": client, "action": "allow", "upstream": upstream}
+
+
+# ------------------------------------------------------------------- the reference table
+
+REFERENCE = [
+    deny("client.a", "127.0.0.1:8000"),
+    deny("client.c", ["127.0.0.1:8000", "127.0.0.1:8001"]),
+    allow("client.c", "127.0.0.1:8002"),
+]
+
+
+@pytest.mark.parametrize(
+    ("identity", "expected"),
+    [
+        ("client.a", (1, 2)),
+        ("client.b", (0, 1, 2)),
+        ("client.c", (2,)),
+        ("client.d", (0, 1, 2)),
+        ("client.e", (0, 1, 2)),
+        ("someone-else", (0, 1, 2)),
+    ],
+)
+def test_reference_table(identity: str, expected: tuple[int, ...]) -> None:
+    authz = authorizer(REFERENCE)
+    assert authz.allowed(identity) == expected
+    assert authz.allowed(identity) == expected  # and again, from the cache
+
+
+def test_reference_table_verdicts_name_the_rule() -> None:
+    authz = authorizer(REFERENCE)
+    u1, u2, u3 = authz.upstreams
+    assert authz.decide("client.a", u1) == Verdict("deny", 0)
+    assert authz.decide("client.a", u2) == Verdict("allow", None)
+    assert authz.decide("client.c", u1) == Verdict("deny", 1)
+    assert authz.decide("client.c", u2) == Verdict("deny", 1)
+    assert authz.decide("client.c", u3) == Verdict("allow", 2)
+    assert not authz.decide("client.c", u1).allowed
+    assert authz.decide("client.c", u3).allowed
+
+
+# ----------------------------------------------------------------------- rule semantics
+
+
+def test_first_match_wins() -> None:
+    allow_first = authorizer([allow("client.a", "127.0.0.1:8000"), deny("client.a", "*")])
+    assert allow_first.allowed("client.a") == (0,)
+    assert allow_first.decide("client.a", allow_first.upstreams[0]) == Verdict("allow", 0)
+    assert allow_first.decide("client.a", allow_first.upstreams[1]) == Verdict("deny", 1)
+
+    deny_first = authorizer([deny("client.a", "*"), allow("client.a", "127.0.0.1:8000")])
+    assert deny_first.allowed("client.a") == ()
+    assert deny_first.decide("client.a", deny_first.upstreams[0]) == Verdict("deny", 0)
+
+
+@pytest.mark.parametrize(("default", "expected"), [("allow", (0, 1, 2)), ("deny", ())])
+def test_default_applies_when_no_rule_matches(default: Action, expected: tuple[int, ...]) -> None:
+    authz = authorizer([deny("client.z", "*")], default=default)
+    assert authz.allowed("client.a") == expected
+    for upstream in authz.upstreams:
+        assert authz.decide("client.a", upstream) == Verdict(default, None)
+
+
+def test_default_deny_with_an_allow_rule() -> None:
+    authz = authorizer([allow("client.b", ["127.0.0.1:8001"])], default="deny")
+    assert authz.allowed("client.b") == (1,)
+    assert authz.allowed("client.a") == ()
+
+
+def test_star_client_matches_every_identity() -> None:
+    authz = authorizer([allow("client.a", "*"), deny("*", "127.0.0.1:8001")])
+    assert authz.allowed("client.a") == (0, 1, 2)
+    assert authz.allowed("client.b") == (0, 2)
+    assert authz.allowed("spiffe://layer4lab/x") == (0, 2)
+
+
+def test_star_upstream_matches_every_upstream() -> None:
+    authz = authorizer([deny("client.a", "*")])
+    assert authz.allowed("client.a") == ()
+    assert authz.allowed("client.b") == (0, 1, 2)
+
+
+def test_star_in_a_client_list() -> None:
+    authz = authorizer([deny(["client.a", "*"], "127.0.0.1:8002")])
+    assert authz.allowed("anyone") == (0, 1)
+
+
+NAMED_UPSTREAMS = [
+    {"address": "127.0.0.1:8000", "name": "alpha"},
+    {"address": "127.0.0.1:8001", "name": "beta"},
+    "127.0.0.1:8002",
+]
+
+
+@pytest.mark.parametrize(
+    ("target", "denied"),
+    [
+        ("beta", 1),
+        ("127.0.0.1:8001", 1),
+        ("127.0.0.1:08001", 1),
+        ("alpha", 0),
+        ("127.0.0.1:8002", 2),
+    ],
+)
+def test_rule_by_upstream_name_or_address(target: str, denied: int) -> None:
+    authz = authorizer([deny("client.a", target)], ups=NAMED_UPSTREAMS)
+    assert authz.allowed("client.a") == tuple(i for i in range(3) if i != denied)
+    assert authz.allowed("client.b") == (0, 1, 2)
+
+
+def test_a_list_mixing_names_and_addresses() -> None:
+    authz = authorizer([deny("client.a", ["alpha", "127.0.0.1:8002"])], ups=NAMED_UPSTREAMS)
+    assert authz.allowed("client.a") == (1,)
+
+
+# ----------------------------------------------------------------------- exact identities
+
+SPECIAL = ["client-x", "client.a", "spiffe://layer4lab/client.a", "host:8443", "team/client_1"]
+
+
+@pytest.mark.parametrize("identity", SPECIAL)
+def test_identities_with_punctuation_match_exactly(identity: str) -> None:
+    authz = authorizer([deny(identity, "*")])
+    assert authz.allowed(identity) == ()
+
+
+@pytest.mark.parametrize(
+    ("rule_identity", "other"),
+    [
+        ("client", "client-x"),
+        ("client-x", "client"),
+        ("client-x", "client-x2"),
+        ("client-x", "my-client-x"),
+        ("client.a", "clientXa"),  # '.' is not a wildcard
+        ("client.a", "client.ab"),
+        ("client.a", "Client.a"),
+        ("spiffe://layer4lab/client", "spiffe://layer4lab/client.a"),
+        ("spiffe://layer4lab/client.a", "spiffe://layer4lab/client.a/extra"),
+        ("spiffe://layer4lab/client.a", "client.a"),
+        ("spiffe://layer4lab/", "spiffe://layer4lab/client.a"),
+        ("host:8443", "host:84430"),
+        ("team/client_1", "team/client_10"),
+        ("client.a", ""),
+    ],
+)
+def test_identities_do_not_match_prefixes_or_suffixes(rule_identity: str, other: str) -> None:
+    authz = authorizer([deny(rule_identity, "*")])
+    assert authz.allowed(other) == (0, 1, 2)
+    assert authz.allowed(rule_identity) == ()
+
+
+# ---------------------------------------------------------------------------- the cache
+
+IDENTITIES = ["client.a", "client.b", "client-x", "spiffe://layer4lab/client.a", "*", "z"]
+TARGETS = ["*", *UPSTREAMS]
+
+
+@st.composite
+def rule_lists(draw: st.DrawFn) -> list[dict[str, Any]]:
+    count = draw(st.integers(0, 6))
+    result = []
+    for _ in range(count):
+        clients = draw(st.lists(st.sampled_from(IDENTITIES), min_size=1, max_size=3))
+        targets = draw(st.lists(st.sampled_from(TARGETS), min_size=1, max_size=3))
+        action = draw(st.sampled_from(["allow", "deny"]))
+        result.append({"client": clients, "action": action, "upstream": targets})
+    return result
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    rules=rule_lists(),
+    default=st.sampled_from(["allow", "deny"]),
+    asked=st.lists(st.sampled_from([*IDENTITIES, "client", "other"]), max_size=12),
+    limit=st.integers(1, 4),
+)
+def test_allowed_cache_agrees_with_decide(
+    rules: list[dict[str, Any]], default: Action, asked: list[str], limit: int
+) -> None:
+    authz = authorizer(rules, default)
+    authz.CACHE_LIMIT = limit  # exercise eviction too
+    for identity in asked:
+        expected = tuple(
+            i for i, u in enumerate(authz.upstreams) if authz.decide(identity, u).allowed
+        )
+        assert authz.allowed(identity) == expected
+        assert authz.allowed(identity) == expected
+
+
+@settings(max_examples=150, deadline=None)
+@given(rules=rule_lists(), default=st.sampled_from(["allow", "deny"]))
+def test_decide_matches_a_first_match_model(rules: list[dict[str, Any]], default: Action) -> None:
+    authz = authorizer(rules, default)
+    for identity in [*IDENTITIES, "other"]:
+        for upstream in authz.upstreams:
+            expected = Verdict(default, None)
+            for number, r in enumerate(rules):
+                if (identity in r["client"] or "*" in r["client"]) and (
+                    upstream.key in r["upstream"] or "*" in r["upstream"]
+                ):
+                    expected = Verdict(r["action"], number)
+                    break
+            assert authz.decide(identity, upstream) == expected
+
+
+def test_rules_can_be_built_directly() -> None:
+    c = config([])
+    authz = Authorizer([Rule(("client.a",), "deny", ("127.0.0.1:8001",))], "allow", c.upstreams)
+    assert authz.allowed("client.a") == (0, 2)

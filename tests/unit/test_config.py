@@ -1,0 +1,577 @@
+"""Unit tests for l4proxy.config: YAML in, frozen dataclasses out, every error names its key."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+from l4proxy.config import (
+    Address,
+    Config,
+    ConfigError,
+    Rule,
+    Upstream,
+    check_files,
+    load_config,
+    parse_config,
+    parse_duration,
+)
+
+BASE_DIR = Path("/etc/layer4lab")
+
+EXAMPLE_YAML = textwrap.dedent(
+    """\
+    listen: "127.0.0.1:9443"
+    tls:
+      ca: certs/ca.pem
+      cert: certs/server.pem
+      key: /secrets/server.key
+      identity: san_uri
+    upstreams:
+      - "127.0.0.1:8000"
+      - address: "127.0.0.1:8001"
+        name: web-2
+      - "[::1]:8000"
+    balancer: round_robin
+    health_check:
+      interval: 3s
+      timeout: 250ms
+      rise: 2
+      fall: 3
+    rate_limit:
+      enabled: true
+      rate: 5
+      burst: 10
+      cleanup_interval: 1m
+      max_concurrent: 3
+    authorization:
+      default: deny
+      rules:
+        - client: client.a
+          action: deny
+          upstream: "127.0.0.1:8000"
+        - client: [client.b, "spiffe://layer4lab/client.c"]
+          action: allow
+          upstream: [web-2, "[::1]:8000"]
+        - client: "*"
+          action: allow
+          upstream: "*"
+    timeouts:
+      handshake: 10s
+      connect: 250ms
+      idle: 1m
+    """
+)
+
+
+def minimal(**sections: Any) -> dict[str, Any]:
+    """A valid raw config with ``sections`` added or replaced (a value of None drops a key)."""
+    raw: dict[str, Any] = {
+        "tls": {"ca": "ca.pem", "cert": "server.pem", "key": "server.key"},
+        "upstreams": ["127.0.0.1:8000", "127.0.0.1:8001", "127.0.0.1:8002"],
+    }
+    for name, value in sections.items():
+        if value is None:
+            raw.pop(name, None)
+        else:
+            raw[name] = value
+    return raw
+
+
+def parse(raw: object) -> Config:
+    return parse_config(raw, BASE_DIR)
+
+
+def error_of(raw: object) -> ConfigError:
+    with pytest.raises(ConfigError) as info:
+        parse(raw)
+    return info.value
+
+
+def rules(*items: object) -> dict[str, Any]:
+    return {"rules": list(items)}
+
+
+# ------------------------------------------------------------------------- the example
+
+
+def test_example_config_parses_with_exact_values() -> None:
+    config = parse(yaml.safe_load(EXAMPLE_YAML))
+
+    assert config.listen == Address("127.0.0.1", 9443)
+    assert config.tls.ca == Path("/etc/layer4lab/certs/ca.pem")
+    assert config.tls.cert == Path("/etc/layer4lab/certs/server.pem")
+    assert config.tls.key == Path("/secrets/server.key")
+    assert config.tls.identity == "san_uri"
+
+    assert config.upstreams == (
+        Upstream(Address("127.0.0.1", 8000), "127.0.0.1:8000"),
+        Upstream(Address("127.0.0.1", 8001), "web-2"),
+        Upstream(Address("::1", 8000), "[::1]:8000"),
+    )
+    assert [u.key for u in config.upstreams] == [
+        "127.0.0.1:8000",
+        "127.0.0.1:8001",
+        "[::1]:8000",
+    ]
+    assert config.balancer == "round_robin"
+
+    hc = config.health_check
+    assert (hc.interval, hc.timeout, hc.rise, hc.fall) == (3.0, 0.25, 2, 3)
+
+    rl = config.rate_limit
+    assert (rl.enabled, rl.rate, rl.burst, rl.cleanup_interval, rl.max_concurrent) == (
+        True,
+        5.0,
+        10,
+        60.0,
+        3,
+    )
+    assert isinstance(rl.rate, float)
+
+    assert config.authorization.default == "deny"
+    assert config.authorization.rules == (
+        Rule(clients=("client.a",), action="deny", upstreams=("127.0.0.1:8000",)),
+        Rule(
+            clients=("client.b", "spiffe://layer4lab/client.c"),
+            action="allow",
+            upstreams=("web-2", "[::1]:8000"),
+        ),
+        Rule(clients=("*",), action="allow", upstreams=("*",)),
+    )
+
+    t = config.timeouts
+    assert (t.handshake, t.connect, t.idle) == (10.0, 0.25, 60.0)
+
+
+def test_load_config_reads_the_example_and_resolves_against_its_directory(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "conf" / "proxy.yaml"
+    path.parent.mkdir()
+    path.write_text(EXAMPLE_YAML, encoding="utf-8")
+
+    config = load_config(path)
+
+    assert config.tls.ca == path.parent.resolve() / "certs" / "ca.pem"
+    assert config.tls.key == Path("/secrets/server.key")
+    assert config.health_check.timeout == 0.25
+
+
+# ---------------------------------------------------------------------------- defaults
+
+
+def test_every_default_when_sections_are_absent() -> None:
+    config = parse(minimal())
+
+    assert config.listen == Address("0.0.0.0", 8443)
+    assert config.tls.identity == "cn"
+    assert config.balancer == "least_connections"
+
+    hc = config.health_check
+    assert (hc.interval, hc.timeout, hc.rise, hc.fall) == (3.0, 1.0, 1, 1)
+
+    rl = config.rate_limit
+    assert (rl.enabled, rl.rate, rl.burst, rl.cleanup_interval, rl.max_concurrent) == (
+        True,
+        2.0,
+        4,
+        20.0,
+        0,
+    )
+
+    assert config.authorization.default == "allow"
+    assert config.authorization.rules == ()
+
+    t = config.timeouts
+    assert (t.handshake, t.connect, t.idle) == (5.0, 1.0, 300.0)
+
+
+def test_empty_sections_mean_defaults() -> None:
+    raw = yaml.safe_load(
+        textwrap.dedent(
+            """\
+            tls: {ca: ca.pem, cert: server.pem, key: server.key}
+            upstreams: ["127.0.0.1:8000"]
+            health_check:
+            rate_limit: {}
+            authorization:
+              rules:
+            timeouts:
+            """
+        )
+    )
+    config = parse(raw)
+    assert config.health_check.interval == 3.0
+    assert config.rate_limit.burst == 4
+    assert config.authorization.rules == ()
+    assert config.timeouts.idle == 300.0
+
+
+def test_listen_port_zero_means_any_free_port_but_upstream_port_zero_is_an_error() -> None:
+    assert parse(minimal(listen="127.0.0.1:0")).listen == Address("127.0.0.1", 0)
+    assert error_of(minimal(upstreams=[{"address": "127.0.0.1:0"}])).key == "upstreams[0].address"
+
+
+def test_upstream_mapping_without_name_is_named_by_its_address() -> None:
+    config = parse(minimal(upstreams=[{"address": "10.0.0.1:80"}, "[::1]:8000"]))
+    assert [u.name for u in config.upstreams] == ["10.0.0.1:80", "[::1]:8000"]
+
+
+# ----------------------------------------------------------------------------- tls paths
+
+
+def test_relative_tls_paths_resolve_against_base_dir_absolute_paths_stay() -> None:
+    config = parse_config(
+        minimal(tls={"ca": "pki/ca.pem", "cert": "./server.pem", "key": "/abs/server.key"}),
+        Path("/srv/proxy"),
+    )
+    assert config.tls.ca == Path("/srv/proxy/pki/ca.pem")
+    assert config.tls.cert == Path("/srv/proxy/server.pem")
+    assert config.tls.key == Path("/abs/server.key")
+
+
+# ------------------------------------------------------------------------ ConfigError.key
+
+TLS = {"ca": "ca.pem", "cert": "server.pem", "key": "server.key"}
+GOOD_RULE = {"client": "client.a", "action": "deny", "upstream": "127.0.0.1:8000"}
+
+ERROR_CASES: list[tuple[str, dict[str, Any], str]] = [
+    # unknown keys, at every level
+    ("unknown-top", minimal(bogus=1), "bogus"),
+    ("unknown-nested", minimal(health_check={"intervall": "3s"}), "health_check.intervall"),
+    ("unknown-tls", minimal(tls={**TLS, "cafile": "x"}), "tls.cafile"),
+    ("unknown-rate", minimal(rate_limit={"burts": 4}), "rate_limit.burts"),
+    ("unknown-timeouts", minimal(timeouts={"read": "1s"}), "timeouts.read"),
+    (
+        "unknown-upstream-key",
+        minimal(upstreams=[{"address": "127.0.0.1:8000", "weight": 2}]),
+        "upstreams[0].weight",
+    ),
+    (
+        "unknown-rule-key",
+        minimal(authorization=rules(GOOD_RULE, {**GOOD_RULE, "priority": 1})),
+        "authorization.rules[1].priority",
+    ),
+    # required keys
+    ("missing-tls", minimal(tls=None), "tls"),
+    ("missing-upstreams", minimal(upstreams=None), "upstreams"),
+    ("missing-tls-ca", minimal(tls={"cert": "c", "key": "k"}), "tls.ca"),
+    ("missing-tls-key", minimal(tls={"ca": "a", "cert": "c"}), "tls.key"),
+    ("empty-upstreams", minimal(upstreams=[]), "upstreams"),
+    ("upstreams-not-a-list", minimal(upstreams="127.0.0.1:8000"), "upstreams"),
+    ("upstream-mapping-no-address", minimal(upstreams=[{"name": "x"}]), "upstreams[0].address"),
+    (
+        "missing-rule-client",
+        minimal(authorization=rules({"action": "deny", "upstream": "*"})),
+        "authorization.rules[0].client",
+    ),
+    # durations
+    (
+        "duration-parsecs",
+        minimal(health_check={"interval": "3 parsecs"}),
+        "health_check.interval",
+    ),
+    ("duration-negative", minimal(health_check={"interval": -1}), "health_check.interval"),
+    ("duration-negative-str", minimal(health_check={"timeout": "-1s"}), "health_check.timeout"),
+    ("duration-bool", minimal(health_check={"interval": True}), "health_check.interval"),
+    ("duration-zero-str", minimal(health_check={"interval": "0s"}), "health_check.interval"),
+    ("duration-zero-int", minimal(timeouts={"handshake": 0}), "timeouts.handshake"),
+    ("duration-zero-ms", minimal(timeouts={"connect": "0ms"}), "timeouts.connect"),
+    ("duration-list", minimal(timeouts={"connect": ["1s"]}), "timeouts.connect"),
+    (
+        "duration-cleanup-zero",
+        minimal(rate_limit={"cleanup_interval": "0s"}),
+        "rate_limit.cleanup_interval",
+    ),
+    ("duration-idle-parsecs", minimal(timeouts={"idle": "3 parsecs"}), "timeouts.idle"),
+    ("duration-idle-negative", minimal(timeouts={"idle": -1}), "timeouts.idle"),
+    ("duration-idle-bool", minimal(timeouts={"idle": False}), "timeouts.idle"),
+    # ports and addresses
+    ("listen-port-70000", minimal(listen="0.0.0.0:70000"), "listen"),
+    ("listen-port-x", minimal(listen="0.0.0.0:x"), "listen"),
+    ("listen-no-port", minimal(listen="localhost"), "listen"),
+    ("listen-int", minimal(listen=8443), "listen"),
+    ("listen-bare-ipv6", minimal(listen="::1:8443"), "listen"),
+    ("upstream-port-0", minimal(upstreams=["127.0.0.1:0"]), "upstreams[0]"),
+    ("upstream-port-70000", minimal(upstreams=["a:1", "127.0.0.1:70000"]), "upstreams[1]"),
+    ("upstream-port-x", minimal(upstreams=["127.0.0.1:x"]), "upstreams[0]"),
+    (
+        "upstream-mapping-bad-port",
+        minimal(upstreams=[{"address": "127.0.0.1:70000", "name": "big"}]),
+        "upstreams[0].address",
+    ),
+    ("upstream-bad-ipv6", minimal(upstreams=["[nope]:80"]), "upstreams[0]"),
+    # duplicates
+    (
+        "duplicate-address",
+        minimal(upstreams=["127.0.0.1:8000", "127.0.0.1:8001", "127.0.0.1:8000"]),
+        "upstreams[2]",
+    ),
+    (
+        "duplicate-address-spelling",
+        minimal(upstreams=["127.0.0.1:8000", "127.0.0.1:08000"]),
+        "upstreams[1]",
+    ),
+    (
+        "duplicate-address-mapping",
+        minimal(upstreams=["127.0.0.1:8000", {"address": "127.0.0.1:8000", "name": "web"}]),
+        "upstreams[1]",
+    ),
+    (
+        "duplicate-name",
+        minimal(
+            upstreams=[
+                {"address": "127.0.0.1:8000", "name": "web"},
+                {"address": "127.0.0.1:8001", "name": "web"},
+            ]
+        ),
+        "upstreams[1]",
+    ),
+    (
+        "bad-upstream-name",
+        minimal(upstreams=[{"address": "127.0.0.1:8000", "name": "has space"}]),
+        "upstreams[0].name",
+    ),
+    # authorization
+    (
+        "rule-unknown-upstream",
+        minimal(authorization=rules(GOOD_RULE, {**GOOD_RULE, "upstream": "127.0.0.1:9999"})),
+        "authorization.rules[1].upstream",
+    ),
+    (
+        "rule-unknown-upstream-name",
+        minimal(authorization=rules(GOOD_RULE, {**GOOD_RULE, "upstream": "nope"})),
+        "authorization.rules[1].upstream",
+    ),
+    (
+        "rule-unknown-upstream-in-list",
+        minimal(
+            authorization=rules(
+                GOOD_RULE, {**GOOD_RULE, "upstream": ["127.0.0.1:8000", "127.0.0.1:9999"]}
+            )
+        ),
+        "authorization.rules[1].upstream",
+    ),
+    (
+        "rule-empty-upstream-list",
+        minimal(authorization=rules({**GOOD_RULE, "upstream": []})),
+        "authorization.rules[0].upstream",
+    ),
+    (
+        "rule-empty-client-list",
+        minimal(authorization=rules({**GOOD_RULE, "client": []})),
+        "authorization.rules[0].client",
+    ),
+    (
+        "rule-bad-action",
+        minimal(authorization=rules({**GOOD_RULE, "action": "reject"})),
+        "authorization.rules[0].action",
+    ),
+    ("bad-default", minimal(authorization={"default": "maybe"}), "authorization.default"),
+    ("rules-not-list", minimal(authorization={"rules": {"a": 1}}), "authorization.rules"),
+    ("rule-not-mapping", minimal(authorization=rules(GOOD_RULE, "x")), "authorization.rules[1]"),
+    # choices
+    ("bad-balancer", minimal(balancer="random"), "balancer"),
+    ("bad-identity", minimal(tls={**TLS, "identity": "email"}), "tls.identity"),
+    # numbers
+    ("rate-zero", minimal(rate_limit={"rate": 0}), "rate_limit.rate"),
+    ("rate-negative", minimal(rate_limit={"rate": -1.5}), "rate_limit.rate"),
+    ("rate-string", minimal(rate_limit={"rate": "fast"}), "rate_limit.rate"),
+    ("rate-bool", minimal(rate_limit={"rate": True}), "rate_limit.rate"),
+    ("burst-zero", minimal(rate_limit={"burst": 0}), "rate_limit.burst"),
+    ("burst-float", minimal(rate_limit={"burst": 2.5}), "rate_limit.burst"),
+    ("burst-bool", minimal(rate_limit={"burst": True}), "rate_limit.burst"),
+    (
+        "max-concurrent-negative",
+        minimal(rate_limit={"max_concurrent": -1}),
+        "rate_limit.max_concurrent",
+    ),
+    (
+        "max-concurrent-bool",
+        minimal(rate_limit={"max_concurrent": False}),
+        "rate_limit.max_concurrent",
+    ),
+    ("enabled-string", minimal(rate_limit={"enabled": "sometimes"}), "rate_limit.enabled"),
+    ("rise-zero", minimal(health_check={"rise": 0}), "health_check.rise"),
+    ("fall-zero", minimal(health_check={"fall": 0}), "health_check.fall"),
+    ("rise-bool", minimal(health_check={"rise": True}), "health_check.rise"),
+    ("fall-string", minimal(health_check={"fall": "3"}), "health_check.fall"),
+    # shapes
+    ("section-not-mapping", minimal(health_check=["3s"]), "health_check"),
+]
+
+
+@pytest.mark.parametrize(
+    ("raw", "key"), [(raw, key) for _, raw, key in ERROR_CASES], ids=[i for i, _, _ in ERROR_CASES]
+)
+def test_config_error_names_the_key(raw: dict[str, Any], key: str) -> None:
+    error = error_of(raw)
+    assert error.key == key
+    assert str(error).startswith(f"{key}: ")
+
+
+@pytest.mark.parametrize("raw", [None, [], "listen: 1", 3])
+def test_document_that_is_not_a_mapping_is_a_config_error(raw: object) -> None:
+    assert error_of(raw).key == ""
+
+
+# -------------------------------------------------------------------- accepted variants
+
+
+@pytest.mark.parametrize(("idle", "expected"), [(0, 0.0), ("0s", 0.0), ("0ms", 0.0), (7, 7.0)])
+def test_idle_timeout_zero_is_allowed(idle: object, expected: float) -> None:
+    assert parse(minimal(timeouts={"idle": idle})).timeouts.idle == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [
+        ("3s", 3.0),
+        ("250ms", 0.25),
+        ("1m", 60.0),
+        ("1h", 3600.0),
+        ("1.5s", 1.5),
+        (".5s", 0.5),
+        (" 2 s ", 2.0),
+        ("10", 10.0),
+        (4, 4.0),
+        (0.75, 0.75),
+    ],
+)
+def test_parse_duration_values(text: object, seconds: float) -> None:
+    assert parse_duration(text, "k") == seconds
+
+
+def test_parse_duration_error_carries_the_key_given() -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_duration("soon", "some.key")
+    assert info.value.key == "some.key"
+
+
+def test_rules_accept_lists_and_star() -> None:
+    config = parse(
+        minimal(
+            authorization=rules(
+                {
+                    "client": ["client.a", "client-b"],
+                    "action": "deny",
+                    "upstream": ["127.0.0.1:8000", "127.0.0.1:8002"],
+                },
+                {"client": "*", "action": "allow", "upstream": "*"},
+                {"client": "client.c", "action": "deny", "upstream": ["*"]},
+            )
+        )
+    )
+    assert config.authorization.rules == (
+        Rule(("client.a", "client-b"), "deny", ("127.0.0.1:8000", "127.0.0.1:8002")),
+        Rule(("*",), "allow", ("*",)),
+        Rule(("client.c",), "deny", ("*",)),
+    )
+
+
+NAMED = [
+    "127.0.0.1:8000",
+    {"address": "127.0.0.1:8001", "name": "web-2"},
+    {"address": "localhost:9000", "name": "local"},
+    "[::1]:8000",
+]
+
+
+@pytest.mark.parametrize(
+    ("written", "stored"),
+    [
+        ("web-2", "web-2"),
+        ("127.0.0.1:8001", "127.0.0.1:8001"),
+        ("local", "local"),
+        ("localhost:9000", "localhost:9000"),
+        ("127.0.0.1:08000", "127.0.0.1:8000"),
+        ("localhost:09000", "localhost:9000"),
+        ("[::1]:08000", "[::1]:8000"),
+    ],
+)
+def test_rule_names_an_upstream_by_name_or_address(written: str, stored: str) -> None:
+    config = parse(
+        minimal(
+            upstreams=NAMED,
+            authorization=rules({"client": "c", "action": "deny", "upstream": written}),
+        )
+    )
+    assert config.authorization.rules[0].upstreams == (stored,)
+
+
+def test_rule_canonicalises_a_non_canonical_ipv6_spelling_of_a_known_upstream() -> None:
+    # '[0:0::1]:8000' is the same socket address as the configured '[::1]:8000'.
+    config = parse(
+        minimal(
+            upstreams=NAMED,
+            authorization=rules({"client": "c", "action": "deny", "upstream": "[0:0::1]:8000"}),
+        )
+    )
+    assert config.authorization.rules[0].upstreams == ("[::1]:8000",)
+
+
+def test_equivalent_ipv6_spellings_are_duplicate_upstreams() -> None:
+    error = error_of(minimal(upstreams=["[::1]:8000", "[0:0::1]:8000"]))
+    assert error.key == "upstreams[1]"
+
+
+# ------------------------------------------------------------------------------- files
+
+
+def test_load_config_invalid_yaml_mentions_the_line(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(
+        'upstreams:\n  - "127.0.0.1:8000"\ntls: {ca: a, cert: b\nbalancer: round_robin\n',
+        encoding="utf-8",
+    )
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert "line 4" in str(info.value)
+    assert str(path) in str(info.value)
+
+
+def test_load_config_missing_file_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError):
+        load_config(tmp_path / "absent.yaml")
+
+
+def _write_tls(directory: Path, *names: str) -> Config:
+    for name in names:
+        (directory / name).write_text("x", encoding="utf-8")
+    return parse_config(minimal(), directory)
+
+
+def test_check_files_names_tls_ca_when_the_ca_is_missing(tmp_path: Path) -> None:
+    config = _write_tls(tmp_path, "server.pem", "server.key")
+    with pytest.raises(ConfigError) as info:
+        check_files(config)
+    assert info.value.key == "tls.ca"
+    assert str(tmp_path / "ca.pem") in str(info.value)
+
+
+def test_check_files_names_tls_key_when_the_key_is_missing(tmp_path: Path) -> None:
+    config = _write_tls(tmp_path, "ca.pem", "server.pem")
+    with pytest.raises(ConfigError) as info:
+        check_files(config)
+    assert info.value.key == "tls.key"
+
+
+def test_check_files_passes_when_all_exist(tmp_path: Path) -> None:
+    check_files(_write_tls(tmp_path, "ca.pem", "server.pem", "server.key"))
+
+
+# -------------------------------------------------------------------------- properties
+
+
+@settings(max_examples=300)
+@given(st.integers(min_value=0, max_value=10**7))
+@example(250)
+@example(9)  # '9ms' must be 0.009, the float a user gets from writing 0.009
+def test_parse_duration_milliseconds_round_trip(n: int) -> None:
+    assert parse_duration(f"{n}ms", "k", allow_zero=True) == n / 1000
