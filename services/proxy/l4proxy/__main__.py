@@ -1,0 +1,87 @@
+"""``python -m l4proxy --config PATH [--check]``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import uvloop
+
+from .config import Config, ConfigError, check_files, load_config
+from .logs import JsonLog
+from .server import Proxy
+from .tls import server_context
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m l4proxy", description="Layer-4 mTLS load-balancing proxy."
+    )
+    parser.add_argument("--config", required=True, type=Path, help="YAML configuration file")
+    parser.add_argument(
+        "--check", action="store_true", help="validate the configuration and exit (0 = valid)"
+    )
+    return parser.parse_args(argv)
+
+
+def load_and_check(path: Path) -> Config:
+    config = load_config(path)
+    check_files(config)
+    server_context(config.tls)  # proves the certificate, key and CA load together
+    return config
+
+
+async def serve(config: Config, log: JsonLog) -> None:
+    loop = asyncio.get_running_loop()
+
+    def on_error(_loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        exc = context.get("exception")
+        log.emit(
+            "error",
+            message=str(context.get("message", "")),
+            exception=repr(exc) if exc is not None else None,
+        )
+
+    loop.set_exception_handler(on_error)
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    proxy = Proxy(config, log)
+    await proxy.start()
+    try:
+        await stop.wait()
+    finally:
+        await proxy.stop()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    log = JsonLog()
+    try:
+        config = load_and_check(args.config)
+    except ConfigError as exc:
+        print(f"l4proxy: invalid configuration {args.config}: {exc}", file=sys.stderr)
+        return 2
+    if args.check:
+        print(
+            f"l4proxy: {args.config} is valid: listen {config.listen}, "
+            f"{len(config.upstreams)} upstream(s), balancer {config.balancer}"
+        )
+        return 0
+    try:
+        uvloop.run(serve(config, log))
+    except OSError as exc:  # e.g. the listen address is in use
+        log.emit("fatal", message=f"cannot serve on {config.listen}: {exc}")
+        return 1
+    except KeyboardInterrupt:  # a signal before the handlers were installed
+        return 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,571 @@
+"""The I/O shell: listener, TLS over memory BIOs, dialing, forwarding, health checks.
+
+Everything that decides (who may go where, how fast, which upstream, is it healthy)
+lives in the pure modules; this module moves bytes and time into them and turns their
+answers into socket operations and log lines.
+
+Life of a connection (``ClientConnection``):
+
+    HANDSHAKE --ok--> ADMITTING --admitted--> DIALING --connected--> FORWARDING --> CLOSED
+        |                 |                      |                       |
+        +--tls error / timeout / rejected / all dials failed / error ----+--> CLOSED
+
+TLS is done with ``ssl.SSLObject`` over two ``MemoryBIO``s on a plain TCP transport,
+not with asyncio's TLS transport, so that the proxy controls the handshake (timeout,
+failure reasons) and can half-close TLS: a client's close_notify or FIN becomes a FIN
+towards the upstream while upstream bytes still flow back, and an upstream FIN becomes
+close_notify + FIN towards the client while client bytes still flow up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import errno
+import itertools
+import socket
+import ssl
+import time
+from typing import Any, cast
+
+from .config import Config, Upstream
+from .health import Transition
+from .identity import IdentityCache, NoIdentity
+from .logs import JsonLog
+from .router import Admission, Rejected, Router
+from .tls import server_context
+
+READ_SIZE = 256 * 1024
+HIGH_WATER = 256 * 1024
+LOW_WATER = 64 * 1024
+
+
+class State(enum.Enum):
+    HANDSHAKE = "handshake"
+    ADMITTING = "admitting"
+    DIALING = "dialing"
+    FORWARDING = "forwarding"
+    CLOSED = "closed"
+
+
+def describe_os_error(exc: BaseException) -> str:
+    """A short, stable reason for a failed dial or probe (``ECONNREFUSED``, ``timeout``...)."""
+    if isinstance(exc, TimeoutError):
+        return "timeout"
+    if isinstance(exc, socket.gaierror):
+        return f"dns: {exc.strerror or exc}"
+    if isinstance(exc, OSError) and exc.errno is not None:
+        return errno.errorcode.get(exc.errno, str(exc.errno))
+    return type(exc).__name__
+
+
+def describe_tls_error(exc: ssl.SSLError) -> str:
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"certificate: {exc.verify_message}"
+    reason = getattr(exc, "reason", None)
+    return str(reason).lower() if reason else type(exc).__name__
+
+
+def _peer(transport: asyncio.BaseTransport) -> str:
+    peer = transport.get_extra_info("peername")
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        host = str(peer[0])
+        return f"[{host}]:{peer[1]}" if ":" in host else f"{host}:{peer[1]}"
+    return str(peer)
+
+
+class UpstreamSide(asyncio.Protocol):
+    """The plain TCP connection to the upstream. Reading stays paused until the dial
+    has finished and the connection is attached, so nothing arrives half-way."""
+
+    __slots__ = ("conn", "lost", "transport")
+
+    def __init__(self) -> None:
+        self.conn: ClientConnection | None = None
+        self.transport: asyncio.Transport | None = None
+        self.lost = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        transport = cast("asyncio.Transport", transport)
+        self.transport = transport
+        transport.pause_reading()
+
+    def attach(self, conn: ClientConnection) -> None:
+        self.conn = conn
+        if self.transport is not None and not self.lost:
+            self.transport.set_write_buffer_limits(high=HIGH_WATER, low=LOW_WATER)
+            self.transport.resume_reading()
+
+    def data_received(self, data: bytes) -> None:
+        if self.conn is not None:
+            self.conn.upstream_data(data)
+
+    def eof_received(self) -> bool:
+        if self.conn is not None:
+            self.conn.upstream_eof()
+        return True  # keep our write side open: the client may still be sending
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        if self.conn is not None:
+            self.conn.upstream_lost(exc)
+
+    def pause_writing(self) -> None:
+        if self.conn is not None:
+            self.conn.pause_client_reading()
+
+    def resume_writing(self) -> None:
+        if self.conn is not None:
+            self.conn.resume_client_reading()
+
+
+class ClientConnection(asyncio.Protocol):
+    """One client connection, from accept to the access-log line."""
+
+    def __init__(self, proxy: Proxy) -> None:
+        self.proxy = proxy
+        self.loop = proxy.loop
+        self.id = next(proxy.ids)
+        self.state = State.HANDSHAKE
+        self.transport: asyncio.Transport | None = None
+        self.peer = "-"
+        self.started = time.monotonic()  # for the log: uvloop's loop.time() is in whole ms
+        self.incoming = ssl.MemoryBIO()
+        self.outgoing = ssl.MemoryBIO()
+        self.tls = proxy.ssl_context.wrap_bio(self.incoming, self.outgoing, server_side=True)
+        self.identity: str | None = None
+        self.admission: Admission | None = None
+        self.upstream: Upstream | None = None
+        self.upstream_transport: asyncio.Transport | None = None
+        self.dial_task: asyncio.Task[None] | None = None
+        self.timer: asyncio.TimerHandle | None = None
+        self.last_activity = self.loop.time()
+        self.bytes_up = 0  # client -> upstream (plaintext)
+        self.bytes_down = 0  # upstream -> client (plaintext)
+        self.client_eof = False
+        self.upstream_eof_seen = False
+        self.client_paused = False
+        self.upstream_paused = False
+        self.handshake_ms: float | None = None
+        self.attempts = 0
+
+    # --- asyncio callbacks from the client's TCP transport ------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        transport = cast("asyncio.Transport", transport)
+        self.transport = transport
+        self.peer = _peer(transport)
+        transport.set_write_buffer_limits(high=HIGH_WATER, low=LOW_WATER)
+        self.proxy.connections.add(self)
+        self.timer = self.loop.call_later(
+            self.proxy.config.timeouts.handshake, self._handshake_timeout
+        )
+
+    def data_received(self, data: bytes) -> None:
+        self.incoming.write(data)
+        if self.state is State.FORWARDING:
+            self.last_activity = self.loop.time()
+            self._pump_from_client()
+        elif self.state is State.HANDSHAKE:
+            self._handshake()
+        # ADMITTING/DIALING: reading is paused; anything already here waits in the BIO.
+
+    def eof_received(self) -> bool:
+        self.incoming.write_eof()
+        if self.state is State.HANDSHAKE:
+            self._reject("tls_failed", "eof_during_handshake")
+        elif self.state is State.FORWARDING:
+            self._pump_from_client()
+        return True  # our write side stays open; we close when both directions are done
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.state is State.CLOSED:
+            return
+        if self.state is State.HANDSHAKE:
+            self._finish("tls_failed", "connection_lost_during_handshake")
+        elif self.state is State.FORWARDING:
+            self._finish(
+                "forwarded", "client_reset" if exc else "client_closed", abort_upstream=True
+            )
+        else:
+            self._finish("aborted", "client_closed_before_upstream")
+
+    def pause_writing(self) -> None:
+        """The client's send buffer is full: stop reading from the upstream."""
+        if not self.upstream_paused and self.upstream_transport is not None:
+            self.upstream_paused = True
+            if not self.upstream_transport.is_closing():
+                self.upstream_transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.upstream_paused and self.upstream_transport is not None:
+            self.upstream_paused = False
+            if not self.upstream_transport.is_closing():
+                self.upstream_transport.resume_reading()
+
+    # --- flow control driven by the upstream's send buffer ----------------------------
+
+    def pause_client_reading(self) -> None:
+        if not self.client_paused and self.transport is not None:
+            self.client_paused = True
+            if not self.transport.is_closing():
+                self.transport.pause_reading()
+
+    def resume_client_reading(self) -> None:
+        if self.client_paused and self.transport is not None:
+            self.client_paused = False
+            if not self.transport.is_closing() and self.state is State.FORWARDING:
+                self.transport.resume_reading()
+
+    # --- handshake and admission --------------------------------------------------------
+
+    def _send_close_notify(self) -> None:
+        # unwrap() sends close_notify and then reports that the peer's has not arrived
+        # (SSLWantReadError), or that the session is already shut down: both are fine.
+        with contextlib.suppress(ssl.SSLError):
+            self.tls.unwrap()
+        self._flush_tls()
+
+    def _flush_tls(self) -> None:
+        if self.outgoing.pending and self.transport is not None and not self.transport.is_closing():
+            self.transport.write(self.outgoing.read())
+
+    def _handshake(self) -> None:
+        try:
+            self.tls.do_handshake()
+        except ssl.SSLWantReadError:
+            self._flush_tls()
+            return
+        except ssl.SSLError as exc:
+            self._flush_tls()  # the alert tells the client why
+            self._reject("tls_failed", describe_tls_error(exc))
+            return
+        self._flush_tls()
+        self.handshake_ms = round((time.monotonic() - self.started) * 1000, 3)
+        self._cancel_timer()
+        der = self.tls.getpeercert(binary_form=True)
+        found = self.proxy.identities.lookup(der) if der else NoIdentity("no_client_certificate")
+        if isinstance(found, NoIdentity):
+            self._reject("tls_failed", found.reason)
+            return
+        self.identity = found.name
+        self._admit()
+
+    def _handshake_timeout(self) -> None:
+        if self.state is State.HANDSHAKE:
+            self._finish("handshake_timeout", "handshake_not_finished", abort_client=True)
+
+    def _admit(self) -> None:
+        assert self.transport is not None
+        assert self.identity is not None
+        self.state = State.ADMITTING
+        self.transport.pause_reading()
+        result = self.proxy.router.admit(self.identity, self.loop.time())
+        if isinstance(result, Rejected):
+            self._reject(result.decision, result.reason)
+            return
+        self.admission = result
+        self.state = State.DIALING
+        self.dial_task = self.loop.create_task(self._dial(), name=f"dial-{self.id}")
+
+    async def _dial(self) -> None:
+        admission = self.admission
+        assert admission is not None
+        timeout = self.proxy.config.timeouts.connect
+        while True:
+            upstream = admission.lease.upstream
+            self.upstream = upstream
+            self.attempts += 1
+            try:
+                async with asyncio.timeout(timeout):
+                    transport, side = await self.loop.create_connection(
+                        UpstreamSide, upstream.address.host, upstream.address.port
+                    )
+            except OSError as exc:  # TimeoutError is an OSError
+                reason = describe_os_error(exc)
+            else:
+                break
+            transition, picked = self.proxy.router.dial_failed(admission, self.loop.time(), reason)
+            if transition is not None:
+                self.proxy.log_transition(upstream, transition, passive=True)
+            if isinstance(picked, Rejected):
+                self.admission = None  # dial_failed gave every slot back
+                self._reject(picked.decision, picked.reason)
+                return
+        self.dial_task = None
+        if self.state is not State.DIALING:  # cannot happen: closing cancels this task
+            transport.close()
+            return
+        self.upstream_transport = transport
+        self.state = State.FORWARDING
+        self.last_activity = self.loop.time()
+        side.attach(self)
+        if self.proxy.config.timeouts.idle > 0:
+            self.timer = self.loop.call_later(self.proxy.config.timeouts.idle, self._check_idle)
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.resume_reading()
+        self._pump_from_client()  # bytes that arrived with or after the handshake
+
+    # --- forwarding -----------------------------------------------------------------
+
+    def _pump_from_client(self) -> None:
+        """Decrypt what the client sent and pass it to the upstream."""
+        upstream = self.upstream_transport
+        assert upstream is not None
+        tls = self.tls
+        while True:
+            try:
+                chunk = tls.read(READ_SIZE)
+            except ssl.SSLWantReadError:
+                break
+            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                self._on_client_eof()
+                break
+            except ssl.SSLError as exc:
+                self._flush_tls()
+                self._finish(
+                    "forwarded", f"client_tls_error: {describe_tls_error(exc)}", abort_upstream=True
+                )
+                return
+            if not chunk:
+                self._on_client_eof()
+                break
+            self.bytes_up += len(chunk)
+            upstream.write(chunk)
+        self._flush_tls()  # e.g. key-update responses
+
+    def _on_client_eof(self) -> None:
+        if self.client_eof:
+            return
+        self.client_eof = True
+        upstream = self.upstream_transport
+        if upstream is not None and not upstream.is_closing() and upstream.can_write_eof():
+            upstream.write_eof()
+        if self.upstream_eof_seen:
+            self._finish("forwarded", "eof")
+
+    def upstream_data(self, data: bytes) -> None:
+        self.last_activity = self.loop.time()
+        self.bytes_down += len(data)
+        try:
+            self.tls.write(data)
+        except ssl.SSLError as exc:  # e.g. we already sent close_notify: a bug, not load
+            self._finish(
+                "forwarded",
+                f"tls_write_error: {describe_tls_error(exc)}",
+                abort_client=True,
+                abort_upstream=True,
+            )
+            return
+        self._flush_tls()
+
+    def upstream_eof(self) -> None:
+        if self.upstream_eof_seen:
+            return
+        self.upstream_eof_seen = True
+        # close_notify, then FIN: the client learns the stream ended cleanly, and may
+        # keep sending (TLS 1.3 and TCP both allow a half-closed connection).
+        self._send_close_notify()
+        transport = self.transport
+        if transport is not None and not transport.is_closing() and transport.can_write_eof():
+            transport.write_eof()
+        if self.client_eof:
+            self._finish("forwarded", "eof")
+
+    def upstream_lost(self, exc: Exception | None) -> None:
+        if self.state is not State.FORWARDING:
+            return
+        if exc is not None:
+            # The upstream died mid-stream: the client must not mistake it for a clean end.
+            self._finish(
+                "forwarded", f"upstream_error: {describe_os_error(exc)}", abort_client=True
+            )
+        elif not (self.client_eof and self.upstream_eof_seen):
+            self._finish("forwarded", "upstream_closed", abort_client=not self.upstream_eof_seen)
+
+    def _check_idle(self) -> None:
+        if self.state is not State.FORWARDING:
+            return
+        idle = self.proxy.config.timeouts.idle
+        remaining = self.last_activity + idle - self.loop.time()
+        if remaining > 0:
+            self.timer = self.loop.call_later(remaining, self._check_idle)
+            return
+        self.timer = None
+        self._finish("forwarded", "idle_timeout", close_notify=True)
+
+    # --- ending --------------------------------------------------------------------------
+
+    def _cancel_timer(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    def _reject(self, decision: str, reason: str) -> None:
+        """End a connection that will not be forwarded. After a completed handshake the
+        client gets close_notify, so it sees a clean close with no reply."""
+        close_notify = self.state in (State.ADMITTING, State.DIALING)
+        self._finish(decision, reason, close_notify=close_notify)
+
+    def shutdown(self) -> None:
+        """The proxy is stopping."""
+        decision = "forwarded" if self.state is State.FORWARDING else "aborted"
+        self._finish(decision, "shutdown", close_notify=self.state is not State.HANDSHAKE)
+
+    def _finish(
+        self,
+        decision: str,
+        reason: str,
+        *,
+        abort_client: bool = False,
+        abort_upstream: bool = False,
+        close_notify: bool = False,
+    ) -> None:
+        if self.state is State.CLOSED:
+            return
+        self.state = State.CLOSED
+        self._cancel_timer()
+        if self.dial_task is not None:
+            self.dial_task.cancel()
+            self.dial_task = None
+        if self.admission is not None:
+            self.admission.release()
+            self.admission = None
+        client = self.transport
+        if client is not None and not client.is_closing():
+            if abort_client:
+                client.abort()
+            else:
+                if close_notify:
+                    self._send_close_notify()
+                client.close()
+        upstream = self.upstream_transport
+        if upstream is not None and not upstream.is_closing():
+            if abort_upstream:
+                upstream.abort()
+            else:
+                upstream.close()
+        self.proxy.connections.discard(self)
+        self.proxy.log_access(self, decision, reason)
+
+
+class Proxy:
+    """Owns the listener, the connections, the health checkers and the router."""
+
+    def __init__(self, config: Config, log: JsonLog | None = None) -> None:
+        self.config = config
+        self.log = log or JsonLog()
+        self.router = Router(config)
+        self.ssl_context = server_context(config.tls)
+        self.identities = IdentityCache(config.tls.identity)
+        self.connections: set[ClientConnection] = set()
+        self.ids = itertools.count(1)
+        self.checks = [0] * len(config.upstreams)  # active checks completed, per upstream
+        self.loop = asyncio.get_running_loop()
+        self.server: asyncio.Server | None = None
+        self.tasks: list[asyncio.Task[None]] = []
+        self.address: tuple[str, int] | None = None
+
+    async def start(self) -> None:
+        listen = self.config.listen
+        self.server = await self.loop.create_server(
+            lambda: ClientConnection(self),
+            listen.host,
+            listen.port,
+            backlog=1024,
+            reuse_address=True,
+        )
+        sock = self.server.sockets[0].getsockname()
+        self.address = (str(sock[0]), int(sock[1]))
+        for index, upstream in enumerate(self.config.upstreams):
+            self.tasks.append(
+                self.loop.create_task(self._health_loop(index), name=f"health-{upstream.name}")
+            )
+        if self.config.rate_limit.enabled:
+            self.tasks.append(self.loop.create_task(self._cleanup_loop(), name="ratelimit-cleanup"))
+        self.log.emit(
+            "listening",
+            address=f"{self.address[0]}:{self.address[1]}",
+            upstreams=[u.key for u in self.config.upstreams],
+            balancer=self.config.balancer,
+        )
+
+    async def stop(self) -> None:
+        """Stop accepting, close every connection, stop the background tasks."""
+        if self.server is not None:
+            self.server.close()
+        for conn in list(self.connections):
+            conn.shutdown()
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        self.tasks.clear()
+        self.log.emit("stopped", open_connections=len(self.connections))
+
+    # --- health checks -------------------------------------------------------------------
+
+    async def probe(self, upstream: Upstream) -> tuple[bool, str]:
+        """A TCP connect within the timeout; no application bytes are written."""
+        try:
+            async with asyncio.timeout(self.config.health_check.timeout):
+                transport, _ = await self.loop.create_connection(
+                    asyncio.Protocol, upstream.address.host, upstream.address.port
+                )
+        except OSError as exc:
+            return False, describe_os_error(exc)
+        transport.close()
+        return True, "connected"
+
+    async def _health_loop(self, index: int) -> None:
+        upstream = self.config.upstreams[index]
+        interval = self.config.health_check.interval
+        while True:
+            started = self.loop.time()
+            ok, reason = await self.probe(upstream)
+            self.checks[index] += 1
+            transition = self.router.check_result(index, ok, self.loop.time(), reason)
+            if transition is not None:
+                self.log_transition(upstream, transition, passive=False)
+            # The next check starts one interval after this one started (never sooner).
+            await asyncio.sleep(max(0.0, started + interval - self.loop.time()))
+
+    async def _cleanup_loop(self) -> None:
+        interval = self.config.rate_limit.cleanup_interval
+        while True:
+            await asyncio.sleep(interval)
+            self.router.limiter.cleanup(self.loop.time())
+
+    # --- logging ----------------------------------------------------------------------------
+
+    def log_transition(self, upstream: Upstream, transition: Transition, *, passive: bool) -> None:
+        self.log.emit(
+            "health",
+            upstream=upstream.key,
+            upstream_name=upstream.name,
+            old=transition.old.value,
+            new=transition.new.value,
+            reason=transition.reason,
+            source="passive" if passive else "active",
+        )
+
+    def log_access(self, conn: ClientConnection, decision: str, reason: str) -> None:
+        fields: dict[str, Any] = {
+            "conn": conn.id,
+            "client": conn.identity,
+            "peer": conn.peer,
+            "decision": decision,
+            "reason": reason,
+            "upstream": conn.upstream.key if conn.upstream else None,
+            "upstream_name": conn.upstream.name if conn.upstream else None,
+            "attempts": conn.attempts,
+            "bytes_up": conn.bytes_up,
+            "bytes_down": conn.bytes_down,
+            "duration_ms": round((time.monotonic() - conn.started) * 1000, 3),
+            "handshake_ms": conn.handshake_ms,
+        }
+        if conn.handshake_ms is not None:
+            fields["tls_version"] = conn.tls.version()
+        self.log.emit("access", **fields)

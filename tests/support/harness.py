@@ -1,0 +1,213 @@
+"""The integration harness: real proxy, real TLS, real sockets on loopback.
+
+The proxy runs on its own uvloop thread, test upstreams on another, and the test's
+clients on the main thread. Certificates are made at test time by certgen.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from l4proxy.config import Config, parse_config
+from l4proxy.logs import JsonLog
+from l4proxy.server import Proxy
+
+import certgen
+
+from .loops import LoopThread
+from .upstreams import TestUpstream
+
+CLIENTS = ("client.a", "client.b", "client.c", "client.d", "client.e", "client-x")
+
+
+def make_certs(out: Path) -> Path:
+    """The standard set plus deliberately bad client certificates:
+    ``expired``, ``noeku`` (no extended key usage), ``servereku`` (serverAuth only),
+    ``twodns`` (two DNS SANs), and ``other/`` (a whole set from another CA)."""
+    certgen.generate(out, CLIENTS)
+    ca = certgen.load_issued(out, "ca")
+    now = dt.datetime.now(dt.UTC)
+    certgen.write_issued(
+        out,
+        "expired",
+        certgen.make_client(
+            ca,
+            "client.expired",
+            not_before=now - dt.timedelta(days=30),
+            not_after=now - dt.timedelta(days=1),
+        ),
+    )
+    certgen.write_issued(out, "noeku", certgen.make_client(ca, "client.noeku", eku="none"))
+    certgen.write_issued(out, "servereku", certgen.make_client(ca, "client.srv", eku="server"))
+    certgen.write_issued(
+        out, "twodns", certgen.make_client(ca, "client.two", dns=("one.example", "two.example"))
+    )
+    certgen.generate(out / "other", ["client.a"])
+    return out
+
+
+class LogCapture:
+    """A text stream for :class:`JsonLog` that keeps parsed records and lets tests
+    wait for a record matching a condition (with a deadline, no sleeping)."""
+
+    def __init__(self) -> None:
+        self.records: list[dict[str, Any]] = []
+        self._cond = threading.Condition()
+        self._partial = ""
+
+    def write(self, text: str) -> int:
+        with self._cond:
+            self._partial += text
+            *lines, self._partial = self._partial.split("\n")
+            for line in lines:
+                if line:
+                    self.records.append(json.loads(line))
+            self._cond.notify_all()
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+    def events(self, event: str, **match: Any) -> list[dict[str, Any]]:
+        with self._cond:
+            return [
+                r
+                for r in self.records
+                if r.get("event") == event and all(r.get(k) == v for k, v in match.items())
+            ]
+
+    def wait_for(
+        self,
+        event: str,
+        count: int = 1,
+        timeout: float = 10.0,
+        where: Callable[[dict[str, Any]], bool] | None = None,
+        **match: Any,
+    ) -> list[dict[str, Any]]:
+        """Wait until ``count`` records of ``event`` match; return all matches."""
+        deadline = time.monotonic() + timeout
+
+        def matches() -> list[dict[str, Any]]:
+            found = self.events(event, **match)
+            return [r for r in found if where(r)] if where else found
+
+        with self._cond:
+            while True:
+                found = matches()
+                if len(found) >= count:
+                    return found
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise AssertionError(
+                        f"timed out after {timeout}s waiting for {count} x {event} {match}; "
+                        f"have {len(found)}; last records: {self.records[-8:]}"
+                    )
+                self._cond.wait(left)
+
+
+class Lab:
+    """One test's world: upstreams, a proxy, its logs."""
+
+    def __init__(self, certs: Path) -> None:
+        self.certs = certs
+        self.up_loop = LoopThread("upstreams")
+        self.proxy_loop = LoopThread("proxy")
+        self.upstreams: list[TestUpstream] = []
+        self.proxy: Proxy | None = None
+        self.logs = LogCapture()
+
+    def start_upstreams(self, modes: Sequence[str], **options: Any) -> list[TestUpstream]:
+        async def start() -> list[TestUpstream]:
+            made = []
+            for i, mode in enumerate(modes):
+                made.append(await TestUpstream(f"u{i + 1}", mode, **options).start())
+            return made
+
+        self.upstreams = self.up_loop.run(start())
+        return self.upstreams
+
+    def config(self, upstreams: Sequence[str] | None = None, **overrides: Any) -> Config:
+        raw: dict[str, Any] = {
+            "listen": "127.0.0.1:0",
+            "tls": {
+                "ca": str(self.certs / "ca.pem"),
+                "cert": str(self.certs / "server.pem"),
+                "key": str(self.certs / "server.key"),
+            },
+            "upstreams": list(
+                upstreams if upstreams is not None else [u.address for u in self.upstreams]
+            ),
+            "health_check": {"interval": "100ms", "timeout": "500ms"},
+            "rate_limit": {"enabled": False},
+        }
+        raw.update(overrides)
+        return parse_config(raw, self.certs)
+
+    def start_proxy(self, config: Config | None = None, *, wait_healthy: bool = True) -> Proxy:
+        cfg = config or self.config()
+
+        async def start() -> Proxy:
+            proxy = Proxy(cfg, JsonLog(self.logs))  # type: ignore[arg-type]
+            await proxy.start()
+            return proxy
+
+        self.proxy = self.proxy_loop.run(start())
+        if wait_healthy:
+            # Every upstream that is listening has been checked once (settled as up).
+            self.wait_checked()
+        return self.proxy
+
+    def wait_checked(self, timeout: float = 10.0) -> None:
+        """Every upstream has had its first check (each logs its move out of unknown)."""
+        assert self.proxy is not None
+        self.logs.wait_for(
+            "health",
+            count=len(self.proxy.config.upstreams),
+            timeout=timeout,
+            where=lambda r: r["old"] == "unknown",
+        )
+
+    @property
+    def address(self) -> tuple[str, int]:
+        assert self.proxy is not None
+        assert self.proxy.address is not None
+        return self.proxy.address
+
+    def active(self) -> list[int]:
+        proxy = self.proxy
+        assert proxy is not None
+        return self.proxy_loop.call(lambda: list(proxy.router.pool.active))
+
+    def open_connections(self) -> int:
+        proxy = self.proxy
+        assert proxy is not None
+        return self.proxy_loop.call(lambda: len(proxy.connections))
+
+    def health(self) -> list[str]:
+        proxy = self.proxy
+        assert proxy is not None
+        return self.proxy_loop.call(lambda: [h.state.value for h in proxy.router.pool.health])
+
+    def close(self) -> None:
+        try:
+            if self.proxy is not None:
+                self.proxy_loop.run(self.proxy.stop())
+            for upstream in self.upstreams:
+                self.up_loop.run(upstream.stop())
+        finally:
+            self.proxy_loop.stop()
+            self.up_loop.stop()
+
+
+def iter_lab(certs: Path) -> Iterator[Lab]:
+    lab = Lab(certs)
+    try:
+        yield lab
+    finally:
+        lab.close()

@@ -1,0 +1,144 @@
+"""Test upstreams: real TCP servers on 127.0.0.1 port 0 whose behaviour a test picks.
+
+Modes:
+- ``echo``: copy bytes back; on EOF, send EOF back (TCP half-close) after the echo.
+- ``reply``: read the first chunk, answer ``Reply from upstream <name>``, close.
+- ``hold``: accept and keep the connection open, reading and discarding.
+- ``banner``: send ``banner`` bytes and a FIN at once, then record what the client sends.
+- ``reset_after``: read ``reset_after`` bytes, then reset the connection (RST).
+- ``record``: read until EOF, keep the bytes, close.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import struct
+from dataclasses import dataclass, field
+from typing import cast
+
+
+@dataclass
+class Stats:
+    accepted: int = 0
+    open: int = 0
+    received: list[bytes] = field(default_factory=list)  # per finished connection (not echo)
+    empty: int = 0  # connections that ended without sending a byte (health checks)
+
+
+class _Conn(asyncio.Protocol):
+    def __init__(self, server: TestUpstream) -> None:
+        self.server = server
+        self.transport: asyncio.Transport | None = None
+        self.buf = bytearray()
+        self.nbytes = 0
+        self.replied = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        transport = cast("asyncio.Transport", transport)
+        self.transport = transport
+        self.server.stats.accepted += 1
+        self.server.stats.open += 1
+        self.server.conns.add(self)
+        if self.server.mode == "banner":
+            transport.write(self.server.banner)
+            transport.write_eof()
+
+    def data_received(self, data: bytes) -> None:
+        assert self.transport is not None
+        mode = self.server.mode
+        self.nbytes += len(data)
+        if mode == "echo":
+            self.transport.write(data)
+        elif mode == "reply":
+            self.buf += data
+            if not self.replied:
+                self.replied = True
+                self.transport.write(f"Reply from upstream {self.server.name}".encode())
+                self.transport.close()
+        elif mode == "reset_after":
+            self.buf += data
+            if len(self.buf) >= self.server.reset_after:
+                sock = self.transport.get_extra_info("socket")
+                if sock is not None:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                self.transport.abort()
+        else:  # hold, banner, record
+            self.buf += data
+
+    def eof_received(self) -> bool:
+        assert self.transport is not None
+        if self.server.mode == "echo":
+            self.transport.write_eof()
+            return True
+        if self.server.mode in ("record", "banner", "hold"):
+            self.transport.close()
+        return False
+
+    def pause_writing(self) -> None:
+        if self.transport is not None:
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.transport is not None:
+            self.transport.resume_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        stats = self.server.stats
+        stats.open -= 1
+        self.server.conns.discard(self)
+        if self.nbytes == 0:
+            stats.empty += 1
+        else:
+            stats.received.append(bytes(self.buf))
+        self.server.changed.set()
+
+
+class TestUpstream:
+    def __init__(
+        self,
+        name: str,
+        mode: str = "echo",
+        *,
+        banner: bytes = b"",
+        reset_after: int = 0,
+    ) -> None:
+        self.name = name
+        self.mode = mode
+        self.banner = banner
+        self.reset_after = reset_after
+        self.stats = Stats()
+        self.conns: set[_Conn] = set()
+        self.server: asyncio.Server | None = None
+        self.port = 0
+        self.changed = asyncio.Event()
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    async def start(self, port: int = 0) -> TestUpstream:
+        loop = asyncio.get_running_loop()
+        self.server = await loop.create_server(
+            lambda: _Conn(self), "127.0.0.1", port or self.port, reuse_address=True, backlog=1024
+        )
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def stop(self, *, abort_connections: bool = True) -> None:
+        """Stop listening (new connects are refused); optionally drop open connections."""
+        if self.server is not None:
+            self.server.close()
+            self.server = None
+        if abort_connections:
+            for conn in list(self.conns):
+                if conn.transport is not None:
+                    conn.transport.abort()
+
+
+def free_port() -> int:
+    """A port nothing listens on right now (connects to it are refused)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
