@@ -61,19 +61,26 @@ class TlsClient:
             incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
             tls = ctx.wrap_bio(incoming, outgoing, server_hostname=server_hostname)
             client = cls(reader, writer, tls, incoming, outgoing)
-            while True:
-                try:
-                    tls.do_handshake()
-                    break
-                except ssl.SSLWantReadError:
-                    await client._flush()
-                    data = await reader.read(65536)
-                    if not data:
-                        incoming.write_eof()
-                    else:
-                        incoming.write(data)
-            await client._flush()
+            try:
+                await client._handshake()
+            except BaseException:
+                writer.close()
+                raise
             return client
+
+    async def _handshake(self) -> None:
+        while True:
+            try:
+                self.tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                await self._flush()
+                data = await self.reader.read(65536)
+                if not data:
+                    self.incoming.write_eof()
+                else:
+                    self.incoming.write(data)
+        await self._flush()
 
     async def _flush(self) -> None:
         if self.outgoing.pending:
@@ -121,7 +128,7 @@ class TlsClient:
             await self._flush()
             try:
                 raw = await self.reader.read(1 << 18)
-            except ConnectionResetError:
+            except ConnectionError:  # reset, or a broken pipe noticed while writing
                 self.end = End.RESET
                 return b""
             if raw:
@@ -156,3 +163,18 @@ class TlsClient:
         self.writer.close()
         with contextlib.suppress(ConnectionError, ssl.SSLError):
             await self.writer.wait_closed()
+
+
+async def exchange(
+    address: tuple[str, int], ctx: ssl.SSLContext, payload: bytes = b"hello"
+) -> tuple[bytes, End | None]:
+    """Connect, send ``payload``, half-close with close_notify, read to the end.
+
+    Returns everything received and how the stream ended."""
+    client = await TlsClient.connect(address, ctx)
+    try:
+        await client.send(payload)
+        await client.close_notify()
+        return await client.recv_all(), client.end
+    finally:
+        await client.aclose()

@@ -7,6 +7,7 @@ Modes:
 - ``banner``: send ``banner`` bytes and a FIN at once, then record what the client sends.
 - ``reset_after``: read ``reset_after`` bytes, then reset the connection (RST).
 - ``record``: read until EOF, keep the bytes, close.
+- ``blast``: send ``banner`` at once (however large), then a FIN; discard input.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ class _Conn(asyncio.Protocol):
         self.server.stats.accepted += 1
         self.server.stats.open += 1
         self.server.conns.add(self)
-        if self.server.mode == "banner":
+        if self.server.mode in ("banner", "blast"):
             transport.write(self.server.banner)
             transport.write_eof()
 
@@ -72,7 +73,7 @@ class _Conn(asyncio.Protocol):
         if self.server.mode == "echo":
             self.transport.write_eof()
             return True
-        if self.server.mode in ("record", "banner", "hold"):
+        if self.server.mode in ("record", "banner", "hold", "blast"):
             self.transport.close()
         return False
 
@@ -125,6 +126,12 @@ class TestUpstream:
         )
         self.port = self.server.sockets[0].getsockname()[1]
         return self
+
+    async def wait_idle(self) -> None:
+        """Until every accepted connection has ended (no open connections)."""
+        while self.stats.open > 0:
+            self.changed.clear()
+            await self.changed.wait()
 
     async def stop(self, *, abort_connections: bool = True) -> None:
         """Stop listening (new connects are refused); optionally drop open connections."""

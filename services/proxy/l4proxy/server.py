@@ -37,6 +37,7 @@ from .router import Admission, Rejected, Router
 from .tls import server_context
 
 READ_SIZE = 256 * 1024
+LINGER = 1.0  # seconds a refused client gets to read our goodbye before we close
 HIGH_WATER = 256 * 1024
 LOW_WATER = 64 * 1024
 
@@ -76,41 +77,56 @@ def _peer(transport: asyncio.BaseTransport) -> str:
 
 
 class UpstreamSide(asyncio.Protocol):
-    """The plain TCP connection to the upstream. Reading stays paused until the dial
-    has finished and the connection is attached, so nothing arrives half-way."""
+    """The plain TCP connection to the upstream.
 
-    __slots__ = ("conn", "lost", "transport")
+    Until the dial has finished and :meth:`attach` is called, whatever the upstream
+    sends (a banner, a FIN, a reset) is kept and replayed in order on attach, so no
+    byte is lost however early it arrives."""
+
+    __slots__ = ("_early", "conn", "transport")
 
     def __init__(self) -> None:
         self.conn: ClientConnection | None = None
         self.transport: asyncio.Transport | None = None
-        self.lost = False
+        # Events before attach: ("data", bytes) | ("eof", None) | ("lost", exc | None)
+        self._early: list[tuple[str, object]] | None = []
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it.
-        transport = cast("asyncio.Transport", transport)
-        self.transport = transport
-        transport.pause_reading()
+        self.transport = cast("asyncio.Transport", transport)
+        self.transport.set_write_buffer_limits(high=HIGH_WATER, low=LOW_WATER)
 
     def attach(self, conn: ClientConnection) -> None:
         self.conn = conn
-        if self.transport is not None and not self.lost:
-            self.transport.set_write_buffer_limits(high=HIGH_WATER, low=LOW_WATER)
-            self.transport.resume_reading()
+        early, self._early = self._early, None
+        for kind, value in early or ():
+            if kind == "data":
+                conn.upstream_data(cast(bytes, value))
+            elif kind == "eof":
+                conn.upstream_eof()
+            else:
+                conn.upstream_lost(cast("Exception | None", value))
 
     def data_received(self, data: bytes) -> None:
         if self.conn is not None:
             self.conn.upstream_data(data)
+        elif self._early is not None:
+            self._early.append(("data", data))
+            if self.transport is not None:
+                self.transport.pause_reading()  # one chunk is enough until attach
 
     def eof_received(self) -> bool:
         if self.conn is not None:
             self.conn.upstream_eof()
+        elif self._early is not None:
+            self._early.append(("eof", None))
         return True  # keep our write side open: the client may still be sending
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.lost = True
         if self.conn is not None:
             self.conn.upstream_lost(exc)
+        elif self._early is not None:
+            self._early.append(("lost", exc))
 
     def pause_writing(self) -> None:
         if self.conn is not None:
@@ -119,6 +135,10 @@ class UpstreamSide(asyncio.Protocol):
     def resume_writing(self) -> None:
         if self.conn is not None:
             self.conn.resume_client_reading()
+
+    def resume_after_attach(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.resume_reading()
 
 
 class ClientConnection(asyncio.Protocol):
@@ -165,6 +185,8 @@ class ClientConnection(asyncio.Protocol):
         )
 
     def data_received(self, data: bytes) -> None:
+        if self.state is State.CLOSED:
+            return  # lingering after a refusal: discard
         self.incoming.write(data)
         if self.state is State.FORWARDING:
             self.last_activity = self.loop.time()
@@ -174,15 +196,23 @@ class ClientConnection(asyncio.Protocol):
         # ADMITTING/DIALING: reading is paused; anything already here waits in the BIO.
 
     def eof_received(self) -> bool:
+        if self.state is State.CLOSED:
+            return False  # a lingering refused client has read our goodbye: close now
         self.incoming.write_eof()
         if self.state is State.HANDSHAKE:
             self._reject("tls_failed", "eof_during_handshake")
         elif self.state is State.FORWARDING:
             self._pump_from_client()
-        return True  # our write side stays open; we close when both directions are done
+        # Our write side stays open; we close when both directions are done.
+        return not self.closed
+
+    @property
+    def closed(self) -> bool:
+        return self.state is State.CLOSED
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.state is State.CLOSED:
+            self._cancel_timer()  # a linger timer, if any
             return
         if self.state is State.HANDSHAKE:
             self._finish("tls_failed", "connection_lost_during_handshake")
@@ -303,6 +333,8 @@ class ClientConnection(asyncio.Protocol):
         self.state = State.FORWARDING
         self.last_activity = self.loop.time()
         side.attach(self)
+        if self.state is State.FORWARDING and not self.upstream_paused:
+            side.resume_after_attach()
         if self.proxy.config.timeouts.idle > 0:
             self.timer = self.loop.call_later(self.proxy.config.timeouts.idle, self._check_idle)
         if self.transport is not None and not self.transport.is_closing():
@@ -408,7 +440,7 @@ class ClientConnection(asyncio.Protocol):
         """End a connection that will not be forwarded. After a completed handshake the
         client gets close_notify, so it sees a clean close with no reply."""
         close_notify = self.state in (State.ADMITTING, State.DIALING)
-        self._finish(decision, reason, close_notify=close_notify)
+        self._finish(decision, reason, close_notify=close_notify, linger=True)
 
     def shutdown(self) -> None:
         """The proxy is stopping."""
@@ -423,7 +455,14 @@ class ClientConnection(asyncio.Protocol):
         abort_client: bool = False,
         abort_upstream: bool = False,
         close_notify: bool = False,
+        linger: bool = False,
     ) -> None:
+        """Close both sides, give back every slot, write the access-log line.
+
+        ``linger``: send our goodbye (alert or close_notify) and a FIN, then discard what
+        the client still sends until its EOF or :data:`LINGER` seconds. Closing at once
+        with unread input would make the kernel send a reset, which can destroy the
+        goodbye before the client reads it."""
         if self.state is State.CLOSED:
             return
         self.state = State.CLOSED
@@ -441,7 +480,12 @@ class ClientConnection(asyncio.Protocol):
             else:
                 if close_notify:
                     self._send_close_notify()
-                client.close()
+                if linger and client.can_write_eof():
+                    client.write_eof()
+                    client.resume_reading()
+                    self.timer = self.loop.call_later(LINGER, client.close)
+                else:
+                    client.close()
         upstream = self.upstream_transport
         if upstream is not None and not upstream.is_closing():
             if abort_upstream:

@@ -20,6 +20,10 @@ def server_context(tls: TlsConfig) -> ssl.SSLContext:
     ctx.set_ciphers(TLS12_CIPHERS)
     ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
     ctx.options |= ssl.OP_NO_RENEGOTIATION
+    # A client's bare TCP FIN ends its stream like close_notify does. Without this,
+    # OpenSSL treats it as a fatal error and the session can no longer send the rest
+    # of the upstream's reply, nor a clean close_notify.
+    ctx.options |= ssl.OP_IGNORE_UNEXPECTED_EOF
     ctx.verify_mode = ssl.CERT_REQUIRED
     ctx.verify_flags |= ssl.VERIFY_X509_STRICT
     try:

@@ -1,0 +1,169 @@
+"""mTLS at the door: who is refused, how it is logged, and that bad clients cost
+nobody else anything."""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from pathlib import Path
+
+import pytest
+import uvloop
+
+from tests.support.harness import Lab
+from tests.support.tlsclient import End, TlsClient, client_context, exchange
+
+
+async def attempt(address: tuple[str, int], ctx: ssl.SSLContext) -> tuple[bytes, str]:
+    """What a client gets: (bytes received, how it ended or the handshake error)."""
+    try:
+        data, end = await exchange(address, ctx)
+    except ssl.SSLError as exc:
+        return b"", f"handshake: {exc.reason}"
+    except ConnectionError as exc:
+        return b"", f"handshake: {exc!r}"
+    return data, str(end)
+
+
+def bad_context(certs: Path, case: str) -> ssl.SSLContext:
+    if case == "no_certificate":
+        return client_context(certs, None)
+    if case == "other_ca":
+        ctx = client_context(certs, None)
+        ctx.load_cert_chain(
+            str(certs / "other" / "client.a.pem"), str(certs / "other" / "client.a.key")
+        )
+        return ctx
+    return client_context(certs, case)  # expired, noeku, servereku, server
+
+
+@pytest.mark.parametrize(
+    ("case", "reason"),
+    [
+        ("no_certificate", "peer_did_not_return_a_certificate"),
+        ("other_ca", "certificate: unable to get local issuer certificate"),
+        ("expired", "certificate: certificate has expired"),
+        ("server", "certificate: unsuitable certificate purpose"),  # the proxy's own cert
+        ("servereku", "certificate: unsuitable certificate purpose"),
+        ("noeku", "client_auth_eku_missing"),
+    ],
+)
+def test_bad_client_is_refused_logged_and_never_reaches_an_upstream(
+    lab: Lab, case: str, reason: str
+) -> None:
+    lab.start_upstreams(["reply"])
+    lab.start_proxy()
+    data, how = uvloop.run(attempt(lab.address, bad_context(lab.certs, case)))
+    assert data == b""
+    assert how != str(End.CLOSE_NOTIFY) or case == "noeku", how
+    (line,) = lab.logs.wait_for("access", decision="tls_failed")
+    assert line["reason"] == reason
+    assert line["client"] is None
+    assert line["upstream"] is None
+    upstream = lab.upstreams[0]
+    assert upstream.stats.accepted == upstream.stats.empty  # health checks only
+    # ...and a good client is served right after.
+    good, end = uvloop.run(exchange(lab.address, client_context(lab.certs, "client.b")))
+    assert good == b"Reply from upstream u1"
+    assert end is End.CLOSE_NOTIFY
+    assert lab.active() == [0]
+
+
+async def raw_send(address: tuple[str, int], payload: bytes) -> bytes:
+    reader, writer = await asyncio.open_connection(*address)
+    writer.write(payload)
+    try:
+        async with asyncio.timeout(10):
+            return await reader.read()
+    except ConnectionResetError:
+        return b"<reset>"
+    finally:
+        writer.close()
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", bytes(range(256)) * 4, b"\x16\x03\x01\x00\x05hello"],
+    ids=["http", "binary_garbage", "truncated_record"],
+)
+def test_garbage_is_refused_without_harm(lab: Lab, payload: bytes) -> None:
+    lab.start_upstreams(["reply"])
+    lab.start_proxy(lab.config(timeouts={"handshake": "1s"}))
+    uvloop.run(raw_send(lab.address, payload))
+    (line,) = lab.logs.wait_for("access")
+    assert line["decision"] in ("tls_failed", "handshake_timeout")
+    assert line["reason"]
+    assert lab.open_connections() == 0
+    good, _ = uvloop.run(exchange(lab.address, client_context(lab.certs, "client.b")))
+    assert good == b"Reply from upstream u1"
+
+
+def test_silent_clients_are_cut_at_the_handshake_timeout_and_delay_nobody(lab: Lab) -> None:
+    lab.start_upstreams(["reply"])
+    lab.start_proxy(lab.config(timeouts={"handshake": "1500ms"}))
+    address = lab.address
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        silent = [await asyncio.open_connection(*address) for _ in range(50)]
+        # One more that starts a record and stalls half-way.
+        stalled = await asyncio.open_connection(*address)
+        stalled[1].write(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03")
+        opened = loop.time()
+        # A good client is served at once while 51 handshakes hang.
+        data, _ = await exchange(address, client_context(lab.certs, "client.b"))
+        assert data == b"Reply from upstream u1"
+        assert loop.time() - opened < 1.2  # served before any silent client was cut
+        assert lab.open_connections() >= 51
+        # Each silent client is closed by the proxy (EOF), not left holding a slot.
+        for reader, _ in [*silent, stalled]:
+            async with asyncio.timeout(10):
+                assert await reader.read() == b""
+        assert loop.time() - opened >= 1.2
+        for _, writer in [*silent, stalled]:
+            writer.close()
+
+    uvloop.run(main())
+    lines = lab.logs.wait_for("access", count=51, decision="handshake_timeout")
+    assert all(r["duration_ms"] >= 1400 for r in lines)
+    assert lab.open_connections() == 0
+
+
+def test_tls12_needs_ecdhe_and_aead(lab: Lab) -> None:
+    lab.start_upstreams(["reply"])
+    lab.start_proxy()
+    ok = client_context(lab.certs, "client.b")
+    ok.maximum_version = ssl.TLSVersion.TLSv1_2
+    data, end = uvloop.run(exchange(lab.address, ok))
+    assert end is End.CLOSE_NOTIFY
+    assert data == b"Reply from upstream u1"
+    line = lab.logs.wait_for("access", decision="forwarded")[0]
+    assert line["tls_version"] == "TLSv1.2"
+
+    cbc = client_context(lab.certs, "client.b")
+    cbc.maximum_version = ssl.TLSVersion.TLSv1_2
+    cbc.set_ciphers("ECDHE-ECDSA-AES128-SHA:ECDHE-ECDSA-AES256-SHA384")  # no AEAD
+    data, how = uvloop.run(attempt(lab.address, cbc))
+    assert data == b""
+    assert how.startswith("handshake:")
+    refused = lab.logs.wait_for("access", decision="tls_failed")[0]
+    assert "cipher" in refused["reason"]
+
+
+def test_client_verifies_the_proxy_by_name(lab: Lab) -> None:
+    """The server certificate carries the names the lab uses (localhost, 127.0.0.1, proxy)."""
+    lab.start_upstreams(["reply"])
+    lab.start_proxy()
+
+    async def main() -> None:
+        for name in ("localhost", "proxy", "127.0.0.1"):
+            client = await TlsClient.connect(
+                lab.address, client_context(lab.certs, "client.b"), server_hostname=name
+            )
+            await client.aclose()
+        with pytest.raises(ssl.SSLCertVerificationError):
+            await TlsClient.connect(
+                lab.address, client_context(lab.certs, "client.b"), server_hostname="evil.example"
+            )
+
+    uvloop.run(main())
