@@ -1,0 +1,166 @@
+"""Command-line configuration. Pure: :func:`load_config` turns ``argv`` into a frozen
+:class:`Config` or raises :class:`ConfigError` (argparse itself exits 2 on bad syntax).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_CERTS = Path("/certs")
+DEFAULT_INTERVAL_MIN = "200ms"
+DEFAULT_INTERVAL_MAX = "1s"
+DEFAULT_TIMEOUT = "5s"
+
+
+class ConfigError(ValueError):
+    """A bad option value; the message names the option."""
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    client_id: str
+    host: str
+    port: int
+    certs: Path = DEFAULT_CERTS
+    server_name: str = "localhost"
+    interval_min: float = 0.2
+    interval_max: float = 1.0
+    timeout: float = 5.0
+    seed: int | None = None
+    count: int | None = None
+    duration: float | None = None
+    burst: bool = False
+    concurrency: int = 1
+    cert_stem: str | None = None  # None: connect without a client certificate
+
+    @property
+    def proxy(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+    @property
+    def message(self) -> bytes:
+        return f"Hello from {self.client_id}".encode()
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?|\.\d+)\s*(ms|s|m|h)?\s*$")
+_UNIT_SECONDS: dict[str | None, float] = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+
+
+def parse_duration(text: str, what: str) -> float:
+    """``"250ms"``, ``"2s"``, ``"1m"``, ``"1h"`` or plain seconds (``"0.5"``) as float seconds."""
+    match = _DURATION.match(text)
+    if not match:
+        raise ConfigError(
+            f"{what}: expected a duration such as '250ms', '2s' or '1m', got {text!r}"
+        )
+    seconds = float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+    if not math.isfinite(seconds):
+        raise ConfigError(f"{what}: must be a finite duration, got {text!r}")
+    return seconds
+
+
+def parse_address(text: str, what: str) -> tuple[str, int]:
+    """``host:port`` or ``[v6]:port``, port 1..65535."""
+    value = text.strip()
+    if value.startswith("["):
+        host, sep, port_text = value[1:].partition("]:")
+    else:
+        host, sep, port_text = value.rpartition(":")
+    if not sep or not host or not port_text.isdigit() or not 0 < int(port_text) <= 65535:
+        raise ConfigError(f"{what}: expected HOST:PORT with a port 1..65535, got {text!r}")
+    return host, int(port_text)
+
+
+def default_server_name(host: str) -> str:
+    """The name to verify when ``--server-name`` is not given: the proxy's host name, or
+    ``localhost`` when the proxy is given as an IP address."""
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    return "localhost"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m client",
+        description="Synthetic mTLS client: one connection per attempt, one JSON line each.",
+    )
+    parser.add_argument("--id", required=True, help="client name, used in logs and the message")
+    parser.add_argument("--proxy", required=True, help="HOST:PORT of the proxy")
+    parser.add_argument(
+        "--certs", default=str(DEFAULT_CERTS), help="directory with ca.pem, <id>.pem, <id>.key"
+    )
+    parser.add_argument(
+        "--server-name",
+        help="TLS server name to send and verify (default: the proxy host, or localhost if "
+        "the proxy is an IP address)",
+    )
+    parser.add_argument("--interval-min", default=DEFAULT_INTERVAL_MIN, help="default 200ms")
+    parser.add_argument("--interval-max", default=DEFAULT_INTERVAL_MAX, help="default 1s")
+    parser.add_argument(
+        "--timeout",
+        default=DEFAULT_TIMEOUT,
+        help="per attempt: connect + handshake + reply (default 5s)",
+    )
+    parser.add_argument("--seed", type=int, help="seed for the random intervals")
+    parser.add_argument("--count", type=int, help="stop after N attempts")
+    parser.add_argument(
+        "--duration", help="start no attempt after this long, e.g. 30s (with --count: first wins)"
+    )
+    parser.add_argument("--burst", action="store_true", help="no interval: attempts back to back")
+    parser.add_argument(
+        "--concurrency", type=int, default=1, help="attempts in flight at once (default 1)"
+    )
+    cert = parser.add_mutually_exclusive_group()
+    cert.add_argument("--no-cert", action="store_true", help="present no client certificate")
+    cert.add_argument(
+        "--cert-stem", help="use DIR/STEM.pem and DIR/STEM.key instead of the --id pair"
+    )
+    return parser
+
+
+def load_config(argv: Sequence[str] | None) -> Config:
+    args = build_parser().parse_args(argv)
+    client_id = str(args.id)
+    if not client_id or not client_id.isprintable() or len(client_id) > 200:
+        raise ConfigError("--id: must be 1..200 printable characters")
+    host, port = parse_address(str(args.proxy), "--proxy")
+    interval_min = parse_duration(str(args.interval_min), "--interval-min")
+    interval_max = parse_duration(str(args.interval_max), "--interval-max")
+    if interval_min > interval_max:
+        raise ConfigError(
+            f"--interval-min ({args.interval_min}) must not exceed --interval-max "
+            f"({args.interval_max})"
+        )
+    timeout = parse_duration(str(args.timeout), "--timeout")
+    if timeout <= 0:
+        raise ConfigError("--timeout: must be greater than zero")
+    if args.count is not None and args.count < 1:
+        raise ConfigError(f"--count: must be at least 1, got {args.count}")
+    duration = None if args.duration is None else parse_duration(str(args.duration), "--duration")
+    if args.concurrency < 1:
+        raise ConfigError(f"--concurrency: must be at least 1, got {args.concurrency}")
+    cert_stem = None if args.no_cert else str(args.cert_stem or client_id)
+    return Config(
+        client_id=client_id,
+        host=host,
+        port=port,
+        certs=Path(args.certs),
+        server_name=args.server_name or default_server_name(host),
+        interval_min=interval_min,
+        interval_max=interval_max,
+        timeout=timeout,
+        seed=args.seed,
+        count=args.count,
+        duration=duration,
+        burst=bool(args.burst),
+        concurrency=int(args.concurrency),
+        cert_stem=cert_stem,
+    )

@@ -1,0 +1,107 @@
+"""The attempt loop: ``--concurrency`` workers share one attempt counter and one RNG.
+
+Each worker starts an attempt while :func:`decide.stop_reason` allows it, logs exactly one
+``attempt`` line for it, then waits a random interval (none in burst mode).  A stop request
+(SIGTERM) or the end of ``--count`` ends every worker's wait at once; attempts in flight
+finish (each is bounded by ``--timeout``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import ssl
+
+from .attempt import attempt
+from .config import Config
+from .decide import StopReason, Tally, next_wait, reply_text, stop_reason
+from .logs import JsonLog
+
+
+class Runner:
+    def __init__(self, config: Config, ctx: ssl.SSLContext, log: JsonLog) -> None:
+        self.config = config
+        self.ctx = ctx
+        self.log = log
+        self.stop_requested = False
+        self.wake = asyncio.Event()  # set when no further attempt may start
+        self.rng = random.Random(config.seed)  # noqa: S311 - intervals, not secrets
+        self.tally = Tally()
+        self.started = 0
+        self.reason: StopReason | None = None
+        self.deadline: float | None = None
+
+    def request_stop(self) -> None:
+        """Start no further attempt (safe to call from a signal handler on the loop)."""
+        self.stop_requested = True
+        self.wake.set()
+
+    async def run(self) -> StopReason:
+        loop = asyncio.get_running_loop()
+        if self.config.duration is not None:
+            self.deadline = loop.time() + self.config.duration
+        async with asyncio.TaskGroup() as workers:
+            for index in range(self.config.concurrency):
+                workers.create_task(self._worker(), name=f"worker-{index}")
+        return self.reason or "signal"
+
+    def _done(self, now: float) -> bool:
+        """No further attempt may start (the first reason is kept for the summary)."""
+        reason = stop_reason(
+            self.started,
+            now,
+            count=self.config.count,
+            deadline=self.deadline,
+            stopping=self.stop_requested,
+        )
+        if reason is not None:
+            self.reason = self.reason or reason
+            self.wake.set()
+        return reason is not None
+
+    def _claim(self, now: float) -> int | None:
+        """The next attempt number, or ``None`` to stop."""
+        if self._done(now):
+            return None
+        self.started += 1
+        return self.started
+
+    async def _worker(self) -> None:
+        loop = asyncio.get_running_loop()
+        cfg = self.config
+        while (number := self._claim(loop.time())) is not None:
+            result = await attempt(cfg, self.ctx)
+            verdict = result.verdict
+            self.tally.add(verdict)
+            self.log.emit(
+                "attempt",
+                client=cfg.client_id,
+                attempt=number,
+                outcome=verdict.outcome,
+                upstream=verdict.upstream,
+                reply=reply_text(result.reply),
+                latency_ms=round(result.latency * 1000, 3),
+                error=verdict.error,
+            )
+            if self._done(loop.time()):
+                return  # e.g. --count reached: no interval after the last attempt
+            wait = next_wait(
+                self.rng,
+                cfg.interval_min,
+                cfg.interval_max,
+                burst=cfg.burst,
+                now=loop.time(),
+                deadline=self.deadline,
+            )
+            await self._pause(wait)
+
+    async def _pause(self, seconds: float) -> None:
+        """Wait ``seconds``, or less if no further attempt may start."""
+        if seconds <= 0:
+            await asyncio.sleep(0)  # let signals and other workers run between bursts
+            return
+        try:
+            async with asyncio.timeout(seconds):
+                await self.wake.wait()
+        except TimeoutError:
+            return

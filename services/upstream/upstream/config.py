@@ -1,0 +1,162 @@
+"""Start-up configuration: command line over environment over built-in defaults.
+
+Pure: :func:`load_config` takes ``argv`` and an environment mapping and returns a frozen
+:class:`Config` or raises :class:`ConfigError` (argparse itself exits 2 on bad syntax).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal, cast
+
+Mode = Literal["reply", "echo", "sink"]
+Fault = Literal["none", "close", "reset"]
+
+MODES: tuple[Mode, ...] = ("reply", "echo", "sink")
+FAULTS: tuple[Fault, ...] = ("none", "close", "reset")
+
+DEFAULT_LISTEN = "0.0.0.0:8000"
+DEFAULT_EMPTY_LOG_INTERVAL = 1.0
+DEFAULT_IDLE_TIMEOUT = 300.0
+
+ENV_LISTEN = "UPSTREAM_LISTEN"
+ENV_NAME = "UPSTREAM_NAME"
+ENV_MODE = "UPSTREAM_MODE"
+ENV_DELAY = "UPSTREAM_DELAY"
+ENV_FAULT = "UPSTREAM_FAULT"
+
+
+class ConfigError(ValueError):
+    """A bad option or environment value; the message names it."""
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    host: str
+    port: int
+    name: str
+    mode: Mode = "reply"
+    delay: float = 0.0  # seconds before the first response action (reply, echo, fault, close)
+    fault: Fault = "none"
+    empty_log_interval: float = DEFAULT_EMPTY_LOG_INTERVAL  # 0 logs every empty connection
+    idle_timeout: float = DEFAULT_IDLE_TIMEOUT  # 0 disables it
+
+    @property
+    def listen(self) -> str:
+        return format_address(self.host, self.port)
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?|\.\d+)\s*(ms|s|m|h)?\s*$")
+_UNIT_SECONDS: dict[str | None, float] = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+
+
+def parse_duration(text: str, what: str) -> float:
+    """``"2s"``, ``"250ms"``, ``"1m"``, ``"1h"`` or plain seconds (``"0.5"``) as float seconds."""
+    match = _DURATION.match(text)
+    if not match:
+        raise ConfigError(
+            f"{what}: expected a duration such as '2s', '250ms' or '1m', got {text!r}"
+        )
+    seconds = float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+    if not math.isfinite(seconds):
+        raise ConfigError(f"{what}: must be a finite duration, got {text!r}")
+    return seconds
+
+
+def parse_address(text: str, what: str) -> tuple[str, int]:
+    """``host:port`` or ``[v6]:port`` (port 0 = any free port)."""
+    value = text.strip()
+    if value.startswith("["):
+        host, sep, port_text = value[1:].partition("]:")
+    else:
+        host, sep, port_text = value.rpartition(":")
+    if not sep or not host or not port_text.isdigit():
+        raise ConfigError(f"{what}: expected HOST:PORT, got {text!r}")
+    port = int(port_text)
+    if port > 65535:
+        raise ConfigError(f"{what}: port must be 0..65535, got {port}")
+    if value.startswith("["):
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError as exc:
+            raise ConfigError(f"{what}: {host!r} is not an IPv6 address") from exc
+    return host, port
+
+
+def format_address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m upstream",
+        description="A TCP upstream for the layer4lab: reply, echo or sink, with fault knobs.",
+    )
+    parser.add_argument(
+        "--listen",
+        default=environ.get(ENV_LISTEN, DEFAULT_LISTEN),
+        help=f"HOST:PORT to listen on (env {ENV_LISTEN}; default {DEFAULT_LISTEN})",
+    )
+    parser.add_argument(
+        "--name",
+        default=environ.get(ENV_NAME),
+        help=f"name used in replies and logs (env {ENV_NAME}; default: the listen address)",
+    )
+    parser.add_argument(
+        "--mode",
+        default=environ.get(ENV_MODE, "reply"),
+        help=f"reply, echo or sink (env {ENV_MODE}; default reply)",
+    )
+    parser.add_argument(
+        "--delay",
+        default=environ.get(ENV_DELAY, "0"),
+        help=f"wait this long before responding, e.g. 2s, 250ms (env {ENV_DELAY}; default 0)",
+    )
+    parser.add_argument(
+        "--fault",
+        default=environ.get(ENV_FAULT, "none"),
+        help=f"none, close or reset (env {ENV_FAULT}; default none)",
+    )
+    parser.add_argument(
+        "--empty-log-interval",
+        default=str(DEFAULT_EMPTY_LOG_INTERVAL),
+        help="log empty connections at most once per this interval (0 = all; default 1s)",
+    )
+    parser.add_argument(
+        "--idle-timeout",
+        default=str(DEFAULT_IDLE_TIMEOUT),
+        help="close a connection idle this long (0 = never; default 300s)",
+    )
+    return parser
+
+
+def _choice(value: str, choices: Sequence[str], what: str) -> str:
+    text = value.strip().lower()
+    if text not in choices:
+        raise ConfigError(f"{what}: expected one of {', '.join(choices)}, got {value!r}")
+    return text
+
+
+def load_config(argv: Sequence[str] | None, environ: Mapping[str, str]) -> Config:
+    args = build_parser(environ).parse_args(argv)
+    host, port = parse_address(str(args.listen), f"--listen/{ENV_LISTEN}")
+    name = str(args.name) if args.name else str(args.listen).strip()
+    if len(name) > 200 or not name.isprintable():
+        raise ConfigError(f"--name/{ENV_NAME}: must be printable and at most 200 characters")
+    mode = cast(Mode, _choice(str(args.mode), MODES, f"--mode/{ENV_MODE}"))
+    fault = cast(Fault, _choice(str(args.fault), FAULTS, f"--fault/{ENV_FAULT}"))
+    return Config(
+        host=host,
+        port=port,
+        name=name,
+        mode=mode,
+        delay=parse_duration(str(args.delay), f"--delay/{ENV_DELAY}"),
+        fault=fault,
+        empty_log_interval=parse_duration(str(args.empty_log_interval), "--empty-log-interval"),
+        idle_timeout=parse_duration(str(args.idle_timeout), "--idle-timeout"),
+    )

@@ -1,0 +1,401 @@
+"""The I/O shell of the upstream: an asyncio server whose connections are Protocols.
+
+Each connection moves through phases::
+
+    reading --(trigger)--> waiting --(delay over)--> responding | draining --> closed
+
+* The *trigger* is: reply mode -- the message is complete (newline, 64 KiB, EOF, or
+  100 ms without new bytes after at least one); echo mode -- the first bytes arrived;
+  sink mode -- the peer's EOF.  A connection that ends before sending any byte (a health
+  check) never triggers: it is closed at once and logged as ``empty``.
+* *waiting* lasts ``--delay`` (reading is paused meanwhile); then the fault, if any, is
+  applied instead of the normal response.
+* reply mode answers, half-closes (FIN) and *drains*: it reads and discards until the
+  peer's EOF, for at most :data:`LINGER` seconds, then closes.  Closing only after the
+  peer is done avoids the RST a close with unread input would cause.
+* echo mode copies bytes back (reading pauses while the write buffer is above its
+  high-water mark) and closes after the peer's EOF once everything is written.
+
+All decisions live in :mod:`upstream.decide`; this module only moves bytes and arms timers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import struct
+import time
+from collections import Counter
+from collections.abc import Callable
+from typing import Any, Literal, cast
+
+from .config import Config, format_address
+from .decide import (
+    MESSAGE_CAP,
+    QUIET_PERIOD,
+    Action,
+    EmptyLogThrottle,
+    Outcome,
+    final_outcome,
+    message_end,
+    message_text,
+    remaining,
+    reply_bytes,
+)
+from .logs import JsonLog
+
+LINGER = 2.0  # reply mode: how long to wait for the peer's EOF after our reply and FIN
+SHUTDOWN_GRACE = 2.0  # how long stop() lets open connections finish before aborting them
+BACKLOG = 1024
+
+Phase = Literal["reading", "waiting", "responding", "draining"]
+Clock = Callable[[], float]
+
+
+def format_peer(peername: Any) -> str:
+    if isinstance(peername, tuple) and len(peername) >= 2:
+        return format_address(str(peername[0]), int(peername[1]))
+    return str(peername) if peername else "-"
+
+
+class Connection(asyncio.Protocol):
+    """One accepted connection, from accept to its ``connection`` log line."""
+
+    def __init__(self, server: UpstreamServer) -> None:
+        self.server = server
+        self.config = server.config
+        self.loop = server.loop
+        self.clock = server.clock
+        self.transport: asyncio.Transport | None = None
+        self.peer = "-"
+        self.started = self.clock()
+        self.last_activity = self.started
+        self.phase: Phase = "reading"
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.message = bytearray()  # reply mode: the message so far (at most MESSAGE_CAP)
+        self.held = bytearray()  # echo mode: bytes received while waiting for the delay
+        self.peer_eof = False
+        self.action: Action | None = None
+        self.respond_due = 0.0
+        self.paused: set[str] = set()
+        self.timers: dict[str, asyncio.TimerHandle] = {}
+
+    # --- asyncio callbacks -----------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self.transport = cast(asyncio.Transport, transport)
+        self.peer = format_peer(self.transport.get_extra_info("peername"))
+        self.server.connection_started(self)
+        if self.config.idle_timeout > 0:
+            self._arm("idle", self.config.idle_timeout, self._on_idle)
+
+    def data_received(self, data: bytes) -> None:
+        self.bytes_in += len(data)
+        self.last_activity = self.clock()
+        payload = self._strip_prefix(data)
+        if payload:
+            self._on_payload(payload)
+
+    def eof_received(self) -> bool:
+        self.peer_eof = True
+        if self.phase == "reading":
+            if self.bytes_in == 0:
+                self._close()  # an empty connection, e.g. a health check
+            elif self.config.mode == "reply":
+                self._complete_message(len(self.message))
+            else:
+                self._trigger()
+        elif self.phase in ("responding", "draining"):
+            self._close()
+        # waiting: the response will see peer_eof and close after it.
+        return True  # we close explicitly, after our own writes
+
+    def pause_writing(self) -> None:
+        self._pause("backpressure")
+
+    def resume_writing(self) -> None:
+        self._resume("backpressure")
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        for timer in self.timers.values():
+            timer.cancel()
+        self.timers.clear()
+        outcome = final_outcome(
+            self.config.mode,
+            bytes_in=self.bytes_in,
+            action=self.action,
+            lost_with_error=exc is not None,
+        )
+        self.server.connection_done(self, outcome, self.clock())
+
+    # --- the read path ---------------------------------------------------------------
+
+    def _strip_prefix(self, data: bytes) -> bytes:
+        """Hook for a connection-prefix parser (PROXY protocol v2, not implemented yet).
+
+        Such a parser would buffer bytes until its header is complete, set ``self.peer``
+        from it and return the payload after the header (``b""`` while incomplete).
+        """
+        return data
+
+    def _on_payload(self, payload: bytes) -> None:
+        mode = self.config.mode
+        if self.phase == "reading":
+            if mode == "reply":
+                self.message += payload[: MESSAGE_CAP - len(self.message)]
+                end = message_end(self.message)
+                if end is not None:
+                    self._complete_message(end)
+                else:
+                    self._arm("quiet", QUIET_PERIOD, self._on_quiet)
+            elif mode == "echo":
+                self.held += payload
+                self._trigger()
+            # sink: discard; its trigger is the peer's EOF
+        elif self.phase == "waiting" and mode == "echo":
+            self.held += payload  # delivered in the same batch as the pause
+        elif self.phase == "responding" and mode == "echo":
+            self._write(payload)
+        # otherwise (reply/sink after the trigger, draining): read and discard
+
+    def _on_quiet(self) -> None:
+        self.timers.pop("quiet", None)
+        if self.phase == "reading":
+            self._complete_message(len(self.message))
+
+    def _complete_message(self, end: int) -> None:
+        self._cancel("quiet")
+        del self.message[end:]
+        self._trigger()
+
+    # --- responding ------------------------------------------------------------------
+
+    def _trigger(self) -> None:
+        self.phase = "waiting"
+        self._pause("respond")
+        self.respond_due = self.clock() + self.config.delay
+        self._on_due()
+
+    def _on_due(self) -> None:
+        self.timers.pop("delay", None)
+        # A timer may fire a little early (loop clocks are coarse): re-arm for the rest,
+        # so a response never starts before the full delay has passed.
+        left = remaining(self.respond_due, self.clock())
+        if left > 0:
+            self._arm("delay", left, self._on_due)
+        else:
+            self._respond()
+
+    def _respond(self) -> None:
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        self.last_activity = self.clock()
+        if self.config.fault == "close":
+            self.action = "fault_close"
+            self._close()
+            return
+        if self.config.fault == "reset":
+            self.action = "fault_reset"
+            self._reset()
+            return
+        mode = self.config.mode
+        if mode == "reply":
+            self._write(reply_bytes(self.config.name))
+            self.action = "replied"
+            if self.peer_eof or not transport.can_write_eof():
+                self._close()
+                return
+            transport.write_eof()
+            self.phase = "draining"
+            self._arm("linger", LINGER, self._close)
+            self._resume("respond")
+        elif mode == "echo":
+            self.phase = "responding"
+            held = bytes(self.held)
+            self.held.clear()
+            self._write(held)
+            if self.peer_eof:
+                self._close()
+            else:
+                self._resume("respond")
+        else:
+            self._close()  # sink: the peer's EOF was the trigger
+
+    def _on_idle(self) -> None:
+        self.timers.pop("idle", None)
+        idle = self.config.idle_timeout
+        left = remaining(self.last_activity + idle, self.clock())
+        if self.phase == "waiting":
+            left = idle  # we are the slow side: the delay is bounded, keep waiting
+        if left > 0:
+            self._arm("idle", left, self._on_idle)
+            return
+        self.action = "idle_timeout"
+        self._close()
+
+    # --- primitives ------------------------------------------------------------------
+
+    def _write(self, data: bytes) -> None:
+        transport = self.transport
+        if data and transport is not None and not transport.is_closing():
+            transport.write(data)
+            self.bytes_out += len(data)
+            self.last_activity = self.clock()
+
+    def _close(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+
+    def _reset(self) -> None:
+        """Abort with an RST: SO_LINGER {on, 0 s} makes close(2) discard and reset."""
+        transport = self.transport
+        if transport is None:
+            return
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):  # already dead: abort() below still ends it
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        transport.abort()
+
+    def shutdown(self) -> None:
+        """The server is stopping: end this connection now."""
+        if self.action is None:
+            self.action = "shutdown"
+        if self.transport is not None:
+            self.transport.abort()
+
+    def _pause(self, reason: str) -> None:
+        transport = self.transport
+        if not self.paused and transport is not None and not transport.is_closing():
+            transport.pause_reading()
+        self.paused.add(reason)
+
+    def _resume(self, reason: str) -> None:
+        self.paused.discard(reason)
+        transport = self.transport
+        if not self.paused and transport is not None and not transport.is_closing():
+            transport.resume_reading()
+
+    def _arm(self, name: str, delay: float, callback: Callable[[], None]) -> None:
+        self._cancel(name)
+        self.timers[name] = self.loop.call_later(delay, callback)
+
+    def _cancel(self, name: str) -> None:
+        timer = self.timers.pop(name, None)
+        if timer is not None:
+            timer.cancel()
+
+    def message_for_log(self) -> str | None:
+        return message_text(self.message) if self.config.mode == "reply" else None
+
+
+class UpstreamServer:
+    """A running upstream: its listener, its open connections, its counters."""
+
+    def __init__(
+        self,
+        config: Config,
+        log: JsonLog,
+        loop: asyncio.AbstractEventLoop,
+        clock: Clock = time.monotonic,
+    ) -> None:
+        self.config = config
+        self.log = log
+        self.loop = loop
+        self.clock = clock
+        self.connections: set[Connection] = set()
+        self.throttle = EmptyLogThrottle(config.empty_log_interval)
+        self.accepted = 0
+        self.outcomes: Counter[str] = Counter()
+        self.address: tuple[str, int] | None = None
+        self._server: asyncio.Server | None = None
+        self._no_connections = asyncio.Event()
+        self._no_connections.set()
+
+    async def start(self) -> None:
+        cfg = self.config
+        self._server = await self.loop.create_server(
+            lambda: Connection(self), cfg.host, cfg.port, reuse_address=True, backlog=BACKLOG
+        )
+        sockname = self._server.sockets[0].getsockname()
+        self.address = (str(sockname[0]), int(sockname[1]))
+        self.log.emit(
+            "listening",
+            address=format_address(*self.address),
+            name=cfg.name,
+            mode=cfg.mode,
+            fault=cfg.fault,
+            delay_ms=round(cfg.delay * 1000, 3),
+        )
+
+    def connection_started(self, conn: Connection) -> None:
+        self.accepted += 1
+        self.connections.add(conn)
+        self._no_connections.clear()
+
+    def connection_done(self, conn: Connection, outcome: Outcome, now: float) -> None:
+        self.connections.discard(conn)
+        if not self.connections:
+            self._no_connections.set()
+        self.outcomes[outcome] += 1
+        suppressed: int | None = 0
+        if outcome == "empty":
+            suppressed = self.throttle.admit(now)
+            if suppressed is None:
+                return
+        self.log.emit(
+            "connection",
+            upstream=self.config.name,
+            peer=conn.peer,
+            mode=self.config.mode,
+            bytes_in=conn.bytes_in,
+            bytes_out=conn.bytes_out,
+            message=conn.message_for_log(),
+            outcome=outcome,
+            duration_ms=round((now - conn.started) * 1000, 3),
+            suppressed=suppressed,
+        )
+
+    async def wait_no_connections(self, within: float) -> bool:
+        """Wait until no connection is open; ``False`` if ``within`` s passed first."""
+        try:
+            async with asyncio.timeout(within):
+                await self._no_connections.wait()
+        except TimeoutError:
+            return False
+        return True
+
+    async def stop(self, grace: float = SHUTDOWN_GRACE) -> None:
+        """Stop listening, let open connections finish for ``grace`` s, abort the rest."""
+        server, self._server = self._server, None
+        if server is None:
+            return
+        server.close()
+        if not await self.wait_no_connections(grace):
+            for conn in list(self.connections):
+                conn.shutdown()
+            await self.wait_no_connections(1.0)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(1.0):
+                await server.wait_closed()
+        self.log.emit(
+            "stopped",
+            name=self.config.name,
+            connections=self.accepted,
+            open_connections=len(self.connections),
+            suppressed=self.throttle.drain(),
+            outcomes=dict(sorted(self.outcomes.items())),
+        )
+
+
+async def serve(
+    config: Config, log: JsonLog | None = None, *, clock: Clock = time.monotonic
+) -> UpstreamServer:
+    """Start an upstream on the running loop and return its handle (stop it with ``stop()``)."""
+    server = UpstreamServer(config, log or JsonLog(), asyncio.get_running_loop(), clock)
+    await server.start()
+    return server

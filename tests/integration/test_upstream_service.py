@@ -1,0 +1,499 @@
+"""The lab's upstream service (services/upstream): real sockets on 127.0.0.1, port 0.
+
+Most tests run the server in-process (``upstream.server.serve``) on a uvloop loop shared
+with the test's clients; the subprocess tests run ``python -m upstream`` as the lab does.
+Nothing sleeps to wait: every wait is on a condition (a log record, EOF) with a deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib
+import json
+import os
+import random
+import signal
+import socket
+import struct
+import sys
+import time
+from collections.abc import AsyncIterator, Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+import pytest
+import uvloop
+
+UPSTREAM_DIR = Path(__file__).resolve().parents[2] / "services" / "upstream"
+if str(UPSTREAM_DIR) not in sys.path:
+    # pyproject's pytest/mypy paths do not list services/upstream; import it by name.
+    sys.path.insert(0, str(UPSTREAM_DIR))
+
+up_cli: Any = importlib.import_module("upstream.cli")
+up_config: Any = importlib.import_module("upstream.config")
+up_decide: Any = importlib.import_module("upstream.decide")
+up_logs: Any = importlib.import_module("upstream.logs")
+up_server: Any = importlib.import_module("upstream.server")
+
+NAME = "u-test"
+REPLY = b"Reply from upstream u-test"
+CONNECTION_KEYS = {
+    "ts",
+    "event",
+    "upstream",
+    "peer",
+    "mode",
+    "bytes_in",
+    "bytes_out",
+    "message",
+    "outcome",
+    "duration_ms",
+    "suppressed",
+}
+WAIT = 5.0  # deadline for any single wait in these tests
+
+
+def run(coro: Coroutine[Any, Any, None]) -> None:
+    uvloop.run(coro)
+
+
+class Capture:
+    """A text stream for ``JsonLog``: keeps parsed records, wakes waiters on each line."""
+
+    def __init__(self) -> None:
+        self.records: list[dict[str, Any]] = []
+        self.changed = asyncio.Event()
+        self._partial = ""
+
+    def write(self, text: str) -> int:
+        self._partial += text
+        *lines, self._partial = self._partial.split("\n")
+        self.records.extend(json.loads(line) for line in lines if line)
+        self.changed.set()
+        return len(text)
+
+    def flush(self) -> None:
+        return None
+
+    def events(self, event: str, **match: Any) -> list[dict[str, Any]]:
+        return [
+            r
+            for r in self.records
+            if r["event"] == event and all(r.get(k) == v for k, v in match.items())
+        ]
+
+    async def wait_for(
+        self, event: str, count: int = 1, within: float = WAIT, **match: Any
+    ) -> list[dict[str, Any]]:
+        try:
+            async with asyncio.timeout(within):
+                while len(found := self.events(event, **match)) < count:
+                    self.changed.clear()
+                    await self.changed.wait()
+        except TimeoutError:
+            raise AssertionError(
+                f"no {count} x {event} {match} within {within}s; records: {self.records[-10:]}"
+            ) from None
+        return found
+
+
+@contextlib.asynccontextmanager
+async def running(capture: Capture, **options: Any) -> AsyncIterator[Any]:
+    config = up_config.Config(host="127.0.0.1", port=0, name=NAME, **options)
+    server = await up_server.serve(config, up_logs.JsonLog(capture))
+    try:
+        yield server
+    finally:
+        await server.stop(grace=1.0)
+
+
+async def read_all(reader: asyncio.StreamReader, within: float = WAIT) -> bytes:
+    data = bytearray()
+    async with asyncio.timeout(within):
+        while chunk := await reader.read(1 << 16):
+            data += chunk
+    return bytes(data)
+
+
+async def close(writer: asyncio.StreamWriter) -> None:
+    writer.close()
+    with contextlib.suppress(ConnectionError):
+        await writer.wait_closed()
+
+
+async def exchange(address: tuple[str, int], data: bytes, *, eof: bool = False) -> bytes:
+    """Send ``data`` (then FIN if ``eof``) and read until the server's EOF."""
+    reader, writer = await asyncio.open_connection(*address)
+    try:
+        writer.write(data)
+        if eof:
+            writer.write_eof()
+        await writer.drain()
+        return await read_all(reader)
+    finally:
+        await close(writer)
+
+
+async def wait_until(predicate: Callable[[], bool], what: str, within: float = WAIT) -> None:
+    """Poll a condition owned by this loop until it holds, failing at the deadline."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    while not predicate():
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out after {within}s waiting for {what}")
+        await asyncio.sleep(0.005)
+
+
+def set_linger_zero(writer: asyncio.StreamWriter) -> None:
+    sock = writer.get_extra_info("socket")
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+
+# --- modes ---------------------------------------------------------------------------------
+
+
+def test_reply_is_exact_and_logged() -> None:
+    async def main() -> None:
+        logs = Capture()
+        async with running(logs) as server:
+            listening = logs.events("listening")[0]
+            assert listening["address"] == f"127.0.0.1:{server.address[1]}"
+            assert (listening["name"], listening["mode"]) == (NAME, "reply")
+
+            assert await exchange(server.address, b"hello upstream\nignored") == REPLY
+            (record,) = await logs.wait_for("connection")
+        assert set(record) == CONNECTION_KEYS
+        assert record["outcome"] == "replied"
+        assert record["message"] == "hello upstream"
+        assert record["bytes_in"] == len(b"hello upstream\nignored")
+        assert record["bytes_out"] == len(REPLY)
+        assert record["upstream"] == NAME
+        assert record["peer"].startswith("127.0.0.1:")
+        assert record["suppressed"] == 0
+        assert record["ts"].endswith("Z")
+
+    run(main())
+
+
+def test_reply_ends_message_at_eof_or_quiet_period() -> None:
+    async def main() -> None:
+        logs = Capture()
+        async with running(logs) as server:
+            assert await exchange(server.address, b"by eof", eof=True) == REPLY
+            # No newline and no EOF: 100 ms of quiet completes the message.
+            assert await exchange(server.address, "bien sûr".encode()) == REPLY
+            records = await logs.wait_for("connection", count=2, outcome="replied")
+        assert sorted(r["message"] for r in records) == ["bien sûr", "by eof"]
+
+    run(main())
+
+
+def test_echo_copies_one_mebibyte_exactly() -> None:
+    payload = random.Random(7).randbytes(1 << 20)
+
+    async def main() -> None:
+        logs = Capture()
+        async with running(logs, mode="echo") as server:
+            reader, writer = await asyncio.open_connection(*server.address)
+
+            async def send() -> None:
+                view = memoryview(payload)
+                for start in range(0, len(view), 1 << 16):
+                    writer.write(view[start : start + (1 << 16)])
+                    await writer.drain()
+                writer.write_eof()
+
+            try:
+                async with asyncio.TaskGroup() as tasks:
+                    tasks.create_task(send())
+                    echoed = tasks.create_task(read_all(reader))
+            finally:
+                await close(writer)
+            assert echoed.result() == payload
+            (record,) = await logs.wait_for("connection")
+        assert record["outcome"] == "echoed"
+        assert record["bytes_in"] == record["bytes_out"] == len(payload)
+        assert record["message"] is None
+
+    run(main())
+
+
+def test_sink_counts_and_closes_at_eof() -> None:
+    async def main() -> None:
+        logs = Capture()
+        async with running(logs, mode="sink") as server:
+            assert await exchange(server.address, b"x" * 300_000, eof=True) == b""
+            (record,) = await logs.wait_for("connection")
+        assert (record["outcome"], record["bytes_in"], record["bytes_out"]) == ("sunk", 300_000, 0)
+
+    run(main())
+
+
+# --- faults and delay ------------------------------------------------------------------------
+
+
+def test_fault_close_ends_without_a_byte() -> None:
+    async def main() -> None:
+        logs = Capture()
+        async with running(logs, fault="close") as server:
+            assert await exchange(server.address, b"hello\n") == b""
+            (record,) = await logs.wait_for("connection")
+        assert (record["outcome"], record["bytes_out"]) == ("fault_close", 0)
+
+    run(main())
+
+
+def test_fault_reset_sends_rst() -> None:
+    async def main() -> None:
+        logs = Capture()
+        async with running(logs, fault="reset") as server:
+            reader, writer = await asyncio.open_connection(*server.address)
+            try:
+                writer.write(b"hello\n")
+                await writer.drain()
+                with pytest.raises(ConnectionResetError):
+                    await read_all(reader)
+            finally:
+                await close(writer)
+            (record,) = await logs.wait_for("connection")
+        assert record["outcome"] == "fault_reset"
+
+    run(main())
+
+
+@pytest.mark.parametrize("mode", ["reply", "echo"])
+def test_delay_holds_the_response_back(mode: str) -> None:
+    delay = 0.3
+
+    async def main() -> None:
+        logs = Capture()
+        async with running(logs, mode=mode, delay=delay) as server:
+            reader, writer = await asyncio.open_connection(*server.address)
+            try:
+                started = time.monotonic()
+                writer.write(b"hello\n")
+                await writer.drain()
+                first = await asyncio.wait_for(reader.read(100), WAIT)
+                elapsed = time.monotonic() - started
+            finally:
+                await close(writer)
+        assert first == (REPLY if mode == "reply" else b"hello\n")
+        assert delay <= elapsed < delay + 3.0
+
+    run(main())
+
+
+def test_idle_timeout_closes_a_silent_connection() -> None:
+    async def main() -> None:
+        logs = Capture()
+        async with running(logs, idle_timeout=0.2) as server:
+            reader, writer = await asyncio.open_connection(*server.address)
+            try:
+                assert await read_all(reader) == b""
+            finally:
+                await close(writer)
+            (record,) = await logs.wait_for("connection")
+        assert (record["outcome"], record["bytes_in"]) == ("idle_timeout", 0)
+
+    run(main())
+
+
+# --- robustness --------------------------------------------------------------------------------
+
+
+def test_empty_and_bad_connections_do_not_break_it() -> None:
+    async def main() -> None:
+        logs = Capture()
+        async with running(logs, empty_log_interval=60.0) as server:
+            for _ in range(3):  # health-check style: connect, close
+                _, writer = await asyncio.open_connection(*server.address)
+                await close(writer)
+            _, writer = await asyncio.open_connection(*server.address)  # connect, then RST
+            set_linger_zero(writer)
+            await close(writer)
+            _, writer = await asyncio.open_connection(*server.address)  # bytes, then RST
+            writer.write(b"partial")
+            await writer.drain()
+            set_linger_zero(writer)
+            await close(writer)
+            await logs.wait_for("connection", outcome="client_reset")
+            assert await exchange(server.address, b"still there?\n") == REPLY
+            await logs.wait_for("connection", outcome="replied")
+            assert await server.wait_no_connections(WAIT)
+        empties = logs.events("connection", outcome="empty")
+        assert [r["suppressed"] for r in empties] == [0]  # the other 3 were suppressed
+        (stopped,) = logs.events("stopped")
+        assert stopped["suppressed"] == 3
+        assert stopped["outcomes"] == {"client_reset": 1, "empty": 4, "replied": 1}
+
+    run(main())
+
+
+def test_fifty_concurrent_connections_are_all_served() -> None:
+    count = 50
+
+    async def main() -> None:
+        logs = Capture()
+        async with running(logs) as server:
+            streams = [await asyncio.open_connection(*server.address) for _ in range(count)]
+            try:
+                # All of them are open on the server at once before any byte is sent.
+                await wait_until(lambda: len(server.connections) == count, "50 open")
+                for i, (_, writer) in enumerate(streams):
+                    writer.write(f"client {i}\n".encode())
+                replies = await asyncio.gather(*(read_all(reader) for reader, _ in streams))
+            finally:
+                for _, writer in streams:
+                    await close(writer)
+            assert replies == [REPLY] * count
+            records = await logs.wait_for("connection", count=count, outcome="replied")
+        assert sorted(r["message"] for r in records) == sorted(f"client {i}" for i in range(count))
+
+    run(main())
+
+
+def test_stop_aborts_connections_that_outlive_the_grace() -> None:
+    async def main() -> None:
+        logs = Capture()
+        config = up_config.Config(host="127.0.0.1", port=0, name=NAME, mode="echo")
+        server = await up_server.serve(config, up_logs.JsonLog(logs))
+        reader, writer = await asyncio.open_connection(*server.address)
+        try:
+            writer.write(b"ping")
+            assert await asyncio.wait_for(reader.readexactly(4), WAIT) == b"ping"
+            await server.stop(grace=0.1)
+            assert await read_all(reader) == b""
+        finally:
+            await close(writer)
+        (record,) = logs.events("connection")
+        assert record["outcome"] == "shutdown"
+        assert logs.events("stopped")[0]["open_connections"] == 0
+
+    run(main())
+
+
+# --- the command -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_subprocess_serves_and_exits_cleanly_on_signal(sig: signal.Signals) -> None:
+    env = dict(os.environ, UPSTREAM_NAME="u-env", UPSTREAM_MODE="reply", UPSTREAM_DELAY="10ms")
+
+    async def main() -> None:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "upstream",
+            "--listen",
+            "127.0.0.1:0",
+            cwd=UPSTREAM_DIR,
+            env=env,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        assert proc.stdout is not None
+        try:
+            listening = json.loads(await asyncio.wait_for(proc.stdout.readline(), 10.0))
+            assert listening["event"] == "listening"
+            assert (listening["name"], listening["mode"], listening["delay_ms"]) == (
+                "u-env",
+                "reply",
+                10.0,
+            )
+            port = int(listening["address"].rsplit(":", 1)[1])
+            assert await exchange(("127.0.0.1", port), b"hi\n") == b"Reply from upstream u-env"
+            proc.send_signal(sig)
+            out, err = await asyncio.wait_for(proc.communicate(), 10.0)
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+        assert proc.returncode == 0
+        assert err == b""
+        records = [json.loads(line) for line in out.decode().splitlines()]
+        assert [r["event"] for r in records] == ["connection", "stopped"]
+        assert records[0]["outcome"] == "replied"
+
+    run(main())
+
+
+def test_bad_configuration_exits_2_without_traceback(capsys: pytest.CaptureFixture[str]) -> None:
+    assert up_cli.main(["--mode", "bogus"], {}) == 2
+    assert up_cli.main([], {"UPSTREAM_DELAY": "soon"}) == 2
+    err = capsys.readouterr().err
+    assert "--mode/UPSTREAM_MODE" in err
+    assert "--delay/UPSTREAM_DELAY" in err
+    assert "Traceback" not in err
+
+
+# --- pure decisions --------------------------------------------------------------------------
+
+
+def test_configuration_precedence_and_parsing() -> None:
+    env = {"UPSTREAM_LISTEN": "[::1]:9000", "UPSTREAM_MODE": "ECHO", "UPSTREAM_DELAY": "250ms"}
+    config = up_config.load_config(["--fault", "reset"], env)
+    assert (config.host, config.port, config.name) == ("::1", 9000, "[::1]:9000")
+    assert (config.mode, config.delay, config.fault) == ("echo", 0.25, "reset")
+    assert up_config.load_config(["--mode", "sink"], env).mode == "sink"
+    assert [up_config.parse_duration(t, "x") for t in ("2s", "1m", ".5", "0")] == [2, 60, 0.5, 0]
+    for bad in ("-1s", "2 days", "", "1e9999"):
+        with pytest.raises(up_config.ConfigError):
+            up_config.parse_duration(bad, "x")
+    for bad in ("8000", "host:", ":80", "h:70000", "[nope]:1"):
+        with pytest.raises(up_config.ConfigError):
+            up_config.parse_address(bad, "x")
+
+
+def test_message_end() -> None:
+    end = up_decide.message_end
+    assert end(b"") is None
+    assert end(b"abc") is None
+    assert end(b"abc\ndef") == 3
+    assert end(b"\n") == 0
+    assert end(b"x" * 10, cap=10) == 10
+    assert end(b"x" * 10 + b"\n", cap=10) == 10
+    assert up_decide.message_text(b"caf\xc3\xa9\r") == "café"
+    assert up_decide.message_text(b"\xff" * 300) == "\ufffd" * 200
+
+
+@pytest.mark.parametrize(
+    ("mode", "bytes_in", "action", "error", "expected"),
+    [
+        ("reply", 5, "replied", False, "replied"),
+        ("reply", 5, "replied", True, "client_reset"),
+        ("reply", 0, None, False, "empty"),
+        ("reply", 0, None, True, "empty"),
+        ("echo", 9, None, False, "echoed"),
+        ("echo", 9, None, True, "client_reset"),
+        ("sink", 9, None, False, "sunk"),
+        ("reply", 5, "fault_close", False, "fault_close"),
+        ("echo", 5, "fault_reset", True, "fault_reset"),
+        ("sink", 0, "idle_timeout", False, "idle_timeout"),
+        ("echo", 5, "shutdown", True, "shutdown"),
+        ("reply", 5, None, False, "client_reset"),
+    ],
+)
+def test_final_outcome(
+    mode: str, bytes_in: int, action: str | None, error: bool, expected: str
+) -> None:
+    outcome = up_decide.final_outcome(mode, bytes_in=bytes_in, action=action, lost_with_error=error)
+    assert outcome == expected
+    assert outcome in up_decide.OUTCOMES
+
+
+def test_empty_log_throttle() -> None:
+    throttle = up_decide.EmptyLogThrottle(interval=1.0)
+    assert [throttle.admit(t) for t in (10.0, 10.2, 10.9, 11.0, 11.5, 13.0)] == [
+        0,
+        None,
+        None,
+        2,
+        None,
+        1,
+    ]
+    assert throttle.admit(13.1) is None
+    assert throttle.drain() == 1
+    assert throttle.drain() == 0
+    every = up_decide.EmptyLogThrottle(interval=0.0)
+    assert [every.admit(1.0), every.admit(1.0)] == [0, 0]
