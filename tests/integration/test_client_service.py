@@ -201,7 +201,7 @@ def test_three_ok_attempts_name_the_upstream(certs: Path) -> None:
     async def main() -> None:
         async with tls_server(certs, "reply") as served:
             records = await run_client(certs, served.port, "--count", "3", *FAST)
-        assert served.messages == [b"Hello from client.b"] * 3
+        assert served.messages == [b"Hello from client.b\n"] * 3
         attempts, summary = split(records)
         assert [a["attempt"] for a in attempts] == [1, 2, 3]
         for a in attempts:

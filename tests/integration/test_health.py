@@ -13,9 +13,9 @@ from collections.abc import Callable, Iterator
 
 import pytest
 import uvloop
+
 from l4proxy.health import Transition
 from l4proxy.server import Proxy
-
 from tests.support.harness import Lab
 from tests.support.tlsclient import End, TlsClient, client_context, exchange
 from tests.support.upstreams import free_port

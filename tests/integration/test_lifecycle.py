@@ -10,8 +10,8 @@ import socket
 import struct
 
 import uvloop
-from l4proxy.server import HIGH_WATER, READ_SIZE, ClientConnection
 
+from l4proxy.server import HIGH_WATER, READ_SIZE, ClientConnection
 from tests.support.harness import Lab
 from tests.support.tlsclient import End, TlsClient, client_context
 

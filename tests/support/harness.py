@@ -14,11 +14,10 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import certgen
 from l4proxy.config import Config, parse_config
 from l4proxy.logs import JsonLog
 from l4proxy.server import Proxy
-
-import certgen
 
 from .loops import LoopThread
 from .upstreams import TestUpstream

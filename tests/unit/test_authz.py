@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from l4proxy.authz import Authorizer, Verdict
 from l4proxy.config import Action, Config, Rule, parse_config
 

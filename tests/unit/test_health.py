@@ -8,6 +8,7 @@ from typing import Literal
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from l4proxy.health import Health, HealthMachine, Transition
 
 UNKNOWN, UP, DOWN = Health.UNKNOWN, Health.UP, Health.DOWN

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 from cryptography.hazmat.primitives import serialization
-from l4proxy.config import IDENTITY_SOURCES, IdentitySource
-from l4proxy.identity import Identity, IdentityCache, NoIdentity, identity_from_der
 
 import certgen
 from certgen import Issued
+from l4proxy.config import IDENTITY_SOURCES, IdentitySource
+from l4proxy.identity import Identity, IdentityCache, NoIdentity, identity_from_der
 
 
 @pytest.fixture(scope="module")

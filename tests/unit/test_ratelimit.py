@@ -10,6 +10,7 @@ import math
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from l4proxy.ratelimit import Limited, RateLimiter, Ticket, TokenBucket
 
 

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from l4proxy.balancer import Lease
 from l4proxy.config import BALANCERS, BalancerName, parse_config
 from l4proxy.health import Health, Transition
