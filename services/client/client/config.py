@@ -45,7 +45,7 @@ class Config:
 
     @property
     def message(self) -> bytes:
-        return f"Hello from {self.client_id}".encode()
+        return f"Hello from {self.client_id}\n".encode()
 
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?|\.\d+)\s*(ms|s|m|h)?\s*$")
