@@ -197,3 +197,15 @@ def test_consistent_hash_keeps_a_client_on_one_upstream(lab: Lab) -> None:
         for stem in ("client.a", "client.b", "client.c", "client.d", "client.e")
     }
     assert all(len(c) == 1 and None not in c for c in seen.values()), seen
+
+
+@pytest.mark.parametrize("balancer", ["least_connections", "round_robin", "power_of_two"])
+def test_every_balancer_spreads_sequential_connections(lab: Lab, balancer: str) -> None:
+    lab.start_upstreams(["reply"] * 3)
+    lab.start_proxy(lab.config(balancer=balancer))
+    seen = Counter(replies(lab, "client.b", 60))
+    if balancer == "power_of_two":
+        assert set(seen) == {"u1", "u2", "u3"}, seen  # random: all seen, P(miss) ~ 1e-10
+    else:
+        assert seen == {"u1": 20, "u2": 20, "u3": 20}
+    assert lab.active() == [0, 0, 0]

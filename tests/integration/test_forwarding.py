@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import subprocess
@@ -12,34 +11,17 @@ from pathlib import Path
 import uvloop
 
 from tests.support.harness import Lab
-from tests.support.tlsclient import End, TlsClient, client_context
+from tests.support.loadclient import one as echo_once
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-async def echo_roundtrip(lab: Lab, stem: str, payload: bytes) -> tuple[bytes, End | None]:
-    client = await TlsClient.connect(lab.address, client_context(lab.certs, stem))
-    try:
-
-        async def send() -> None:
-            await client.send(payload)
-            await client.close_notify()
-
-        sender = asyncio.create_task(send())
-        received = await client.recv_all()
-        await sender
-        return received, client.end
-    finally:
-        await client.aclose()
 
 
 def test_single_echo_roundtrip_is_byte_exact_and_logged(lab: Lab) -> None:
     lab.start_upstreams(["echo"])
     lab.start_proxy()
     payload = os.urandom(300_000)
-    received, end = uvloop.run(echo_roundtrip(lab, "client.b", payload))
-    assert received == payload
-    assert end is End.CLOSE_NOTIFY  # a clean end of stream, not a truncation
+    # Byte-exact echo that ends with close_notify (a clean end, not a truncation).
+    assert uvloop.run(echo_once(lab.address, lab.certs, "client.b", payload)) is None
     (line,) = lab.logs.wait_for("access")
     assert line["decision"] == "forwarded"
     assert line["reason"] == "eof"
