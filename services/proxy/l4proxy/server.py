@@ -213,6 +213,7 @@ class ClientConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self.state is State.CLOSED:
             self._cancel_timer()  # a linger timer, if any
+            self.proxy.lingering.discard(self)
             return
         if self.state is State.HANDSHAKE:
             self._finish("tls_failed", "connection_lost_during_handshake")
@@ -484,6 +485,7 @@ class ClientConnection(asyncio.Protocol):
                     client.write_eof()
                     client.resume_reading()
                     self.timer = self.loop.call_later(LINGER, client.close)
+                    self.proxy.lingering.add(self)
                 else:
                     client.close()
         upstream = self.upstream_transport
@@ -506,6 +508,7 @@ class Proxy:
         self.ssl_context = server_context(config.tls)
         self.identities = IdentityCache(config.tls.identity)
         self.connections: set[ClientConnection] = set()
+        self.lingering: set[ClientConnection] = set()  # refused, reading our goodbye
         self.ids = itertools.count(1)
         self.checks = [0] * len(config.upstreams)  # active checks completed, per upstream
         self.loop = asyncio.get_running_loop()
@@ -543,6 +546,9 @@ class Proxy:
             self.server.close()
         for conn in list(self.connections):
             conn.shutdown()
+        for conn in list(self.lingering):
+            if conn.transport is not None:
+                conn.transport.close()
         for task in self.tasks:
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
