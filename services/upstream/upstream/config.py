@@ -52,7 +52,14 @@ class Config:
 
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?|\.\d+)\s*(ms|s|m|h)?\s*$")
-_UNIT_SECONDS: dict[str | None, float] = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+# Seconds per unit as (multiplier, divisor): dividing keeps "250ms" exactly 250 / 1000.
+_UNITS: dict[str | None, tuple[float, float]] = {
+    "ms": (1.0, 1000.0),
+    "s": (1.0, 1.0),
+    "m": (60.0, 1.0),
+    "h": (3600.0, 1.0),
+    None: (1.0, 1.0),
+}
 
 
 def parse_duration(text: str, what: str) -> float:
@@ -62,7 +69,8 @@ def parse_duration(text: str, what: str) -> float:
         raise ConfigError(
             f"{what}: expected a duration such as '2s', '250ms' or '1m', got {text!r}"
         )
-    seconds = float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+    multiplier, divisor = _UNITS[match.group(2)]
+    seconds = float(match.group(1)) * multiplier / divisor
     if not math.isfinite(seconds):
         raise ConfigError(f"{what}: must be a finite duration, got {text!r}")
     return seconds
