@@ -1,1 +1,0 @@
-"""End-to-end tests: the compose lab on a real docker engine (marker ``e2e``)."""
