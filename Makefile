@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat requirements.txt requirements-dev.txt | cksum | cut -d' ' -f1)
 
-.PHONY: setup lint test unit integration certs check-config clean
+.PHONY: setup lint test unit integration e2e certs up down clean
 
 # A virtual environment with the pinned requirements (re-made when they change).
 $(STAMP): requirements.txt requirements-dev.txt
@@ -32,6 +32,19 @@ integration: setup
 # The README's test command: static checks, then every test tier.
 test: lint
 	$(BIN)/python -m pytest -q
+
+e2e: setup
+	$(BIN)/python -m pytest tests/e2e -q
+
+# The lab: build every image offline (compose plugin and base image included), then
+# start certgen, the proxy, three upstreams and five clients in the background.
+up:
+	scripts/setup
+	docker compose up -d
+	@echo "lab is up: docker compose logs -f client-b   (make down to remove it)"
+
+down:
+	docker compose down -v --remove-orphans
 
 # Certificates for running the proxy by hand (never committed: certs/ is ignored).
 certs: setup
