@@ -167,3 +167,30 @@ def test_client_verifies_the_proxy_by_name(lab: Lab) -> None:
             )
 
     uvloop.run(main())
+
+
+def test_a_tcp_probe_is_logged_as_closed_without_data(lab: Lab) -> None:
+    """Load-balancer and container health probes connect and close; the log says so
+    rather than blaming a TLS failure."""
+    lab.start_upstreams(["reply"])
+    lab.start_proxy()
+
+    async def probe() -> None:
+        _, writer = await asyncio.open_connection(*lab.address)
+        writer.close()
+        await writer.wait_closed()
+
+    async def partial_then_fin() -> None:
+        reader, writer = await asyncio.open_connection(*lab.address)
+        writer.write(b"\x16\x03\x01")  # the start of a record, then FIN
+        writer.write_eof()
+        async with asyncio.timeout(10):
+            await reader.read()
+        writer.close()
+
+    uvloop.run(probe())
+    (line,) = lab.logs.wait_for("access")
+    assert (line["decision"], line["reason"]) == ("tls_failed", "closed_without_data")
+    uvloop.run(partial_then_fin())
+    (_, second) = lab.logs.wait_for("access", count=2)
+    assert second["reason"] == "eof_during_handshake"

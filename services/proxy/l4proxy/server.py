@@ -169,6 +169,7 @@ class ClientConnection(asyncio.Protocol):
         self.client_paused = False
         self.upstream_paused = False
         self.handshake_ms: float | None = None
+        self.got_bytes = False  # has the client sent anything (set during the handshake)
         self.attempts = 0
 
     # --- asyncio callbacks from the client's TCP transport ------------------------------
@@ -192,6 +193,7 @@ class ClientConnection(asyncio.Protocol):
             self.last_activity = self.loop.time()
             self._pump_from_client()
         elif self.state is State.HANDSHAKE:
+            self.got_bytes = True
             self._handshake()
         # ADMITTING/DIALING: reading is paused; anything already here waits in the BIO.
 
@@ -200,7 +202,9 @@ class ClientConnection(asyncio.Protocol):
             return False  # a lingering refused client has read our goodbye: close now
         self.incoming.write_eof()
         if self.state is State.HANDSHAKE:
-            self._reject("tls_failed", "eof_during_handshake")
+            # A TCP probe (connect, then close) sends nothing at all: say so.
+            reason = "eof_during_handshake" if self.got_bytes else "closed_without_data"
+            self._reject("tls_failed", reason)
         elif self.state is State.FORWARDING:
             self._pump_from_client()
         # Our write side stays open; we close when both directions are done.
