@@ -9,6 +9,7 @@ import pytest
 import uvloop
 
 from tests.support.harness import Lab
+from tests.support.loops import await_condition
 from tests.support.tlsclient import End, TlsClient, client_context, exchange
 
 REPLY = "Reply from upstream "
@@ -105,10 +106,9 @@ def test_max_concurrent_caps_open_connections_per_identity(lab: Lab) -> None:
         for client in held:
             await client.send(b"x")
         upstream = lab.upstreams[0]
-        deadline = asyncio.get_running_loop().time() + 5
-        while upstream.stats.open < 2:  # both really reached the upstream
-            assert asyncio.get_running_loop().time() < deadline, "held connections never arrived"
-            await asyncio.sleep(0.01)
+        await await_condition(
+            "both held connections at the upstream", lambda: upstream.stats.open >= 2
+        )
         data, end = await exchange(lab.address, ctx)
         assert (data, end) == (b"", End.CLOSE_NOTIFY)
         (line,) = lab.logs.wait_for("access", decision="rate_limited")
@@ -119,9 +119,7 @@ def test_max_concurrent_caps_open_connections_per_identity(lab: Lab) -> None:
         lab.logs.wait_for("access", decision="forwarded")
         third = await TlsClient.connect(lab.address, ctx)  # a slot is free again
         await third.send(b"z")
-        while upstream.stats.open < 3:
-            assert asyncio.get_running_loop().time() < deadline + 5, "slot was not freed"
-            await asyncio.sleep(0.01)
+        await await_condition("the freed slot used again", lambda: upstream.stats.open >= 3)
         for client in (held[1], other, third):
             await client.aclose()
 
@@ -141,11 +139,10 @@ def test_concurrent_connections_are_spread_exactly_by_least_connections(lab: Lab
         ctx = client_context(lab.certs, "client.b")
         clients = await asyncio.gather(*(TlsClient.connect(lab.address, ctx) for _ in range(30)))
         await asyncio.gather(*(c.send(b"x") for c in clients))
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + 10
-        while sum(u.stats.open for u in lab.upstreams) < 30:
-            assert loop.time() < deadline, [u.stats.open for u in lab.upstreams]
-            await asyncio.sleep(0.01)
+        await await_condition(
+            "30 connections at the upstreams",
+            lambda: sum(u.stats.open for u in lab.upstreams) >= 30,
+        )
         assert lab.active() == [10, 10, 10]
         assert [u.stats.open for u in lab.upstreams] == [10, 10, 10]
         await asyncio.gather(*(c.aclose() for c in clients))

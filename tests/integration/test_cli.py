@@ -23,6 +23,7 @@ import uvloop
 import yaml
 
 from tests.support.harness import Lab
+from tests.support.loops import await_condition
 from tests.support.tlsclient import End, TlsClient, client_context
 
 REPO = Path(__file__).resolve().parents[2]
@@ -227,14 +228,6 @@ def proxy_process(config: Path) -> Iterator[Child]:
             child.join()
 
 
-def wait_until(what: str, predicate: Any, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.005)  # a polling step, not a synchronisation
-
-
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_signal_stops_cleanly_and_logs_every_open_connection(
     lab: Lab, tmp_path: Path, signum: signal.Signals
@@ -257,7 +250,7 @@ def test_signal_stops_cleanly_and_logs_every_open_connection(
             client = await TlsClient.connect(address, client_context(lab.certs, "client.b"))
             try:
                 await client.send(b"x")
-                await asyncio.to_thread(wait_until, "the byte at the upstream", upstream_got_bytes)
+                await await_condition("the byte at the upstream", upstream_got_bytes)
                 sent = loop.time()
                 child.proc.send_signal(signum)
                 async with asyncio.timeout(5):

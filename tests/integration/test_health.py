@@ -17,21 +17,11 @@ import uvloop
 from l4proxy.health import Transition
 from l4proxy.server import Proxy
 from tests.support.harness import Lab
+from tests.support.loops import wait_for
 from tests.support.tlsclient import End, TlsClient, client_context, exchange
 from tests.support.upstreams import free_port
 
 REPLY = b"Reply from upstream "
-
-
-def wait_until(what: str, predicate: Callable[[], bool], timeout: float = 10.0) -> float:
-    """Poll ``predicate`` (bounded by ``timeout``); return the monotonic time it held."""
-    deadline = time.monotonic() + timeout
-    while True:
-        if predicate():
-            return time.monotonic()
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.005)  # a polling step, not a synchronisation
 
 
 def running(lab: Lab) -> Proxy:
@@ -144,7 +134,7 @@ def test_health_checks_are_paced_not_a_busy_loop(lab: Lab) -> None:
         samples.append((time.monotonic() - started, count))
         return count >= 5
 
-    reached = wait_until("5 health checks", five_checks) - started
+    reached = wait_for("5 health checks", five_checks) - started
     assert reached >= 4 * interval * 0.9, samples
     for elapsed, count in samples:
         assert count <= elapsed / interval + 2, (elapsed, count, samples)
@@ -164,7 +154,7 @@ def test_health_checks_write_no_application_bytes(lab: Lab) -> None:
         s = upstream.stats
         return s.accepted, s.empty, list(s.received)
 
-    wait_until("3 finished check connections", lambda: lab.up_loop.call(stats)[1] >= 3)
+    wait_for("3 finished check connections", lambda: lab.up_loop.call(stats)[1] >= 3)
     accepted, empty, received = lab.up_loop.call(stats)
     assert empty >= 3
     assert received == []

@@ -13,6 +13,7 @@ import uvloop
 
 from l4proxy.server import HIGH_WATER, READ_SIZE, ClientConnection
 from tests.support.harness import Lab
+from tests.support.loops import await_condition
 from tests.support.tlsclient import End, TlsClient, client_context
 
 
@@ -98,11 +99,7 @@ def test_client_dying_mid_stream_closes_the_upstream(lab: Lab) -> None:
     async def main() -> None:
         client = await open_client(lab)
         await client.send(b"x" * 1000)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + 5
-        while upstream.stats.open < 1:
-            assert loop.time() < deadline
-            await asyncio.sleep(0.01)
+        await await_condition("the connection at the upstream", lambda: upstream.stats.open >= 1)
         sock = client.writer.transport.get_extra_info("socket")
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         client.writer.transport.abort()  # the client vanishes: RST, no TLS goodbye
@@ -152,17 +149,13 @@ def test_slow_reader_bounds_proxy_buffers_and_still_gets_every_byte(lab: Lab) ->
         return conn.upstream_paused, conn.transport.get_write_buffer_size()
 
     async def main() -> bytes:
-        loop = asyncio.get_running_loop()
         client = await open_client(lab)
         await client.send(b"go")
-        deadline = loop.time() + 10
-        while True:  # wait until the proxy has applied back-pressure
-            if lab.open_connections() == 1:
-                paused, buffered = lab.proxy_loop.call(proxy_side)
-                if paused:
-                    break
-            assert loop.time() < deadline, "the proxy never paused the upstream"
-            await asyncio.sleep(0.01)
+        await await_condition(
+            "the proxy pausing the upstream",
+            lambda: lab.open_connections() == 1 and lab.proxy_loop.call(proxy_side)[0],
+        )
+        _, buffered = lab.proxy_loop.call(proxy_side)
         # Bounded: the high-water mark plus at most one read's worth of TLS records.
         assert buffered <= HIGH_WATER + READ_SIZE + 64 * 1024, buffered
         data = await client.recv_all()

@@ -18,12 +18,14 @@ import socket
 import struct
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Coroutine
 from pathlib import Path
 from typing import Any
 
 import pytest
 import uvloop
+
+from tests.support.loops import await_condition
 
 UPSTREAM_DIR = Path(__file__).resolve().parents[2] / "services" / "upstream"
 if str(UPSTREAM_DIR) not in sys.path:
@@ -133,16 +135,6 @@ async def exchange(address: tuple[str, int], data: bytes, *, eof: bool = False) 
         return await read_all(reader)
     finally:
         await close(writer)
-
-
-async def wait_until(predicate: Callable[[], bool], what: str, within: float = WAIT) -> None:
-    """Poll a condition owned by this loop until it holds, failing at the deadline."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + within
-    while not predicate():
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out after {within}s waiting for {what}")
-        await asyncio.sleep(0.005)
 
 
 def set_linger_zero(writer: asyncio.StreamWriter) -> None:
@@ -339,7 +331,7 @@ def test_fifty_concurrent_connections_are_all_served() -> None:
             streams = [await asyncio.open_connection(*server.address) for _ in range(count)]
             try:
                 # All of them are open on the server at once before any byte is sent.
-                await wait_until(lambda: len(server.connections) == count, "50 open")
+                await await_condition("50 open", lambda: len(server.connections) == count)
                 for i, (_, writer) in enumerate(streams):
                     writer.write(f"client {i}\n".encode())
                 replies = await asyncio.gather(*(read_all(reader) for reader, _ in streams))

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Awaitable, Callable, Coroutine
+import time
+from collections.abc import Callable, Coroutine
 from concurrent.futures import Future
 from typing import Any, TypeVar
 
@@ -57,21 +58,28 @@ class LoopThread:
             self.loop.close()
 
 
-async def wait_until(
-    predicate: Callable[[], bool | Awaitable[bool]],
-    timeout: float,  # noqa: ASYNC109 - a polling deadline, not an I/O timeout
+def wait_for(what: str, predicate: Callable[[], bool], timeout: float = 10.0) -> float:
+    """Poll ``predicate`` until it holds (failing with ``what`` at the deadline); return
+    the monotonic time at which it held. The short sleep is a polling step between
+    checks of a condition, never a wait standing in for one."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if predicate():
+            return time.monotonic()
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.005)
+
+
+async def await_condition(
     what: str,
-    step: float = 0.01,
+    predicate: Callable[[], bool],
+    timeout: float = 10.0,  # noqa: ASYNC109 - a polling deadline, not an I/O timeout
 ) -> None:
-    """Poll ``predicate`` on this loop until it holds; fail with ``what`` at the deadline."""
+    """:func:`wait_for` for code running on an event loop."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
-    while True:
-        result = predicate()
-        if not isinstance(result, bool):
-            result = await result
-        if result:
-            return
+    while not predicate():
         if loop.time() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(step)
+        await asyncio.sleep(0.005)
