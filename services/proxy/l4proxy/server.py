@@ -372,6 +372,9 @@ class ClientConnection(asyncio.Protocol):
                 break
             self.bytes_up += len(chunk)
             upstream.write(chunk)
+            incoming = self.incoming
+            if not incoming.pending and not tls.pending() and not incoming.eof:
+                break  # nothing left to decrypt: another read could only raise WantRead
         self._flush_tls()  # e.g. key-update responses
 
     def _on_client_eof(self) -> None:
