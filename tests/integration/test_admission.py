@@ -105,10 +105,7 @@ def test_max_concurrent_caps_open_connections_per_identity(lab: Lab) -> None:
         held = [await TlsClient.connect(lab.address, ctx) for _ in range(2)]
         for client in held:
             await client.send(b"x")
-        upstream = lab.upstreams[0]
-        await await_condition(
-            "both held connections at the upstream", lambda: upstream.stats.open >= 2
-        )
+        await await_condition("both held at the upstream", lambda: lab.carrying() == [2])
         data, end = await exchange(lab.address, ctx)
         assert (data, end) == (b"", End.CLOSE_NOTIFY)
         (line,) = lab.logs.wait_for("access", decision="rate_limited")
@@ -119,7 +116,7 @@ def test_max_concurrent_caps_open_connections_per_identity(lab: Lab) -> None:
         lab.logs.wait_for("access", decision="forwarded")
         third = await TlsClient.connect(lab.address, ctx)  # a slot is free again
         await third.send(b"z")
-        await await_condition("the freed slot used again", lambda: upstream.stats.open >= 3)
+        await await_condition("the freed slot used again", lambda: lab.carrying() == [3])
         for client in (held[1], other, third):
             await client.aclose()
 
@@ -139,12 +136,9 @@ def test_concurrent_connections_are_spread_exactly_by_least_connections(lab: Lab
         ctx = client_context(lab.certs, "client.b")
         clients = await asyncio.gather(*(TlsClient.connect(lab.address, ctx) for _ in range(30)))
         await asyncio.gather(*(c.send(b"x") for c in clients))
-        await await_condition(
-            "30 connections at the upstreams",
-            lambda: sum(u.stats.open for u in lab.upstreams) >= 30,
-        )
+        await await_condition("30 connections at the upstreams", lambda: sum(lab.carrying()) >= 30)
         assert lab.active() == [10, 10, 10]
-        assert [u.stats.open for u in lab.upstreams] == [10, 10, 10]
+        assert lab.carrying() == [10, 10, 10]
         await asyncio.gather(*(c.aclose() for c in clients))
 
     uvloop.run(main())

@@ -99,7 +99,7 @@ def test_client_dying_mid_stream_closes_the_upstream(lab: Lab) -> None:
     async def main() -> None:
         client = await open_client(lab)
         await client.send(b"x" * 1000)
-        await await_condition("the connection at the upstream", lambda: upstream.stats.open >= 1)
+        await await_condition("the connection at the upstream", lambda: lab.carrying() == [1])
         sock = client.writer.transport.get_extra_info("socket")
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         client.writer.transport.abort()  # the client vanishes: RST, no TLS goodbye
@@ -166,3 +166,33 @@ def test_slow_reader_bounds_proxy_buffers_and_still_gets_every_byte(lab: Lab) ->
     assert hashlib.sha256(data).digest() == hashlib.sha256(blob).digest()
     (line,) = lab.logs.wait_for("access")
     assert line["bytes_down"] == len(blob)
+
+
+def test_upstream_resetting_right_after_accept_leaves_nothing_behind(lab: Lab) -> None:
+    """A reset that lands before the dial completes is a failed dial (a clean refusal and
+    a passive mark-down); one that lands after must abort the client. Either way no
+    slot, connection or error is left behind (the harness fails on logged errors)."""
+    (upstream,) = lab.start_upstreams(["hold"])
+    lab.start_proxy(lab.config(health_check={"interval": "1h"}))  # checked up once
+    upstream.mode = "reset_at_once"  # ...then it starts resetting every connection
+
+    async def main() -> End | None:
+        client = await open_client(lab)
+        await client.send(b"hello")
+        async with asyncio.timeout(5):
+            assert await client.recv_all() == b""
+        await client.aclose()
+        return client.end
+
+    end = uvloop.run(main())
+    (line,) = lab.logs.wait_for("access")
+    if line["decision"] == "dial_failed":
+        assert line["reason"].startswith("ECONNRESET")
+        assert end is End.CLOSE_NOTIFY  # refused cleanly, nothing forwarded
+        lab.logs.wait_for("health", source="passive", new="down")
+    else:
+        assert line["decision"] == "forwarded"
+        assert line["reason"].startswith(("upstream_error", "upstream_closed"))
+        assert end in (End.RESET, End.TCP_EOF)  # never a clean end for a crash
+    assert lab.active() == [0]
+    assert lab.open_connections() == 0

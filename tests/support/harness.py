@@ -183,6 +183,10 @@ class Lab:
         assert proxy is not None
         return self.proxy_loop.call(lambda: list(proxy.router.pool.active))
 
+    def carrying(self) -> list[int]:
+        """Per upstream: open connections that carry client bytes (not health probes)."""
+        return self.up_loop.call(lambda: [u.carrying() for u in self.upstreams])
+
     def open_connections(self) -> int:
         proxy = self.proxy
         assert proxy is not None
@@ -197,6 +201,9 @@ class Lab:
         try:
             if self.proxy is not None:
                 self.proxy_loop.run(self.proxy.stop())
+                # An exception escaping a proxy callback is a bug, whatever the test.
+                errors = self.logs.events("error")
+                assert not errors, f"the proxy logged unexpected errors: {errors}"
             for upstream in self.upstreams:
                 self.up_loop.run(upstream.stop())
         finally:

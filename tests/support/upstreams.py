@@ -7,6 +7,7 @@ Modes:
 - ``banner``: send ``banner`` bytes and a FIN at once, then record what the client sends.
 - ``reset_after``: read ``reset_after`` bytes, then reset the connection (RST).
 - ``record``: read until EOF, keep the bytes, close.
+- ``reset_at_once``: accept, then reset the connection immediately.
 - ``blast``: send ``banner`` at once (however large), then a FIN; discard input.
 """
 
@@ -27,6 +28,14 @@ class Stats:
     empty: int = 0  # connections that ended without sending a byte (health checks)
 
 
+def _reset(transport: asyncio.Transport) -> None:
+    """Close with an RST (SO_LINGER 0), as a crashing server would."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    transport.abort()
+
+
 class _Conn(asyncio.Protocol):
     def __init__(self, server: TestUpstream) -> None:
         self.server = server
@@ -42,6 +51,9 @@ class _Conn(asyncio.Protocol):
         self.server.stats.accepted += 1
         self.server.stats.open += 1
         self.server.conns.add(self)
+        if self.server.mode == "reset_at_once":
+            _reset(transport)
+            return
         if self.server.mode in ("banner", "blast"):
             transport.write(self.server.banner)
             transport.write_eof()
@@ -61,10 +73,7 @@ class _Conn(asyncio.Protocol):
         elif mode == "reset_after":
             self.buf += data
             if len(self.buf) >= self.server.reset_after:
-                sock = self.transport.get_extra_info("socket")
-                if sock is not None:
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-                self.transport.abort()
+                _reset(self.transport)
         else:  # hold, banner, record
             self.buf += data
 
@@ -126,6 +135,11 @@ class TestUpstream:
         )
         self.port = self.server.sockets[0].getsockname()[1]
         return self
+
+    def carrying(self) -> int:
+        """Open connections that have received bytes (health probes never do).
+        Call on the upstreams' loop thread (``lab.up_loop.call``)."""
+        return sum(1 for conn in self.conns if conn.nbytes)
 
     async def wait_idle(self) -> None:
         """Until every accepted connection has ended (no open connections)."""

@@ -8,7 +8,6 @@ import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import uvloop
 
@@ -38,16 +37,6 @@ def load_and_check(path: Path) -> Config:
 
 async def serve(config: Config, log: JsonLog) -> None:
     loop = asyncio.get_running_loop()
-
-    def on_error(_loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
-        exc = context.get("exception")
-        log.emit(
-            "error",
-            message=str(context.get("message", "")),
-            exception=repr(exc) if exc is not None else None,
-        )
-
-    loop.set_exception_handler(on_error)
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)

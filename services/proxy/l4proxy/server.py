@@ -337,8 +337,10 @@ class ClientConnection(asyncio.Protocol):
         self.upstream_transport = transport
         self.state = State.FORWARDING
         self.last_activity = self.loop.time()
-        side.attach(self)
-        if self.state is State.FORWARDING and not self.upstream_paused:
+        side.attach(self)  # may replay an early EOF or reset, which can end the connection
+        if self.closed:
+            return
+        if not self.upstream_paused:
             side.resume_after_attach()
         if self.proxy.config.timeouts.idle > 0:
             self.timer = self.loop.call_later(self.proxy.config.timeouts.idle, self._check_idle)
@@ -523,7 +525,17 @@ class Proxy:
         self.tasks: list[asyncio.Task[None]] = []
         self.address: tuple[str, int] | None = None
 
+    def _on_loop_error(self, _loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        """An exception escaped a callback or task: a bug. Log it and keep serving."""
+        exc = context.get("exception")
+        self.log.emit(
+            "error",
+            message=str(context.get("message", "")),
+            exception=repr(exc) if exc is not None else None,
+        )
+
     async def start(self) -> None:
+        self.loop.set_exception_handler(self._on_loop_error)
         listen = self.config.listen
         self.server = await self.loop.create_server(
             lambda: ClientConnection(self),

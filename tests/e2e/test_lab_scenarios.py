@@ -1,0 +1,111 @@
+"""The lab's essential scenarios against real containers, through labkit's Python API.
+
+Each scenario must pass and leave nothing labelled ``layer4lab.run=<its run id>``
+behind; an interrupted ``python lab.py scenario`` (SIGINT) must clean up as well.
+Without a reachable Docker engine these tests are skipped -- or fail when ``CI=true``.
+About a minute on a 2-core machine once the images exist.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from labkit import LABEL_RUN, Engine, EngineUnavailable, Progress, ensure_images, run_scenario
+from labkit.cli import render
+
+pytestmark = pytest.mark.e2e
+
+ROOT = Path(__file__).resolve().parents[2]
+ESSENTIAL = ["failover", "authz", "ratelimit", "mtls"]
+
+
+def in_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() in {"true", "1", "yes"}
+
+
+@pytest.fixture(scope="module")
+def engine() -> Iterator[Engine]:
+    """The Docker engine with the lab's images (built here if missing)."""
+    try:
+        found = Engine.connect(timeout=60)
+    except EngineUnavailable as exc:
+        if in_ci():
+            pytest.fail(f"CI=true and the e2e tests need a Docker engine: {exc}", pytrace=False)
+        pytest.skip(f"no Docker engine ({exc}); set CI=true to make this a failure")
+    ensure_images(found, Progress())
+    yield found
+    found.close()
+
+
+@pytest.fixture(scope="module")
+def labelled_before(engine: Engine) -> set[str]:
+    """What other runs (a developer's `lab.py up`, say) had labelled before these tests."""
+    return {item.id for item in engine.labelled(LABEL_RUN)}
+
+
+@pytest.mark.parametrize("name", ESSENTIAL)
+def test_scenario_passes_and_leaves_nothing_labelled(
+    engine: Engine, labelled_before: set[str], name: str, tmp_path: Path
+) -> None:
+    result = run_scenario(name, engine=engine, progress=Progress(), report_dir=tmp_path)
+    table = io.StringIO()
+    render(result, table)
+    assert result.passed, table.getvalue()
+    assert result.removed > 0
+    assert engine.labelled(f"{LABEL_RUN}={result.run_id}") == []
+    verdicts = json.loads((tmp_path / name / "verdicts.json").read_text())
+    assert verdicts["passed"] is True
+    assert verdicts["run"] == result.run_id
+    assert (tmp_path / name / "timeline.json").is_file()
+    assert (tmp_path / name / "logs" / "proxy.log").stat().st_size > 0
+    left = {item.id for item in engine.labelled(LABEL_RUN)} - labelled_before
+    assert not left, f"labelled objects left behind: {left}"
+
+
+def test_sigint_mid_scenario_removes_everything(engine: Engine, labelled_before: set[str]) -> None:
+    """Ctrl-C while the fault is in place: exit 130, nothing of the run left."""
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "lab.py"), "scenario", "failover"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    assert proc.stdout is not None
+    seen: list[str] = []
+    run_id = None
+    deadline = time.monotonic() + 90
+    try:
+        for text in proc.stdout:
+            seen.append(text)
+            found = re.search(r"\(run (failover-[0-9a-f]+)\)", text)
+            run_id = run_id or (found.group(1) if found else None)
+            if "FAULT:" in text:
+                proc.send_signal(signal.SIGINT)
+                break
+            if time.monotonic() > deadline:
+                break
+        rest, _ = proc.communicate(timeout=60)
+        seen.append(rest)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    output = "".join(seen)
+    assert run_id is not None, output
+    assert proc.returncode == 130, output
+    assert "interrupted" in output
+    assert engine.labelled(f"{LABEL_RUN}={run_id}") == [], output
+    left = {item.id for item in engine.labelled(LABEL_RUN)} - labelled_before
+    assert not left, f"labelled objects left behind: {left}"

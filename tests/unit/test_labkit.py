@@ -1,0 +1,564 @@
+"""labkit's pure parts: log parsing, verdicts, token-bucket expectations, topologies."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from l4proxy.config import parse_config
+from l4proxy.ratelimit import TokenBucket
+from labkit import checks as ck
+from labkit import topology as topo
+from labkit.checks import Check
+from labkit.cli import parser, render
+from labkit.logs import (
+    LogLine,
+    TailState,
+    access_of,
+    attempts_of,
+    format_ts,
+    health_of,
+    health_states,
+    parse_docker_timestamp,
+    parse_record,
+    parse_ts,
+    peer_ip,
+    take_new_lines,
+)
+from labkit.run import check_prepared
+from labkit.scenarios import SCENARIOS, ScenarioResult
+
+T0 = 1_800_000_000.0  # an epoch second; every synthetic line is relative to it
+
+
+def line(source: str, at: float, /, **record: Any) -> LogLine:
+    record = {"ts": format_ts(at), **record}
+    text = json.dumps(record)
+    return LogLine(source, int(at * 1e9), text, parse_record(text))
+
+
+def attempt_line(
+    client: str,
+    end: float,
+    outcome: str = "ok",
+    upstream: str | None = "u1",
+    latency_ms: float = 10.0,
+    number: int = 1,
+) -> LogLine:
+    return line(
+        client,
+        end,
+        event="attempt",
+        client=client,
+        attempt=number,
+        outcome=outcome,
+        upstream=upstream if outcome == "ok" else None,
+        latency_ms=latency_ms,
+        error=None if outcome == "ok" else "boom",
+    )
+
+
+def access_line(
+    client: str | None,
+    end: float,
+    decision: str = "forwarded",
+    upstream: str | None = "u1",
+    duration_ms: float = 10.0,
+    handshake_ms: float | None = 2.0,
+    peer: str = "10.0.0.5:40000",
+    reason: str = "eof",
+    attempts: int = 1,
+) -> LogLine:
+    return line(
+        "proxy",
+        end,
+        event="access",
+        conn=1,
+        client=client,
+        peer=peer,
+        decision=decision,
+        reason=reason,
+        upstream=None if upstream is None else f"10.0.0.20:8000-{upstream}",
+        upstream_name=upstream,
+        attempts=attempts,
+        duration_ms=duration_ms,
+        handshake_ms=handshake_ms,
+    )
+
+
+# --- logs ---------------------------------------------------------------------------------
+
+
+def test_docker_timestamps_with_trimmed_fractions_order_by_time() -> None:
+    a = parse_docker_timestamp("2024-05-01T12:00:00.1234Z")
+    b = parse_docker_timestamp("2024-05-01T12:00:00.12345Z")
+    assert b - a == 50_000
+    assert parse_docker_timestamp("2024-05-01T12:00:01Z") % 1_000_000_000 == 0
+    assert parse_docker_timestamp("2024-05-01T14:00:00+02:00") == parse_docker_timestamp(
+        "2024-05-01T12:00:00Z"
+    )
+    with pytest.raises(ValueError, match="RFC 3339"):
+        parse_docker_timestamp("yesterday")
+
+
+def test_service_ts_round_trips() -> None:
+    assert parse_ts(format_ts(T0 + 0.123)) == pytest.approx(T0 + 0.123, abs=1e-6)
+    assert parse_ts("2024-05-01T12:00:00.000Z") == pytest.approx(1714564800.0)
+    assert parse_ts("not a time") is None
+    assert parse_ts(None) is None
+
+
+def test_incremental_reads_drop_repeated_lines_and_keep_new_ones() -> None:
+    state = TailState()
+    first = (
+        '2024-05-01T12:00:00.1Z {"event": "listening"}\n'
+        "2024-05-01T12:00:00.2Z plain text on stderr\n"
+    )
+    got = take_new_lines(first, "u1", state)
+    assert [g.event for g in got] == ["listening", None]
+    assert got[1].record is None
+    assert got[1].text == "plain text on stderr"
+    assert state.since() == pytest.approx(
+        parse_docker_timestamp("2024-05-01T12:00:00.2Z") / 1e9 - 0.005
+    )
+    # ``since`` is inclusive and asked early: the engine repeats the tail of the last read.
+    second = (
+        "2024-05-01T12:00:00.2Z plain text on stderr\n"
+        '2024-05-01T12:00:00.2Z {"event": "same instant, new line"}\n'
+        '2024-05-01T12:00:00.3Z {"event": "connection"}\n'
+    )
+    got = take_new_lines(second, "u1", state)
+    assert [g.event for g in got] == ["same instant, new line", "connection"]
+    assert take_new_lines(second, "u1", state) == []
+    assert TailState().since() is None
+
+
+def test_attempt_access_and_health_records() -> None:
+    lines = [
+        attempt_line("client.b", T0 + 1.0, latency_ms=250.0),
+        attempt_line("client.b", T0 + 2.0, outcome="timeout"),
+        access_line("client.b", T0 + 3.0, duration_ms=500.0, handshake_ms=20.0),
+        access_line(
+            None,
+            T0 + 3.5,
+            decision="tls_failed",
+            upstream=None,
+            handshake_ms=None,
+            peer="[fd00::5]:4000",
+            reason="peer_did_not_return_a_certificate",
+        ),
+        line(
+            "proxy",
+            T0 + 4.0,
+            event="health",
+            upstream="10.0.0.21:8000",
+            upstream_name="u2",
+            old="up",
+            new="down",
+            reason="timeout",
+            source="active",
+        ),
+        line(
+            "proxy",
+            T0 + 5.0,
+            event="health",
+            upstream="10.0.0.21:8000",
+            upstream_name="u2",
+            old="down",
+            new="up",
+            reason="connected",
+            source="active",
+        ),
+        line("proxy", T0 + 5.0, event="listening"),
+    ]
+    ok, failed = attempts_of(lines)
+    assert (ok.client, ok.ok, ok.upstream) == ("client.b", True, "u1")
+    assert ok.start == pytest.approx(T0 + 0.75)
+    assert (failed.ok, failed.outcome, failed.upstream) == (False, "timeout", None)
+    forwarded, refused = access_of(lines)
+    assert forwarded.start == pytest.approx(T0 + 2.5)
+    assert forwarded.admitted_at == pytest.approx(T0 + 2.52)
+    assert (refused.client, refused.peer_ip, refused.admitted_at) == (None, "fd00::5", None)
+    events = health_of(lines)
+    assert [(e.upstream_name, e.new) for e in events] == [("u2", "down"), ("u2", "up")]
+    assert health_states(events) == {"u2": "up"}
+    assert health_states(events[:1]) == {"u2": "down"}
+
+
+def test_peer_ip() -> None:
+    assert peer_ip("10.0.0.5:41234") == "10.0.0.5"
+    assert peer_ip("[::1]:5") == "::1"
+    assert peer_ip("weird") == "weird"
+
+
+# --- authorization ------------------------------------------------------------------------
+
+UPSTREAMS = [
+    {"address": "10.0.0.20:8000", "name": "u1"},
+    {"address": "10.0.0.21:8000", "name": "u2"},
+    {"address": "10.0.0.22:8000", "name": "u3"},
+]
+
+
+def test_allowed_upstreams_follow_the_reference_rules_and_a_deny_everything_rule() -> None:
+    authz = topo.load_topology("authz").proxy["authorization"]
+    allowed = {c: ck.allowed_upstreams(c, UPSTREAMS, authz) for c in ("a", "b", "c", "d", "e")}
+    assert allowed == {
+        "a": {"u1", "u2", "u3"},
+        "b": {"u1", "u2", "u3"},
+        "c": {"u1", "u2", "u3"},
+        "d": {"u1", "u2", "u3"},
+        "e": {"u1", "u2", "u3"},
+    }
+    full = {c: ck.allowed_upstreams(f"client.{c}", UPSTREAMS, authz) for c in "abcde"}
+    assert full == {
+        "a": {"u2", "u3"},
+        "b": {"u1", "u2", "u3"},
+        "c": {"u3"},
+        "d": {"u1", "u2", "u3"},
+        "e": set(),
+    }
+
+
+def test_allowed_upstreams_first_match_wins_default_and_addresses() -> None:
+    rules = {
+        "default": "deny",
+        "rules": [
+            {"client": "*", "action": "allow", "upstream": "10.0.0.21:8000"},
+            {"client": ["x", "y"], "action": "allow", "upstream": "*"},
+            {"client": "x", "action": "deny", "upstream": "u1"},  # shadowed by the rule above
+        ],
+    }
+    assert ck.allowed_upstreams("x", UPSTREAMS, rules) == {"u1", "u2", "u3"}
+    assert ck.allowed_upstreams("z", UPSTREAMS, rules) == {"u2"}
+    assert ck.allowed_upstreams("z", UPSTREAMS, {}) == {"u1", "u2", "u3"}
+
+
+# --- token bucket -------------------------------------------------------------------------
+
+
+def test_bucket_replay_gives_the_burst_then_the_rate() -> None:
+    times = [T0 + i * 0.01 for i in range(500)]  # 100 requests/s for 5 s
+    admitted = ck.simulate_bucket(times, rate=5, burst=10)
+    assert admitted[:10] == [True] * 10
+    assert admitted[10] is False
+    assert sum(admitted) == 10 + 24  # 4.99 s of refill at 5/s: 24 whole tokens
+    assert ck.expected_admitted(5, 10, 4.99) == pytest.approx(34.95)
+    assert ck.rate_tolerance(34.95) == 2.0
+    assert ck.rate_tolerance(100.0) == 5.0
+
+
+@given(
+    gaps=st.lists(st.floats(min_value=0.0, max_value=2.0), min_size=1, max_size=60),
+    rate=st.floats(min_value=0.5, max_value=50.0),
+    burst=st.integers(min_value=1, max_value=20),
+)
+def test_bucket_replay_matches_the_proxys_token_bucket(
+    gaps: list[float], rate: float, burst: int
+) -> None:
+    times: list[float] = []
+    now = 1000.0
+    for gap in gaps:
+        now += gap
+        times.append(now)
+    bucket = TokenBucket.full(rate, burst, times[0])
+    assert ck.simulate_bucket(times, rate, burst) == [bucket.take(t) for t in times]
+
+
+def test_bucket_verdict_from_access_lines() -> None:
+    times = [T0 + i * 0.01 for i in range(500)]
+    decisions = ck.simulate_bucket(times, rate=5, burst=10)
+    lines = [
+        access_line(
+            "client.b",
+            t + 0.004,
+            decision="forwarded" if ok else "rate_limited",
+            duration_ms=4.0,
+            handshake_ms=1.0,
+            upstream="u1" if ok else None,
+        )
+        for t, ok in zip(times, decisions, strict=True)
+    ]
+    lines.append(access_line(None, T0 + 9, decision="tls_failed", handshake_ms=None))
+    verdict = ck.bucket_verdict(access_of(lines), rate=5, burst=10)
+    assert (verdict.admitted, verdict.limited) == (34, 466)
+    assert verdict.elapsed == pytest.approx(4.99, abs=0.002)
+    assert verdict.within
+    assert verdict.simulated == 34
+    assert "10 + 5 x 4.99" in verdict.describe(5, 10)
+    # A limiter that let everything through is far outside the tolerance.
+    loose = [access_line("client.b", t, duration_ms=1.0, handshake_ms=0.5) for t in times]
+    assert not ck.bucket_verdict(access_of(loose), rate=5, burst=10).within
+
+
+# --- failures around a fault --------------------------------------------------------------
+
+
+def test_failures_are_excused_only_in_flight_on_the_target() -> None:
+    fault, detected = T0 + 10.0, T0 + 11.0
+    attempts = attempts_of(
+        [
+            attempt_line("client.b", T0 + 9.0, outcome="error"),  # before the fault
+            attempt_line("client.b", T0 + 10.1, outcome="error"),  # in flight on u2: excused
+            attempt_line("client.d", T0 + 12.5, outcome="timeout", latency_ms=2000),  # excused
+            attempt_line("client.d", T0 + 10.3, outcome="error"),  # went to u3: unexplained
+            attempt_line("client.b", T0 + 13.0, outcome="error"),  # after detection
+            attempt_line("client.c", T0 + 10.2, outcome="error"),  # not a watched client
+            attempt_line("client.b", T0 + 10.3),  # ok
+        ]
+    )
+    access = access_of(
+        [
+            access_line("client.b", T0 + 10.1, upstream="u2", reason="upstream_error: ECONNRESET"),
+            access_line("client.d", T0 + 12.5, upstream="u2", duration_ms=2000),
+            access_line("client.d", T0 + 10.3, upstream="u3"),
+            access_line("client.b", T0 + 13.0, upstream="u2"),
+            access_line("client.b", T0 + 9.0, upstream="u2"),
+        ]
+    )
+    account = ck.account_failures(
+        attempts,
+        access,
+        clients=["client.b", "client.d"],
+        target="u2",
+        fault_at=fault,
+        detected=detected,
+    )
+    assert [a.client for a in account.on_target] == ["client.b", "client.d"]
+    assert [a.end - T0 for a in account.on_target] == pytest.approx([10.1, 12.5])
+    assert sorted(a.end - T0 for a in account.unexplained) == pytest.approx([9.0, 10.3, 13.0])
+    assert account.total == 5
+
+
+def test_replies_transitions_and_bins() -> None:
+    attempts = attempts_of(
+        [
+            attempt_line("client.b", T0 + 1.0, upstream="u2"),
+            attempt_line("client.b", T0 + 2.0, upstream="u2"),
+            attempt_line("client.d", T0 + 2.2, upstream="u1"),
+            attempt_line("client.d", T0 + 2.4, outcome="rejected"),
+        ]
+    )
+    assert [a.end - T0 for a in ck.replies_from(attempts, "u2", T0 + 1.5)] == pytest.approx([2.0])
+    assert ck.counts_by_upstream(attempts) == {"u2": 2, "u1": 1}
+    assert ck.describe_counts(ck.outcome_counts(attempts)) == "ok 3, rejected 1"
+    assert ck.describe_counts({}) == "none"
+    edges, series = ck.replies_per_bin(attempts, T0, T0 + 3.0, 1.0)
+    assert edges == [0.0, 1.0, 2.0]
+    assert series == {"u1": [0, 0, 1], "u2": [0, 1, 1]}
+    events = health_of(
+        [
+            line(
+                "proxy",
+                T0 + 1,
+                event="health",
+                upstream_name="u2",
+                old="unknown",
+                new="up",
+                reason="connected",
+                source="active",
+            ),
+            line(
+                "proxy",
+                T0 + 5,
+                event="health",
+                upstream_name="u2",
+                old="up",
+                new="down",
+                reason="timeout",
+                source="active",
+            ),
+        ]
+    )
+    found = ck.first_transition(events, "u2", "down", T0 + 4)
+    assert found is not None
+    assert found.ts == pytest.approx(T0 + 5)
+    assert ck.first_transition(events, "u2", "down", T0 + 6) is None
+    assert ck.first_transition(events, "u1", "up", T0) is None
+
+
+def test_check_caps_its_evidence() -> None:
+    made = ck.check("x", False, "detail", [f"line {i}" for i in range(20)])
+    assert len(made.evidence) == ck.EVIDENCE_LIMIT + 1
+    assert made.evidence[-1] == "... and 8 more line(s)"
+    assert made.to_json()["passed"] is False
+
+
+# --- topologies and the proxy config ------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", topo.list_topologies())
+def test_every_shipped_topology_yields_a_valid_proxy_config(name: str) -> None:
+    layout = topo.load_topology(name)
+    addresses = topo.assign_addresses(
+        "192.168.80.0/20", layout.upstream_names(), [c.id for c in layout.clients]
+    )
+    upstreams = {n: f"{ip}:{topo.UPSTREAM_PORT}" for n, ip in addresses.upstreams.items()}
+    config = topo.proxy_config(topo.load_reference_config(), layout, upstreams)
+    parsed = parse_config(config, Path("/certs"))  # the proxy's own validation
+    assert [u.name for u in parsed.upstreams] == layout.upstream_names()
+    assert str(parsed.tls.key) == "/certs/server.key"
+    for client in layout.clients:
+        command = client.command("proxy:8443")
+        assert command[:4] == ["--id", client.id, "--proxy", "proxy:8443"]
+
+
+@pytest.mark.parametrize(
+    ("scenario", "window"),
+    [("failover", 1.8), ("hang", 1.8), ("partition", 1.8)],
+)
+def test_fault_topologies_have_short_health_windows(scenario: str, window: float) -> None:
+    layout = topo.load_topology(SCENARIOS[scenario].topology)
+    config = topo.deep_merge(topo.load_reference_config(), layout.proxy)
+    timing = topo.timing(config)
+    assert 0.5 <= timing.interval <= 1.0
+    assert timing.window(1.0) == pytest.approx(window)
+    assert layout.fault_target == "u2"
+    assert all(0.1 <= topo.parse_duration(c.interval_min) <= 0.3 for c in layout.clients)
+
+
+def test_ratelimit_topology_has_a_greedy_and_a_polite_client() -> None:
+    layout = topo.load_topology("ratelimit")
+    enabled, rate, burst = topo.rate_limit(
+        topo.deep_merge(topo.load_reference_config(), layout.proxy)
+    )
+    assert (enabled, rate, burst) == (True, 5.0, 10)
+    greedy, polite = layout.clients
+    assert greedy.burst
+    assert "--burst" in greedy.command("proxy:8443")
+    assert topo.parse_duration(polite.interval_min) >= 1 / rate
+    assert topo.rate_limit({}) == (True, 2.0, 4)
+
+
+def test_mtls_topology_certificates() -> None:
+    layout = topo.load_topology("mtls")
+    assert layout.own_cert_clients() == ["client.b"]
+    assert layout.expired == ("client.expired",)
+    assert layout.other_ca == ("client.otherca",)
+    assert "--no-cert" in layout.client("client.nocert").command("p:1")
+    assert layout.client("client.server").command("p:1")[-2:] == ["--cert-stem", "server"]
+    assert {c.expect for c in layout.clients} >= {"peer_did_not_return_a_certificate"}
+    with pytest.raises(KeyError):
+        layout.client("client.z")
+
+
+def test_deep_merge_merges_mappings_and_replaces_lists() -> None:
+    base = {"a": {"b": 1, "c": [1, 2]}, "d": 1}
+    merged = topo.deep_merge(base, {"a": {"c": [3]}, "e": {"f": 2}})
+    assert merged == {"a": {"b": 1, "c": [3]}, "d": 1, "e": {"f": 2}}
+    assert base == {"a": {"b": 1, "c": [1, 2]}, "d": 1}
+
+
+def test_topology_parsing_defaults_and_counts() -> None:
+    layout = topo.parse_topology(
+        {
+            "upstreams": 2,
+            "upstream_defaults": {"somaxconn": 8, "mode": "echo"},
+            "client_defaults": {"interval": ["100ms", 0.5], "count": 3},
+            "clients": [{"id": "client.b", "concurrency": 2, "seed": 7}],
+        },
+        "t",
+    )
+    assert [(u.name, u.mode, u.somaxconn) for u in layout.upstreams] == [
+        ("u1", "echo", 8),
+        ("u2", "echo", 8),
+    ]
+    assert layout.upstreams[0].environment()["UPSTREAM_MODE"] == "echo"
+    client = layout.clients[0]
+    assert (client.interval_min, client.interval_max, client.count) == ("100ms", "0.5s", 3)
+    assert client.finite
+    command = client.command("proxy:8443")
+    assert command[command.index("--concurrency") + 1] == "2"
+    assert command[command.index("--seed") + 1] == "7"
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        ({"upstreams": []}, "upstreams"),
+        ({"upstreams": ["u1"], "colour": 1}, "unknown key"),
+        ({"upstreams": ["u1", "u1"]}, "used twice"),
+        ({"upstreams": ["u1"], "clients": [{"id": "c", "interval": ["1s"]}]}, "interval"),
+        ({"upstreams": ["u1"], "clients": [{"id": "c", "timeout": "soon"}]}, "duration"),
+        ({"upstreams": ["u1"], "clients": [{"id": "c", "interval": ["2s", "1s"]}]}, "greater"),
+        ({"upstreams": ["u1"], "clients": [{"id": "bad name"}]}, "name"),
+        ({"upstreams": ["u1"], "fault_target": "u9"}, "fault_target"),
+        ({"upstreams": ["u1"], "certs": {"revoked": []}}, "unknown key"),
+        ({"upstreams": [{"name": "u1", "somaxconn": -1}]}, "somaxconn"),
+        ("just text", "mapping"),
+    ],
+)
+def test_bad_topologies_are_refused_naming_the_key(raw: object, message: str) -> None:
+    with pytest.raises(topo.TopologyError, match=message):
+        topo.parse_topology(raw, "t")
+
+
+def test_unknown_topology_lists_the_known_ones(tmp_path: Path) -> None:
+    (tmp_path / "one.yaml").write_text("upstreams: [u1]\n")
+    with pytest.raises(topo.TopologyError, match="known: one"):
+        topo.load_topology("two", tmp_path)
+    assert topo.load_topology("one", tmp_path).upstream_names() == ["u1"]
+
+
+def test_durations() -> None:
+    assert topo.parse_duration("500ms") == pytest.approx(0.5)
+    assert topo.parse_duration("2s") == 2.0
+    assert topo.parse_duration("1m") == 60.0
+    assert topo.parse_duration(3) == 3.0
+    for bad in ("fast", True, None):
+        with pytest.raises(topo.TopologyError):
+            topo.parse_duration(bad)
+
+
+def test_addresses_are_fixed_host_numbers_of_the_subnet() -> None:
+    got = topo.assign_addresses("172.30.0.0/16", ["u1", "u2"], ["client.a"])
+    assert (got.gateway, got.proxy) == ("172.30.0.1", "172.30.0.10")
+    assert got.upstreams == {"u1": "172.30.0.20", "u2": "172.30.0.21"}
+    assert got.clients == {"client.a": "172.30.0.100"}
+    with pytest.raises(ValueError, match="too small"):
+        topo.assign_addresses("10.0.0.0/28", ["u1"], [])
+
+
+def test_prepared_volume_keys_must_be_0600_and_owned_by_the_service_user() -> None:
+    good = {"ca.key": {"mode": "0o600", "uid": 10001}, "ca.pem": {"mode": "0o644", "uid": 10001}}
+    assert check_prepared(good) == []
+    bad = {"ca.key": {"mode": "0o644", "uid": 0}}
+    problems = check_prepared(bad)
+    assert any("mode 0o644" in p for p in problems)
+    assert any("uid 0" in p for p in problems)
+
+
+# --- the command line's output ------------------------------------------------------------
+
+
+def test_verdict_table_shows_failed_checks_with_evidence() -> None:
+    result = ScenarioResult("failover", "failover", "failover-abc123", T0, duration=12.5)
+    result.checks = [
+        Check("steady", True, "replies so far: u1 3"),
+        Check("u2 down in time", False, "down 3.10s after the kill", ['proxy: {"event":"health"}']),
+    ]
+    stream = io.StringIO()
+    render(result, stream)
+    text = stream.getvalue()
+    assert "failover (run failover-abc123, topology failover): FAIL in 12.5s" in text
+    assert "  PASS  steady" in text
+    assert "  FAIL  u2 down in time" in text
+    assert '| proxy: {"event":"health"}' in text
+    assert not result.passed
+    assert result.to_json()["checks"][1]["evidence"] == ['proxy: {"event":"health"}']
+    assert not ScenarioResult("x", "x", "x-1", T0).passed  # no check ran: not a pass
+
+
+def test_parser_knows_every_scenario_and_all() -> None:
+    args = parser().parse_args(["scenario", "all", "--json", "--report", "out"])
+    assert (args.name, args.json, args.report) == ("all", True, Path("out"))
+    for name in SCENARIOS:
+        assert parser().parse_args(["scenario", name]).name == name
+    with pytest.raises(SystemExit):
+        parser().parse_args(["scenario", "nope"])
