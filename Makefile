@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat requirements.txt requirements-dev.txt | cksum | cut -d' ' -f1)
 
-.PHONY: setup lint test unit integration e2e certs up down clean
+.PHONY: setup lint test unit integration e2e certs up down bench bench-quick clean
 
 # A virtual environment with the pinned requirements (re-made when they change).
 $(STAMP): requirements.txt requirements-dev.txt
@@ -45,6 +45,14 @@ up:
 
 down:
 	docker compose down -v --remove-orphans
+
+# Side-by-side benchmarks against HAProxy (installed from Debian if missing); writes
+# bench/results/latest.json. The full run takes a few minutes; the quick one < 2.
+bench: setup
+	$(BIN)/python bench/run.py
+
+bench-quick: setup
+	$(BIN)/python bench/run.py --quick
 
 # Certificates for running the proxy by hand (never committed: certs/ is ignored).
 certs: setup
