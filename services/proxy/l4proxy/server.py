@@ -355,9 +355,13 @@ class ClientConnection(asyncio.Protocol):
         upstream = self.upstream_transport
         assert upstream is not None
         tls = self.tls
+        buffer = self.proxy.read_buffer
         while True:
             try:
-                chunk = tls.read(READ_SIZE)
+                # Into one reused buffer: a fresh READ_SIZE bytes object per read costs
+                # an allocation and page faults, whatever the record size.
+                # With a buffer, read() returns the byte count (typeshed says bytes).
+                size = cast(int, tls.read(READ_SIZE, buffer))
             except ssl.SSLWantReadError:
                 break
             except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
@@ -369,11 +373,11 @@ class ClientConnection(asyncio.Protocol):
                     "forwarded", f"client_tls_error: {describe_tls_error(exc)}", abort_upstream=True
                 )
                 return
-            if not chunk:
+            if not size:
                 self._on_client_eof()
                 break
-            self.bytes_up += len(chunk)
-            upstream.write(chunk)
+            self.bytes_up += size
+            upstream.write(buffer[:size])  # a copy: the buffer is reused by the next read
             incoming = self.incoming
             if not incoming.pending and not tls.pending() and not incoming.eof:
                 break  # nothing left to decrypt: another read could only raise WantRead
@@ -518,6 +522,7 @@ class Proxy:
         self.identities = IdentityCache(config.tls.identity)
         self.connections: set[ClientConnection] = set()
         self.lingering: set[ClientConnection] = set()  # refused, reading our goodbye
+        self.read_buffer = bytearray(READ_SIZE)  # decrypted client bytes, one read at a time
         self.ids = itertools.count(1)
         self.checks = [0] * len(config.upstreams)  # active checks completed, per upstream
         self.loop = asyncio.get_running_loop()
