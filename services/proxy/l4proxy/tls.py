@@ -24,6 +24,9 @@ def server_context(tls: TlsConfig) -> ssl.SSLContext:
     # OpenSSL treats it as a fatal error and the session can no longer send the rest
     # of the upstream's reply, nor a clean close_notify.
     ctx.options |= ssl.OP_IGNORE_UNEXPECTED_EOF
+    # One TLS 1.3 session ticket per handshake (OpenSSL's default is two): enough for a
+    # client's next resumption, and each ticket costs CPU on every handshake.
+    ctx.num_tickets = 1
     ctx.verify_mode = ssl.CERT_REQUIRED
     ctx.verify_flags |= ssl.VERIFY_X509_STRICT
     try:
