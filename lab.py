@@ -1,0 +1,19 @@
+#!/usr/bin/env python3
+"""layer4lab's containerized lab: a thin front to :mod:`labkit` (Docker SDK for Python).
+
+    python lab.py list
+    python lab.py scenario NAME|all [--keep] [--json] [--report DIR]
+    python lab.py up [--topology NAME] | down [--run ID] | clean
+
+Every container, network and volume a run creates is labelled ``layer4lab.run=<id>``
+and removed when the run ends (also on failure, Ctrl-C and SIGTERM).
+"""
+
+from __future__ import annotations
+
+import sys
+
+from labkit.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,260 @@
+"""Verdict logic (pure): what the logs must show for a scenario to pass.
+
+Nothing here talks to Docker or reads a clock: the scenarios pass in the parsed log
+records (:mod:`labkit.logs`) and the times at which they injected faults, and get back
+:class:`Check` values -- a name, pass/fail, a one-line detail and the log lines that
+are the evidence.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from .logs import Access, Attempt, HealthEvent
+
+EVIDENCE_LIMIT = 12
+
+
+@dataclass(slots=True)
+class Check:
+    name: str
+    passed: bool
+    detail: str
+    evidence: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "passed": self.passed,
+            "detail": self.detail,
+            "evidence": self.evidence,
+        }
+
+
+def check(name: str, passed: bool, detail: str, evidence: Iterable[str] = ()) -> Check:
+    lines = list(evidence)
+    if len(lines) > EVIDENCE_LIMIT:
+        hidden = len(lines) - EVIDENCE_LIMIT
+        lines = [*lines[:EVIDENCE_LIMIT], f"... and {hidden} more line(s)"]
+    return Check(name, passed, detail, lines)
+
+
+# --- authorization ------------------------------------------------------------------
+
+
+def _names(value: object) -> tuple[str, ...]:
+    items = value if isinstance(value, list) else [value]
+    return tuple(str(item) for item in items)
+
+
+def allowed_upstreams(
+    client: str, upstreams: Sequence[Mapping[str, Any]], authorization: Mapping[str, Any]
+) -> set[str]:
+    """Names of the upstreams ``client`` may reach under a proxy config's rules.
+
+    The proxy's semantics, restated independently: rules in order, first match on
+    (client, upstream name / address / ``*``) wins, else ``default``."""
+    default = str(authorization.get("default", "allow"))
+    rules = authorization.get("rules") or []
+    allowed: set[str] = set()
+    for upstream in upstreams:
+        name = str(upstream.get("name") or upstream["address"])
+        labels = {name, str(upstream["address"]), "*"}
+        action = default
+        for rule in rules:
+            clients = _names(rule["client"])
+            targets = _names(rule["upstream"])
+            if (client in clients or "*" in clients) and labels.intersection(targets):
+                action = str(rule["action"])
+                break
+        if action == "allow":
+            allowed.add(name)
+    return allowed
+
+
+# --- token bucket -------------------------------------------------------------------
+
+
+def expected_admitted(rate: float, burst: int, elapsed: float) -> float:
+    """Connections a saturating client gets through a full bucket in ``elapsed`` s."""
+    return burst + rate * max(0.0, elapsed)
+
+
+def rate_tolerance(expected: float) -> float:
+    """The accepted deviation from :func:`expected_admitted`: two connections (one for
+    the fractional token at either end of the window, one for the millisecond
+    resolution of the timestamps) or 5 %, whichever is larger."""
+    return max(2.0, 0.05 * expected)
+
+
+def simulate_bucket(times: Iterable[float], rate: float, burst: int) -> list[bool]:
+    """Replay a token bucket (full at the first request) over request times, in order;
+    True where a request is admitted. Mirrors the proxy's ``TokenBucket``."""
+    tokens = float(burst)
+    updated: float | None = None
+    admitted: list[bool] = []
+    for now in times:
+        if updated is None:
+            updated = now
+        elif now > updated:
+            tokens = min(float(burst), tokens + (now - updated) * rate)
+            updated = now
+        if tokens >= 1.0:
+            tokens -= 1.0
+            admitted.append(True)
+        else:
+            admitted.append(False)
+    return admitted
+
+
+@dataclass(frozen=True, slots=True)
+class BucketVerdict:
+    admitted: int
+    limited: int
+    elapsed: float
+    expected: float
+    tolerance: float
+    simulated: int
+
+    @property
+    def within(self) -> bool:
+        return abs(self.admitted - self.expected) <= self.tolerance
+
+    def describe(self, rate: float, burst: int) -> str:
+        return (
+            f"admitted {self.admitted}, rate-limited {self.limited} in {self.elapsed:.2f}s; "
+            f"expected burst + rate x elapsed = {burst} + {rate:g} x {self.elapsed:.2f} = "
+            f"{self.expected:.1f} +/- {self.tolerance:.1f} "
+            f"(bucket replay at the logged admission times: {self.simulated})"
+        )
+
+
+def bucket_verdict(access: Sequence[Access], rate: float, burst: int) -> BucketVerdict:
+    """Judge one client's admission decisions (its access lines) against the bucket.
+
+    The admission time of a connection is its accept time plus its handshake time
+    (``ts - duration_ms + handshake_ms``); the window runs from the first admission
+    decision to the last one."""
+    decided = sorted(
+        (a for a in access if a.admitted_at is not None and a.decision != "tls_failed"),
+        key=lambda a: a.admitted_at or 0.0,
+    )
+    times = [a.admitted_at or 0.0 for a in decided]
+    limited = sum(1 for a in decided if a.decision == "rate_limited")
+    admitted = len(decided) - limited
+    elapsed = times[-1] - times[0] if times else 0.0
+    expected = expected_admitted(rate, burst, elapsed)
+    return BucketVerdict(
+        admitted=admitted,
+        limited=limited,
+        elapsed=elapsed,
+        expected=expected,
+        tolerance=rate_tolerance(expected),
+        simulated=sum(simulate_bucket(times, rate, burst)),
+    )
+
+
+# --- failures around a fault --------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class FailureAccount:
+    """Failed client attempts around a fault, sorted into the excused and the rest."""
+
+    on_target: list[Attempt]  # in flight on the faulty upstream before it was marked down
+    unexplained: list[Attempt]
+
+    @property
+    def total(self) -> int:
+        return len(self.on_target) + len(self.unexplained)
+
+
+def went_to(attempt: Attempt, access: Sequence[Access], upstream: str, slack: float) -> bool:
+    """Did the proxy forward this attempt's connection to ``upstream``? (Same client
+    identity, a connection to that upstream whose lifetime overlaps the attempt's.)"""
+    for line in access:
+        if line.client != attempt.client or line.upstream_name != upstream:
+            continue
+        if line.start <= attempt.end + slack and line.ts >= attempt.start - slack:
+            return True
+    return False
+
+
+def account_failures(
+    attempts: Iterable[Attempt],
+    access: Sequence[Access],
+    *,
+    clients: Iterable[str],
+    target: str,
+    fault_at: float,
+    detected: float,
+    slack: float = 0.05,
+) -> FailureAccount:
+    """Every failed attempt of ``clients`` must have been a connection to ``target``
+    that was open when the fault was injected or started before the proxy marked
+    ``target`` down (``detected``): the connections in flight on the faulty upstream.
+    Anything else -- a failure before the fault, after the detection, or on another
+    upstream -- is unexplained."""
+    wanted = set(clients)
+    on_target: list[Attempt] = []
+    unexplained: list[Attempt] = []
+    for attempt in attempts:
+        if attempt.client not in wanted or attempt.ok:
+            continue
+        in_window = attempt.end >= fault_at - slack and attempt.start <= detected + slack
+        if in_window and went_to(attempt, access, target, slack):
+            on_target.append(attempt)
+        else:
+            unexplained.append(attempt)
+    return FailureAccount(on_target, unexplained)
+
+
+def replies_from(attempts: Iterable[Attempt], upstream: str, after: float) -> list[Attempt]:
+    """``ok`` attempts answered by ``upstream`` that started after ``after``."""
+    return [a for a in attempts if a.ok and a.upstream == upstream and a.start > after]
+
+
+def first_transition(
+    events: Iterable[HealthEvent], upstream: str, new: str, after: float, slack: float = 0.05
+) -> HealthEvent | None:
+    """The first health transition of ``upstream`` into ``new`` at or after ``after``."""
+    found = [
+        e for e in events if e.upstream_name == upstream and e.new == new and e.ts >= after - slack
+    ]
+    return min(found, key=lambda e: e.ts) if found else None
+
+
+def counts_by_upstream(attempts: Iterable[Attempt]) -> Counter[str]:
+    return Counter(a.upstream for a in attempts if a.ok and a.upstream)
+
+
+def outcome_counts(attempts: Iterable[Attempt]) -> Counter[str]:
+    return Counter(a.outcome for a in attempts)
+
+
+def describe_counts(counts: Mapping[str, int]) -> str:
+    return ", ".join(f"{key} {value}" for key, value in sorted(counts.items())) or "none"
+
+
+# --- the chart's data ---------------------------------------------------------------
+
+
+def replies_per_bin(
+    attempts: Iterable[Attempt], start: float, end: float, width: float
+) -> tuple[list[float], dict[str, list[int]]]:
+    """Replies per upstream in bins of ``width`` seconds from ``start`` (bin starts
+    relative to ``start``, and one count list per upstream)."""
+    bins = max(1, math.ceil((end - start) / width))
+    edges = [i * width for i in range(bins)]
+    series: dict[str, list[int]] = {}
+    for attempt in attempts:
+        if not attempt.ok or attempt.upstream is None:
+            continue
+        index = int((attempt.end - start) // width)
+        if 0 <= index < bins:
+            series.setdefault(attempt.upstream, [0] * bins)[index] += 1
+    return edges, dict(sorted(series.items()))

@@ -1,0 +1,70 @@
+"""The lab's images: present, or built here exactly as ``scripts/setup`` builds them.
+
+``layer4lab/base:latest`` comes from Debian packages (``scripts/build-base-image``);
+the service images are ``docker build -f <Dockerfile> --build-arg BASE_IMAGE=<base> .``
+from the repository root, the same build compose.yaml describes. Nothing is pulled.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+from .engine import Engine
+from .progress import Progress
+from .topology import ROOT
+
+DEFAULT_BASE = "layer4lab/base:latest"
+DOCKERFILES: dict[str, str] = {
+    "proxy": "services/proxy/Dockerfile",
+    "upstream": "services/upstream/Dockerfile",
+    "client": "services/client/Dockerfile",
+    "certgen": "certgen/Dockerfile",
+}
+BASE_SCRIPT = ROOT / "scripts" / "build-base-image"
+
+
+class ImageError(RuntimeError):
+    pass
+
+
+def image(service: str) -> str:
+    return f"layer4lab/{service}:latest"
+
+
+def base_image() -> str:
+    return os.environ.get("BASE_IMAGE") or DEFAULT_BASE
+
+
+def ensure_images(engine: Engine, progress: Progress, *, rebuild: bool = False) -> list[str]:
+    """Build whatever service image is missing (all of them with ``rebuild``); return
+    the images built."""
+    missing = [s for s in DOCKERFILES if rebuild or not engine.image_exists(image(s))]
+    if not missing:
+        progress.say("images: " + ", ".join(image(s) for s in DOCKERFILES) + " present")
+        return []
+    base = base_image()
+    if not engine.image_exists(base):
+        if base != DEFAULT_BASE:
+            raise ImageError(
+                f"BASE_IMAGE={base} is not on this engine, and the lab never pulls; "
+                "build or load it first, or unset BASE_IMAGE"
+            )
+        with progress.step(f"building {base} with {BASE_SCRIPT.relative_to(ROOT)}"):
+            proc = subprocess.run([str(BASE_SCRIPT)], cwd=ROOT, check=False)  # noqa: S603
+            if proc.returncode != 0:
+                raise ImageError(f"{BASE_SCRIPT} exited {proc.returncode}")
+    built: list[str] = []
+    for service in missing:
+        tag = image(service)
+        with progress.step(f"building {tag} (BASE_IMAGE={base})"):
+            engine.build_image(
+                context=str(ROOT),
+                dockerfile=DOCKERFILES[service],
+                tag=tag,
+                buildargs={"BASE_IMAGE": base},
+                labels={"layer4lab.image": service},
+                on_line=lambda line: progress.say(f"  {line}") if line.startswith("Step") else None,
+            )
+        built.append(tag)
+    return built

@@ -1,0 +1,297 @@
+"""Parsing the lab containers' logs (pure: text in, values out).
+
+``docker logs --timestamps`` prefixes every line with the engine's RFC 3339 time in
+nanoseconds; the services themselves write one JSON object per line, each starting with
+``ts`` (UTC, milliseconds) and ``event``. This module turns both into typed records:
+
+* :class:`LogLine` -- one raw line of one container, with the engine's timestamp;
+* :class:`Attempt` -- a client's ``attempt`` line;
+* :class:`Access` -- a proxy ``access`` line;
+* :class:`HealthEvent` -- a proxy ``health`` transition.
+
+Every time here is seconds since the epoch as a float (the containers share the host's
+clock), so the time a fault was injected on the host compares directly with them.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+_DOCKER_TS = re.compile(
+    r"^(\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2})(?:\.(\d{1,9}))?(Z|[+-]\d{2}:\d{2})$"
+)
+
+
+def parse_docker_timestamp(text: str) -> int:
+    """``2024-05-01T12:00:00.123456789Z`` -> nanoseconds since the epoch.
+
+    The engine trims trailing zeros of the fraction, so strings do not sort by time;
+    these integers do. Raises ValueError on anything else."""
+    match = _DOCKER_TS.match(text)
+    if not match:
+        raise ValueError(f"not an RFC 3339 timestamp: {text!r}")
+    whole, fraction, zone = match.groups()
+    offset = "+00:00" if zone == "Z" else zone
+    seconds = int(datetime.fromisoformat(whole + offset).timestamp())
+    nanos = int((fraction or "0").ljust(9, "0"))
+    return seconds * 1_000_000_000 + nanos
+
+
+def parse_ts(value: object) -> float | None:
+    """A service's ``ts`` (``2024-05-01T12:00:00.123Z``) -> epoch seconds, or None."""
+    if not isinstance(value, str) or not value:
+        return None
+    text = value[:-1] + "+00:00" if value.endswith("Z") else value
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        return None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.timestamp()
+
+
+def format_ts(epoch: float) -> str:
+    """Epoch seconds -> ``2024-05-01T12:00:00.123Z`` (the services' own format)."""
+    moment = datetime.fromtimestamp(epoch, UTC)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+@dataclass(frozen=True, slots=True)
+class LogLine:
+    """One line of one container's output."""
+
+    source: str  # the container's short name in the run: proxy, u1, client.b, ...
+    docker_ns: int  # the engine's timestamp of the line
+    text: str  # the line as the service wrote it
+    record: dict[str, Any] | None  # the JSON object, if the line is one
+
+    @property
+    def event(self) -> str | None:
+        value = self.record.get("event") if self.record else None
+        return value if isinstance(value, str) else None
+
+    @property
+    def ts(self) -> float:
+        """The service's ``ts`` if present, else the engine's timestamp."""
+        found = parse_ts(self.record.get("ts")) if self.record else None
+        return found if found is not None else self.docker_ns / 1e9
+
+    def evidence(self) -> str:
+        return f"{self.source}: {self.text}"
+
+
+def parse_record(text: str) -> dict[str, Any] | None:
+    """The JSON object on a line, or None for anything else (tracebacks, messages)."""
+    stripped = text.strip()
+    if not stripped.startswith("{"):
+        return None
+    try:
+        value = json.loads(stripped)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+@dataclass(slots=True)
+class TailState:
+    """Where an incremental read of one container's log stands."""
+
+    last_ns: int = 0  # the newest engine timestamp seen
+    at_last: set[str] = field(default_factory=set)  # lines seen with exactly that timestamp
+
+    def since(self) -> float | None:
+        """The ``since`` to ask the engine for (a little early: it is a float)."""
+        if self.last_ns == 0:
+            return None
+        return max(0.0, (self.last_ns - 5_000_000) / 1e9)
+
+
+def take_new_lines(chunk: str, source: str, state: TailState) -> list[LogLine]:
+    """Parse a ``docker logs --timestamps`` chunk and keep only lines not seen before.
+
+    ``since`` is inclusive and asked for a little early, so a chunk repeats lines; they
+    are dropped by comparing (timestamp, text) with ``state``, which is updated."""
+    fresh: list[LogLine] = []
+    for raw in chunk.splitlines():
+        if not raw.strip():
+            continue
+        stamp, sep, text = raw.partition(" ")
+        try:
+            ns = parse_docker_timestamp(stamp)
+        except ValueError:
+            if not sep:
+                continue
+            ns, text = state.last_ns, raw  # not prefixed (should not happen): keep it
+        if ns < state.last_ns or (ns == state.last_ns and text in state.at_last):
+            continue
+        if ns > state.last_ns:
+            state.last_ns = ns
+            state.at_last = set()
+        state.at_last.add(text)
+        fresh.append(LogLine(source, ns, text, parse_record(text)))
+    return fresh
+
+
+# --- typed views of the services' events --------------------------------------------
+
+
+def _str(value: object) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def _num(value: object) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value)
+
+
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    """A client's ``attempt`` line. ``end`` is when it was logged; ``start`` when the
+    connect began (the attempt's latency earlier)."""
+
+    client: str
+    number: int
+    outcome: str
+    upstream: str | None
+    end: float
+    latency: float
+    error: str | None
+    line: LogLine
+
+    @property
+    def ok(self) -> bool:
+        return self.outcome == "ok"
+
+    @property
+    def start(self) -> float:
+        return self.end - self.latency
+
+
+@dataclass(frozen=True, slots=True)
+class Access:
+    """A proxy ``access`` line, logged when the connection ended."""
+
+    ts: float
+    client: str | None
+    peer_ip: str
+    decision: str
+    reason: str
+    upstream_name: str | None
+    attempts: int
+    duration: float  # seconds, accept to end
+    handshake: float | None  # seconds, accept to handshake done
+    line: LogLine
+
+    @property
+    def start(self) -> float:
+        return self.ts - self.duration
+
+    @property
+    def admitted_at(self) -> float | None:
+        """When the admission decision was taken (right after the handshake)."""
+        return None if self.handshake is None else self.start + self.handshake
+
+
+@dataclass(frozen=True, slots=True)
+class HealthEvent:
+    ts: float
+    upstream_name: str
+    old: str
+    new: str
+    reason: str
+    source: str  # active | passive
+    line: LogLine
+
+
+def peer_ip(peer: str) -> str:
+    """``10.0.0.5:41234`` -> ``10.0.0.5``; ``[::1]:5`` -> ``::1``."""
+    if peer.startswith("["):
+        return peer[1:].partition("]")[0]
+    return peer.rpartition(":")[0] or peer
+
+
+def attempts_of(lines: Iterable[LogLine]) -> list[Attempt]:
+    found: list[Attempt] = []
+    for line in lines:
+        rec = line.record
+        if rec is None or rec.get("event") != "attempt":
+            continue
+        latency = _num(rec.get("latency_ms"))
+        number = rec.get("attempt")
+        found.append(
+            Attempt(
+                client=_str(rec.get("client")) or line.source,
+                number=number if isinstance(number, int) else 0,
+                outcome=_str(rec.get("outcome")) or "?",
+                upstream=_str(rec.get("upstream")),
+                end=line.ts,
+                latency=(latency or 0.0) / 1000,
+                error=_str(rec.get("error")),
+                line=line,
+            )
+        )
+    return found
+
+
+def access_of(lines: Iterable[LogLine]) -> list[Access]:
+    found: list[Access] = []
+    for line in lines:
+        rec = line.record
+        if rec is None or rec.get("event") != "access":
+            continue
+        handshake = _num(rec.get("handshake_ms"))
+        attempts = rec.get("attempts")
+        found.append(
+            Access(
+                ts=line.ts,
+                client=_str(rec.get("client")),
+                peer_ip=peer_ip(_str(rec.get("peer")) or ""),
+                decision=_str(rec.get("decision")) or "?",
+                reason=_str(rec.get("reason")) or "",
+                upstream_name=_str(rec.get("upstream_name")),
+                attempts=attempts if isinstance(attempts, int) else 0,
+                duration=(_num(rec.get("duration_ms")) or 0.0) / 1000,
+                handshake=None if handshake is None else handshake / 1000,
+                line=line,
+            )
+        )
+    return found
+
+
+def health_of(lines: Iterable[LogLine]) -> list[HealthEvent]:
+    found: list[HealthEvent] = []
+    for line in lines:
+        rec = line.record
+        if rec is None or rec.get("event") != "health":
+            continue
+        found.append(
+            HealthEvent(
+                ts=line.ts,
+                upstream_name=_str(rec.get("upstream_name")) or _str(rec.get("upstream")) or "?",
+                old=_str(rec.get("old")) or "?",
+                new=_str(rec.get("new")) or "?",
+                reason=_str(rec.get("reason")) or "",
+                source=_str(rec.get("source")) or "?",
+                line=line,
+            )
+        )
+    return found
+
+
+def health_states(events: Iterable[HealthEvent]) -> dict[str, str]:
+    """The latest state of each upstream after these transitions (in order)."""
+    states: dict[str, str] = {}
+    for event in sorted(events, key=lambda e: e.ts):
+        states[event.upstream_name] = event.new
+    return states
+
+
+def events_named(lines: Iterable[LogLine], event: str) -> list[LogLine]:
+    return [line for line in lines if line.event == event]

@@ -1,0 +1,689 @@
+"""One lab run: an isolated network, a volume with the run's certificates and proxy
+config, and the topology's containers -- every one of them labelled
+``layer4lab.run=<run id>`` so that it can always be found and removed.
+
+A :class:`Run` is a context manager: leaving it (normally, on failure, on Ctrl-C or on
+SIGTERM) removes everything carrying its label, with those signals held back until
+the removal is done. Readiness is never a fixed sleep: :meth:`Run.wait_for` polls the
+containers' logs (and state) until a condition holds or its deadline passes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import secrets
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import yaml
+
+from . import topology as topo
+from .engine import (
+    ContainerSpec,
+    Engine,
+    EngineError,
+    EngineNotFound,
+    Labelled,
+    healthcheck,
+)
+from .images import image
+from .logs import (
+    Access,
+    Attempt,
+    HealthEvent,
+    LogLine,
+    TailState,
+    access_of,
+    attempts_of,
+    format_ts,
+    health_of,
+    health_states,
+    take_new_lines,
+)
+from .progress import Progress
+
+LABEL_RUN = "layer4lab.run"
+LABEL_ROLE = "layer4lab.role"
+LABEL_NAME = "layer4lab.name"
+LABEL_MODE = "layer4lab.mode"  # scenario | up
+
+POLL_INTERVAL = 0.15
+STATE_CHECK_EVERY = 1.0  # seconds between checks that waited-on containers still run
+CERTGEN_TIMEOUT = 90.0
+
+T = TypeVar("T")
+
+
+class LabError(RuntimeError):
+    """The lab could not do what it was asked; ``evidence`` holds the relevant log lines."""
+
+    def __init__(self, message: str, evidence: Iterable[str] = ()) -> None:
+        super().__init__(message)
+        self.evidence = list(evidence)
+
+
+class LabTimeout(LabError):
+    """A condition did not hold before its deadline."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM or SIGHUP: handled like Ctrl-C (clean up, exit 130)."""
+
+
+def new_run_id(prefix: str) -> str:
+    return f"{prefix}-{secrets.token_hex(3)}"
+
+
+@contextlib.contextmanager
+def signals_deferred() -> Iterator[None]:
+    """Hold SIGINT/SIGTERM/SIGHUP back (they are delivered afterwards): a second
+    Ctrl-C must not cut the cleanup short."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def _raise_interrupted(signum: int, _frame: object) -> None:
+    raise Interrupted(signal.Signals(signum).name)
+
+
+@contextlib.contextmanager
+def terminate_as_interrupt() -> Iterator[None]:
+    """While inside, SIGINT raises KeyboardInterrupt -- even where the parent started
+    us with SIGINT ignored, as a shell does for a background job -- and SIGTERM and
+    SIGHUP raise :class:`Interrupted`, so ``finally`` blocks run and clean up."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {signal.SIGINT: signal.signal(signal.SIGINT, signal.default_int_handler)}
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        previous[sig] = signal.signal(sig, _raise_interrupted)
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def remove_labelled(
+    engine: Engine, label: str, progress: Progress | None = None, *, rounds: int = 3
+) -> list[Labelled]:
+    """Remove every container, then network, then volume carrying ``label``. Several
+    rounds, so that something created while the first round ran is caught too.
+    Raises LabError naming whatever is still there at the end."""
+    removed: list[Labelled] = []
+    errors: list[str] = []
+    order = {"container": 0, "network": 1, "volume": 2}
+    for _ in range(rounds):
+        found = sorted(engine.labelled(label), key=lambda item: order[item.kind])
+        if not found:
+            break
+        for item in found:
+            try:
+                if item.kind == "container":
+                    engine.remove_container(item.id)
+                elif item.kind == "network":
+                    engine.remove_network(item.id)
+                else:
+                    engine.remove_volume(item.id)
+            except EngineNotFound:
+                pass
+            except EngineError as exc:
+                errors.append(str(exc))
+                continue
+            removed.append(item)
+            if progress is not None:
+                progress.say(f"  removed {item.describe()}")
+    left = engine.labelled(label)
+    if left:
+        raise LabError(
+            f"could not remove everything labelled {label}: "
+            + ", ".join(item.describe() for item in left),
+            errors,
+        )
+    return removed
+
+
+@dataclass(slots=True)
+class Member:
+    """One container of the run and what has been read of its log."""
+
+    name: str  # short name: proxy, u1, client.b
+    role: str  # proxy | upstream | client
+    container: str  # id
+    spec: ContainerSpec
+    expect_running: bool = True
+    state: TailState = field(default_factory=TailState)
+    lines: list[LogLine] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class TimelineEvent:
+    at: float  # epoch seconds
+    kind: str  # phase | fault | recover | health | first_reply | last_reply
+    detail: str
+    upstream: str | None = None
+
+    def to_json(self, origin: float) -> dict[str, Any]:
+        return {
+            "t": round(self.at - origin, 3),
+            "ts": format_ts(self.at),
+            "kind": self.kind,
+            "upstream": self.upstream,
+            "detail": self.detail,
+        }
+
+
+# Runs inside the certgen image (uid 10001, no network) with the run's volume at /certs:
+# certificates through certgen's Python API, then the proxy config.
+PREPARE_SCRIPT = r"""
+import json, os
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+import certgen
+
+spec = json.loads(os.environ["LAB_SPEC"])
+out = Path(spec["dir"])
+result = certgen.generate(out, spec["clients"])
+ca = certgen.load_issued(out, "ca")
+past = datetime.now(UTC) - timedelta(days=1)
+for name in spec["expired"]:
+    certgen.write_issued(out, name, certgen.make_client(ca, name, not_after=past))
+if spec["other_ca"]:
+    other = Path("/tmp/other-ca")
+    certgen.generate(other, spec["other_ca"])
+    for name in spec["other_ca"]:
+        certgen.write_issued(out, name, certgen.load_issued(other, name))
+config = out / "proxy.yaml"
+config.write_text(spec["config"], encoding="utf-8")
+config.chmod(0o644)
+files = {
+    p.name: {"mode": oct(p.stat().st_mode & 0o777), "uid": p.stat().st_uid}
+    for p in sorted(out.iterdir())
+}
+print(json.dumps({"event": "prepared", "created": result["created"], "files": files}))
+"""
+
+
+def check_prepared(files: dict[str, dict[str, Any]], uid: int = 10001) -> list[str]:
+    """Problems with the run's volume: keys must be 0600 and owned by the services' uid."""
+    problems: list[str] = []
+    for name, info in sorted(files.items()):
+        if name.endswith(".key") and info.get("mode") != "0o600":
+            problems.append(f"{name} has mode {info.get('mode')}, expected 0o600")
+        if info.get("uid") != uid:
+            problems.append(f"{name} is owned by uid {info.get('uid')}, expected {uid}")
+    return problems
+
+
+class Run:
+    """A topology started on its own network; see the module docstring."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        topology: topo.Topology,
+        progress: Progress,
+        *,
+        run_id: str | None = None,
+        mode: str = "scenario",
+        keep: bool = False,
+        reference: dict[str, Any] | None = None,
+    ) -> None:
+        self.engine = engine
+        self.topology = topology
+        self.progress = progress
+        self.id = run_id or new_run_id(topology.name)
+        self.mode = mode
+        self.keep = keep
+        self.reference = reference if reference is not None else topo.load_reference_config()
+        self.network = f"l4l-{self.id}"
+        self.volume = f"l4l-{self.id}-certs"
+        self.members: dict[str, Member] = {}
+        self.timeline: list[TimelineEvent] = []
+        self.origin = time.time()
+        self.config: dict[str, Any] = {}
+        self.addresses: topo.Addresses | None = None
+        self.closed = False
+        self.removed: list[Labelled] = []
+
+    # --- context manager: always clean up --------------------------------------------
+
+    def __enter__(self) -> Run:
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        interrupted = isinstance(exc, KeyboardInterrupt)
+        if self.keep and not interrupted:
+            self.progress.say(
+                f"--keep: run {self.id} left running; remove it with: python lab.py clean"
+            )
+            return
+        self.close()
+
+    def close(self) -> None:
+        """Remove everything labelled with this run's id (signals held meanwhile)."""
+        if self.closed:
+            return
+        with signals_deferred():
+            engine = self.engine.fresh()  # an interrupt may have cut a request short
+            try:
+                with self.progress.step(f"removing run {self.id}"):
+                    self.removed = remove_labelled(engine, f"{LABEL_RUN}={self.id}")
+                    self.progress.say(f"  removed {len(self.removed)} labelled object(s)")
+            finally:
+                if engine is not self.engine:
+                    engine.close()
+            self.closed = True
+
+    # --- naming ----------------------------------------------------------------------
+
+    def labels(self, role: str, name: str) -> dict[str, str]:
+        return {
+            LABEL_RUN: self.id,
+            LABEL_ROLE: role,
+            LABEL_NAME: name,
+            LABEL_MODE: self.mode,
+            "layer4lab.topology": self.topology.name,
+        }
+
+    def container_name(self, name: str) -> str:
+        return f"l4l-{self.id}-{name}"
+
+    def mark(
+        self, kind: str, detail: str, upstream: str | None = None, at: float | None = None
+    ) -> float:
+        moment = time.time() if at is None else at
+        self.timeline.append(TimelineEvent(moment, kind, detail, upstream))
+        return moment
+
+    # --- start-up --------------------------------------------------------------------
+
+    def start(self, *, clients: bool = True) -> None:
+        """Network, volume (certificates + proxy config), upstreams, proxy, clients."""
+        self.progress.say(
+            f"run {self.id}: topology {self.topology.name} "
+            f"({len(self.topology.upstreams)} upstreams, {len(self.topology.clients)} clients)"
+        )
+        with self.progress.step("creating the run's network"):
+            self._create_network()
+        with self.progress.step("generating certificates and the proxy config (certgen)"):
+            self._prepare_volume()
+        self._start_upstreams()
+        self._start_proxy()
+        if clients:
+            self.start_clients()
+
+    def _create_network(self) -> None:
+        labels = self.labels("network", "lab")
+        upstreams = self.topology.upstream_names()
+        clients = [c.id for c in self.topology.clients]
+        last: Exception | None = None
+        for attempt in range(3):
+            # Let the engine pick a free subnet (its pools know the host's routes), then
+            # create the real network with that subnet given, so addresses can be fixed.
+            probe = self.engine.create_network(f"{self.network}-probe{attempt}", labels)
+            try:
+                subnet = self.engine.network_subnet(probe)
+            finally:
+                self.engine.remove_network(probe)
+            addresses = topo.assign_addresses(subnet, upstreams, clients)
+            try:
+                self.engine.create_network(
+                    self.network, labels, subnet=addresses.subnet, gateway=addresses.gateway
+                )
+            except EngineError as exc:  # e.g. another network took that subnet meanwhile
+                last = exc
+                continue
+            self.addresses = addresses
+            self.progress.say(f"  network {self.network}: {addresses.subnet}, internal")
+            return
+        raise LabError(f"cannot create network {self.network}: {last}")
+
+    def _prepare_volume(self) -> None:
+        assert self.addresses is not None
+        self.engine.create_volume(self.volume, self.labels("volume", "certs"))
+        upstreams = {
+            name: f"{ip}:{topo.UPSTREAM_PORT}" for name, ip in self.addresses.upstreams.items()
+        }
+        self.config = topo.proxy_config(self.reference, self.topology, upstreams)
+        spec = {
+            "dir": topo.CERTS_DIR,
+            "clients": self.topology.own_cert_clients(),
+            "expired": list(self.topology.expired),
+            "other_ca": list(self.topology.other_ca),
+            "config": "# generated by labkit for run "
+            + self.id
+            + "\n"
+            + yaml.safe_dump(self.config, sort_keys=False),
+        }
+        container = self.engine.create_container(
+            ContainerSpec(
+                name=self.container_name("certgen"),
+                image=image("certgen"),
+                labels=self.labels("certgen", "certgen"),
+                entrypoint=["python3", "-c", PREPARE_SCRIPT],
+                command=[],
+                environment={"LAB_SPEC": json.dumps(spec)},
+                network_mode="none",
+                volumes={self.volume: (topo.CERTS_DIR, "rw")},
+            )
+        )
+        self.engine.start(container)
+        try:
+            code = self.engine.wait(container, CERTGEN_TIMEOUT)
+        except EngineError as exc:
+            raise LabError(f"certgen did not finish within {CERTGEN_TIMEOUT:.0f}s: {exc}") from exc
+        output = take_new_lines(self.engine.logs(container, None), "certgen", TailState())
+        self.engine.remove_container(container)
+        evidence = [line.evidence() for line in output]
+        if code != 0:
+            raise LabError(f"certgen exited {code}", evidence)
+        prepared = next((line.record for line in output if line.event == "prepared"), None)
+        if prepared is None:
+            raise LabError("certgen printed no summary", evidence)
+        problems = check_prepared(prepared.get("files") or {})
+        if problems:
+            raise LabError("the run's certificates have the wrong modes or owner", problems)
+        self.progress.say(
+            f"  volume {self.volume}: {', '.join(prepared.get('created') or [])} "
+            f"+ expired {list(self.topology.expired)} + other CA {list(self.topology.other_ca)}; "
+            "keys 0600, uid 10001"
+        )
+
+    def _add(self, name: str, role: str, spec: ContainerSpec) -> Member:
+        container = self.engine.create_container(spec)
+        member = Member(name, role, container, spec)
+        self.members[name] = member
+        self.engine.start(container)
+        return member
+
+    def _start_upstreams(self) -> None:
+        assert self.addresses is not None
+        names = self.topology.upstream_names()
+        with self.progress.step(f"starting upstreams {', '.join(names)}"):
+            for upstream in self.topology.upstreams:
+                sysctls = None
+                if upstream.somaxconn is not None:
+                    sysctls = {"net.core.somaxconn": str(upstream.somaxconn)}
+                self._add(
+                    upstream.name,
+                    "upstream",
+                    ContainerSpec(
+                        name=self.container_name(upstream.name),
+                        image=image("upstream"),
+                        labels=self.labels("upstream", upstream.name),
+                        environment=upstream.environment(),
+                        network=self.network,
+                        ip=self.addresses.upstreams[upstream.name],
+                        aliases=[upstream.name],
+                        sysctls=sysctls,
+                    ),
+                )
+        self.wait_for(
+            "every upstream to log 'listening'",
+            lambda: all(self.events(n, "listening") for n in names) or None,
+            timeout=30,
+            sources=names,
+        )
+
+    def _start_proxy(self) -> None:
+        assert self.addresses is not None
+        with self.progress.step("starting the proxy"):
+            self._add(
+                "proxy",
+                "proxy",
+                ContainerSpec(
+                    name=self.container_name("proxy"),
+                    image=image("proxy"),
+                    labels=self.labels("proxy", "proxy"),
+                    command=["--config", topo.PROXY_CONFIG_PATH],
+                    network=self.network,
+                    ip=self.addresses.proxy,
+                    aliases=["proxy"],
+                    volumes={self.volume: (topo.CERTS_DIR, "ro")},
+                    # The image's check, pointed at the run's config and run every second.
+                    healthcheck=healthcheck(
+                        ["python3", "/app/healthcheck.py", topo.PROXY_CONFIG_PATH],
+                        interval=1.0,
+                        timeout=3.0,
+                        retries=3,
+                        start_period=20.0,
+                    ),
+                ),
+            )
+        names = self.topology.upstream_names()
+        self.wait_for(
+            "the proxy to log 'listening'",
+            lambda: self.events("proxy", "listening") or None,
+            timeout=30,
+            sources=["proxy"],
+        )
+        self.wait_for(
+            f"the proxy's first health checks to mark {', '.join(names)} up",
+            lambda: all(self.health_state(n) == "up" for n in names) or None,
+            timeout=15,
+            sources=["proxy"],
+        )
+        self.wait_for(
+            "the proxy container's health status 'healthy'",
+            lambda: self.container_health("proxy") == "healthy" or None,
+            timeout=30,
+            sources=["proxy"],
+        )
+        self.mark("phase", "proxy ready: every upstream up")
+
+    def start_clients(self, ids: Sequence[str] | None = None) -> None:
+        assert self.addresses is not None
+        specs = [c for c in self.topology.clients if ids is None or c.id in ids]
+        if not specs:
+            return
+        proxy = f"proxy:{topo.PROXY_PORT}"
+        began = time.time()
+        with self.progress.step(f"starting clients {', '.join(c.id for c in specs)}"):
+            for client in specs:
+                member = self._add(
+                    client.id,
+                    "client",
+                    ContainerSpec(
+                        name=self.container_name(client.id),
+                        image=image("client"),
+                        labels=self.labels("client", client.id),
+                        command=client.command(proxy),
+                        network=self.network,
+                        ip=self.addresses.clients[client.id],
+                        volumes={self.volume: (topo.CERTS_DIR, "ro")},
+                    ),
+                )
+                member.expect_running = not client.finite
+        names = [c.id for c in specs]
+        self.wait_for(
+            "every client to log 'started'",
+            lambda: all(self.events(n, "started") for n in names) or None,
+            timeout=30,
+            sources=names,
+        )
+        self.mark("phase", f"clients started: {', '.join(names)}", at=began)
+
+    # --- logs ------------------------------------------------------------------------
+
+    def poll(self, names: Iterable[str] | None = None) -> None:
+        """Read what the containers logged since the last poll."""
+        for name in self.members if names is None else names:
+            member = self.members[name]
+            try:
+                chunk = self.engine.logs(member.container, member.state.since())
+            except EngineNotFound:
+                continue
+            member.lines.extend(take_new_lines(chunk, name, member.state))
+
+    def lines(self, name: str) -> list[LogLine]:
+        member = self.members.get(name)
+        return member.lines if member else []
+
+    def events(self, name: str, event: str, since: float | None = None) -> list[LogLine]:
+        return [
+            line
+            for line in self.lines(name)
+            if line.event == event and (since is None or line.ts >= since)
+        ]
+
+    def client_names(self) -> list[str]:
+        return [m.name for m in self.members.values() if m.role == "client"]
+
+    def attempts(self, clients: Iterable[str] | None = None) -> list[Attempt]:
+        names = self.client_names() if clients is None else list(clients)
+        found: list[Attempt] = []
+        for name in names:
+            found.extend(attempts_of(self.lines(name)))
+        return sorted(found, key=lambda a: a.end)
+
+    def access(self) -> list[Access]:
+        return access_of(self.lines("proxy"))
+
+    def health(self) -> list[HealthEvent]:
+        return health_of(self.lines("proxy"))
+
+    def health_state(self, upstream: str) -> str | None:
+        return health_states(self.health()).get(upstream)
+
+    def tail(self, name: str, count: int = 8) -> list[str]:
+        return [line.evidence() for line in self.lines(name)[-count:]]
+
+    def container_health(self, name: str) -> str | None:
+        health = self.engine.state(self.members[name].container).get("Health") or {}
+        status = health.get("Status")
+        return str(status) if status else None
+
+    # --- waiting ---------------------------------------------------------------------
+
+    def wait_for(
+        self,
+        what: str,
+        probe: Callable[[], T | None],
+        *,
+        timeout: float,
+        sources: Sequence[str] | None = None,
+        evidence: Callable[[], list[str]] | None = None,
+        quiet: bool = False,
+    ) -> T:
+        """Poll ``sources``' logs until ``probe()`` returns something other than None
+        (returned), or raise LabTimeout after ``timeout`` seconds with evidence. A
+        waited-on container that stops unexpectedly fails the wait at once."""
+        if not quiet:
+            self.progress.say(f"waiting for {what} (deadline {timeout:.0f}s)")
+        began = time.monotonic()
+        deadline = began + timeout
+        next_state_check = began + STATE_CHECK_EVERY
+        names = list(self.members) if sources is None else list(sources)
+        while True:
+            self.poll(names)
+            value = probe()
+            now = time.monotonic()
+            if value is not None:
+                if not quiet:
+                    self.progress.say(f"  ok after {now - began:.2f}s: {what}")
+                return value
+            if now >= deadline:
+                shown = evidence() if evidence is not None else self._evidence(names)
+                raise LabTimeout(f"timed out after {timeout:.1f}s waiting for {what}", shown)
+            if now >= next_state_check:
+                next_state_check = now + STATE_CHECK_EVERY
+                self._check_running(names)
+            time.sleep(POLL_INTERVAL)
+
+    def _evidence(self, names: Sequence[str]) -> list[str]:
+        shown: list[str] = []
+        for name in names:
+            shown.extend(self.tail(name, 6))
+        return shown
+
+    def _check_running(self, names: Sequence[str]) -> None:
+        for name in names:
+            member = self.members.get(name)
+            if member is None or not member.expect_running:
+                continue
+            state = self.engine.state(member.container)
+            if not state.get("Running"):
+                self.poll([name])
+                raise LabError(
+                    f"{name} stopped unexpectedly (status {state.get('Status')}, "
+                    f"exit code {state.get('ExitCode')})",
+                    self.tail(name, 12),
+                )
+
+    # --- faults ----------------------------------------------------------------------
+
+    def _fault(self, kind: str, name: str, what: str, action: Callable[[str], None]) -> float:
+        member = self.members[name]
+        at = time.time()
+        action(member.container)
+        self.progress.say(f"{kind.upper()}: {what} {name}")
+        return self.mark(kind, f"{what} {name}", upstream=name, at=at)
+
+    def kill(self, name: str) -> float:
+        self.members[name].expect_running = False
+        return self._fault("fault", name, "docker kill (SIGKILL)", self.engine.kill)
+
+    def restart(self, name: str) -> float:
+        at = self._fault("recover", name, "docker start", self.engine.start)
+        self.members[name].expect_running = True
+        return at
+
+    def pause(self, name: str) -> float:
+        return self._fault("fault", name, "docker pause", self.engine.pause)
+
+    def unpause(self, name: str) -> float:
+        return self._fault("recover", name, "docker unpause", self.engine.unpause)
+
+    def disconnect(self, name: str) -> float:
+        return self._fault(
+            "fault",
+            name,
+            f"docker network disconnect {self.network}",
+            lambda container: self.engine.disconnect_network(self.network, container),
+        )
+
+    def reconnect(self, name: str) -> float:
+        member = self.members[name]
+        ip = member.spec.ip or ""
+        return self._fault(
+            "recover",
+            name,
+            f"docker network connect --ip {ip} {self.network}",
+            lambda container: self.engine.connect_network(
+                self.network, container, ip, member.spec.aliases
+            ),
+        )
+
+    # --- stopping --------------------------------------------------------------------
+
+    def stop_clients(self, grace: float = 8.0) -> None:
+        """SIGTERM to every client still running (attempts in flight finish), then wait
+        for each to exit and read its last lines (the summary)."""
+        members = [m for m in self.members.values() if m.role == "client"]
+        if not members:
+            return
+        with self.progress.step("stopping the clients (SIGTERM; attempts in flight finish)"):
+            for member in members:
+                member.expect_running = False
+                with contextlib.suppress(EngineError):  # already exited (--count, --duration)
+                    self.engine.kill(member.container, "SIGTERM")
+            for member in members:
+                try:
+                    self.engine.wait(member.container, grace)
+                except EngineError:
+                    with contextlib.suppress(EngineError):
+                        self.engine.kill(member.container)
+            self.poll()

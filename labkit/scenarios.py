@@ -1,0 +1,639 @@
+"""The scenarios: each starts a topology, injects its fault, and judges the logs.
+
+Every scenario appends :class:`~labkit.checks.Check` values to a list as it goes; a
+wait that misses its deadline ends the scenario with a failed check carrying the log
+lines seen. :func:`run_scenario` wraps one scenario in a :class:`~labkit.run.Run`
+(so everything is removed afterwards, whatever happens) and returns a
+:class:`ScenarioResult`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import checks as ck
+from . import topology as topo
+from .checks import Check, check
+from .engine import Engine, EngineError
+from .logs import Access, Attempt, HealthEvent, LogLine, format_ts
+from .progress import Progress
+from .report import write_report
+from .run import LabError, Run, TimelineEvent
+
+MARGIN = 1.0  # seconds added to interval + timeout for "the health-check window"
+STEADY_REPLIES = 3  # replies per upstream (and per client) before a fault is injected
+OBSERVE_ATTEMPTS = 5  # attempts per client observed after a fault was detected
+SLACK = 0.05  # seconds of timestamp slack (milliseconds in logs, clocks of one host)
+
+
+@dataclass(slots=True)
+class ScenarioResult:
+    scenario: str
+    topology: str
+    run_id: str
+    started: float
+    duration: float = 0.0
+    checks: list[Check] = field(default_factory=list)
+    error: str | None = None
+    interrupted: bool = False
+    timeline: list[TimelineEvent] = field(default_factory=list)
+    logs: dict[str, list[str]] = field(default_factory=dict)
+    proxy_config: dict[str, Any] = field(default_factory=dict)
+    attempts: list[Attempt] = field(default_factory=list)
+    report_dir: Path | None = None
+    removed: int = 0
+
+    @property
+    def passed(self) -> bool:
+        return (
+            self.error is None
+            and not self.interrupted
+            and bool(self.checks)
+            and all(c.passed for c in self.checks)
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "scenario": self.scenario,
+            "topology": self.topology,
+            "run": self.run_id,
+            "passed": self.passed,
+            "started": format_ts(self.started),
+            "duration_s": round(self.duration, 2),
+            "error": self.error,
+            "interrupted": self.interrupted,
+            "checks": [c.to_json() for c in self.checks],
+            "removed_objects": self.removed,
+        }
+
+
+ScenarioFn = Callable[[Run, list[Check]], None]
+
+
+@dataclass(frozen=True, slots=True)
+class Scenario:
+    name: str
+    topology: str
+    summary: str
+    fn: ScenarioFn
+
+
+# --- helpers ------------------------------------------------------------------------
+
+
+def _names(attempts: Sequence[Attempt]) -> str:
+    return ck.describe_counts(ck.counts_by_upstream(attempts))
+
+
+def _outcomes(attempts: Sequence[Attempt]) -> str:
+    return ck.describe_counts(ck.outcome_counts(attempts))
+
+
+def _evidence(items: Sequence[Attempt | Access | HealthEvent | LogLine]) -> list[str]:
+    lines: list[str] = []
+    for item in items:
+        line = item if isinstance(item, LogLine) else item.line
+        lines.append(line.evidence())
+    return lines
+
+
+def allowed_map(run: Run) -> dict[str, set[str]]:
+    upstreams = run.config.get("upstreams") or []
+    authorization = run.config.get("authorization") or {}
+    return {
+        c.id: ck.allowed_upstreams(c.id, upstreams, authorization) for c in run.topology.clients
+    }
+
+
+def wait_steady(run: Run, out: list[Check], clients: Sequence[str]) -> None:
+    """Traffic reaches every upstream some client may use, and every client succeeds."""
+    allowed = allowed_map(run)
+    reachable = sorted(set().union(*(allowed[c] for c in clients)))
+
+    def steady() -> bool | None:
+        attempts = run.attempts(clients)
+        per_upstream = ck.counts_by_upstream(attempts)
+        per_client = {c: sum(1 for a in attempts if a.client == c and a.ok) for c in clients}
+        if all(per_upstream[u] >= STEADY_REPLIES for u in reachable) and all(
+            n >= STEADY_REPLIES for n in per_client.values()
+        ):
+            return True
+        return None
+
+    run.wait_for(
+        f"steady traffic: >= {STEADY_REPLIES} replies from each of {', '.join(reachable)}",
+        steady,
+        timeout=20,
+        sources=list(clients),
+    )
+    attempts = run.attempts(clients)
+    out.append(
+        check("steady traffic before the fault", True, f"replies so far: {_names(attempts)}")
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Fault:
+    name: str  # kill | pause | disconnect
+    inject: Callable[[Run, str], float]
+    recover: Callable[[Run, str], float]
+    # Extra detection time beyond interval + timeout + margin, and why.
+    allowance: Callable[[Run, str, topo.Timing], tuple[float, str]]
+
+
+def _no_allowance(_run: Run, _target: str, _timing: topo.Timing) -> tuple[float, str]:
+    return 0.0, ""
+
+
+def _backlog_allowance(run: Run, target: str, timing: topo.Timing) -> tuple[float, str]:
+    """A paused process's kernel still completes TCP handshakes until the listen queue
+    (somaxconn + 1 connections) is full; only then do health checks time out."""
+    spec = next(u for u in run.topology.upstreams if u.name == target)
+    queue = (spec.somaxconn if spec.somaxconn is not None else 4096) + 1
+    return queue * timing.interval, f" + {queue} checks to fill the accept queue"
+
+
+def fault_cycle(run: Run, out: list[Check], fault: Fault) -> None:
+    """Steady traffic; inject the fault on the target upstream; the proxy must mark it
+    down within the health-check window, after which no reply names it and clients
+    allowed elsewhere see no failure beyond the connections in flight on it; recover;
+    the proxy must mark it up and send it traffic again."""
+    names = run.topology.upstream_names()
+    target = run.topology.fault_target or names[len(names) // 2]
+    run.start()
+    clients = run.client_names()
+    allowed = allowed_map(run)
+    elsewhere = [c for c in clients if allowed[c] - {target}]
+    timing = topo.timing(run.config)
+    extra, why = fault.allowance(run, target, timing)
+    window = timing.window(MARGIN) + extra
+    window_text = (
+        f"{window:.1f}s (interval {timing.interval:g}s x fall {timing.fall} + timeout "
+        f"{timing.timeout:g}s + margin {MARGIN:g}s{why})"
+    )
+    wait_steady(run, out, clients)
+
+    # The fault.
+    t_fault = fault.inject(run, target)
+    down = run.wait_for(
+        f"the proxy to mark {target} down (window {window:.1f}s)",
+        lambda: ck.first_transition(run.health(), target, "down", t_fault),
+        timeout=window + 5,
+        sources=["proxy"],
+        evidence=lambda: _evidence(run.health()) + run.tail("proxy"),
+    )
+    delay = down.ts - t_fault
+    before = [a for a in ck.replies_from(run.attempts(clients), target, 0.0) if a.end <= t_fault]
+    if before:
+        run.mark(
+            "last_reply",
+            f"last reply from {target} before the {fault.name}",
+            target,
+            before[-1].end,
+        )
+    out.append(
+        check(
+            f"{target} marked down within the health-check window after {fault.name}",
+            delay <= window,
+            f"down {delay:.2f}s after the {fault.name} ({down.source}: {down.reason}); "
+            f"window {window_text}",
+            [down.line.evidence()],
+        )
+    )
+    # From here on no reply may name the target: once it is marked down, and at the
+    # latest once the window has passed (a late detection fails the check above).
+    boundary = min(down.ts, t_fault + window) + SLACK
+
+    def observed() -> bool | None:
+        later = [a for a in run.attempts(clients) if a.start > boundary]
+        return (
+            all(sum(1 for a in later if a.client == c) >= OBSERVE_ATTEMPTS for c in clients) or None
+        )
+
+    run.wait_for(
+        f"{OBSERVE_ATTEMPTS} attempts per client after {target} went down",
+        observed,
+        timeout=20,
+        sources=clients,
+    )
+    stray = ck.replies_from(run.attempts(clients), target, boundary)
+    after_down = [a for a in run.attempts(clients) if a.start > boundary]
+    out.append(
+        check(
+            f"no reply names {target} once it is down (or the window has passed)",
+            not stray,
+            f"{len(stray)} reply(ies) from {target} after it was marked down"
+            if stray
+            else f"replies after it went down: {_names(after_down)}",
+            _evidence(stray),
+        )
+    )
+
+    # Recovery.
+    t_recover = fault.recover(run, target)
+    if fault.name == "kill":
+        run.wait_for(
+            f"{target} to log 'listening' again",
+            lambda: run.events(target, "listening", since=t_recover - SLACK) or None,
+            timeout=20,
+            sources=[target],
+        )
+    up = run.wait_for(
+        f"the proxy to mark {target} up again",
+        lambda: ck.first_transition(run.health(), target, "up", t_recover),
+        timeout=window + 15,
+        sources=["proxy"],
+        evidence=lambda: _evidence(run.health()) + run.tail("proxy"),
+    )
+    out.append(
+        check(
+            f"{target} marked up again after recovery",
+            True,
+            f"up {up.ts - t_recover:.2f}s after the recovery ({up.source}: {up.reason})",
+            [up.line.evidence()],
+        )
+    )
+
+    def back_again() -> list[Attempt] | None:
+        replies = ck.replies_from(run.attempts(clients), target, up.ts - SLACK)
+        return replies if len(replies) >= STEADY_REPLIES else None
+
+    back = run.wait_for(
+        f"{STEADY_REPLIES} client replies from {target} again",
+        back_again,
+        timeout=15,
+        sources=clients,
+    )
+    first = back[0]
+    run.mark("first_reply", f"first reply from {target} after recovery", target, first.end)
+    out.append(
+        check(
+            f"{target} receives traffic again",
+            True,
+            f"{len(back)} replies; the first {first.end - up.ts:.2f}s after it was marked up "
+            f"({first.client})",
+            [first.line.evidence()],
+        )
+    )
+    run.stop_clients()
+
+    # Failures, judged with every attempt logged (the clients have finished).
+    account = ck.account_failures(
+        run.attempts(elsewhere),
+        run.access(),
+        clients=elsewhere,
+        target=target,
+        fault_at=t_fault,
+        detected=down.ts,
+        slack=SLACK,
+    )
+    total = len(run.attempts(elsewhere))
+    out.append(
+        check(
+            f"clients allowed elsewhere ({', '.join(elsewhere)}) lost only connections in "
+            f"flight on {target}",
+            not account.unexplained,
+            f"{total} attempts, {account.total} failed: {len(account.on_target)} in flight on "
+            f"{target} between the {fault.name} and its detection, "
+            f"{len(account.unexplained)} unexplained",
+            _evidence(account.unexplained or account.on_target),
+        )
+    )
+    retried = [a for a in run.access() if a.attempts > 1 and a.ts >= t_fault]
+    if retried:
+        run.mark(
+            "phase",
+            f"{len(retried)} connection(s) re-dialled to another upstream (passive failover)",
+            at=retried[0].ts,
+        )
+
+
+# --- the scenarios ------------------------------------------------------------------
+
+
+def failover(run: Run, out: list[Check]) -> None:
+    fault_cycle(run, out, Fault("kill", Run.kill, Run.restart, _no_allowance))
+
+
+def hang(run: Run, out: list[Check]) -> None:
+    fault_cycle(run, out, Fault("pause", Run.pause, Run.unpause, _backlog_allowance))
+
+
+def partition(run: Run, out: list[Check]) -> None:
+    fault_cycle(run, out, Fault("disconnect", Run.disconnect, Run.reconnect, _no_allowance))
+
+
+def authz(run: Run, out: list[Check]) -> None:
+    """Replies come only from allowed upstreams; a client allowed nowhere is always
+    rejected (client ``rejected``, proxy ``denied``)."""
+    run.start()
+    clients = run.client_names()
+    allowed = allowed_map(run)
+    wanted = 12
+
+    def covered() -> bool | None:
+        attempts = run.attempts(clients)
+        for client in clients:
+            mine = [a for a in attempts if a.client == client]
+            reached = {a.upstream for a in mine if a.ok}
+            if len(mine) < wanted or not allowed[client] <= reached:
+                return None
+        return True
+
+    run.wait_for(
+        f">= {wanted} attempts per client, each allowed upstream reached",
+        covered,
+        timeout=30,
+        sources=clients,
+    )
+    run.stop_clients()
+    attempts = run.attempts(clients)
+    access = run.access()
+    for client in clients:
+        mine = [a for a in attempts if a.client == client]
+        if allowed[client]:
+            wrong = [a for a in mine if a.ok and a.upstream not in allowed[client]]
+            failed = [a for a in mine if not a.ok]
+            out.append(
+                check(
+                    f"{client} served only by its allowed upstreams "
+                    f"({', '.join(sorted(allowed[client]))})",
+                    not wrong and not failed,
+                    f"{len(mine)} attempts: {_names(mine)}; {len(wrong)} from a denied "
+                    f"upstream, {len(failed)} failed",
+                    _evidence(wrong + failed),
+                )
+            )
+        else:
+            not_rejected = [a for a in mine if a.outcome != "rejected"]
+            proxy = [a for a in access if a.client == client]
+            not_denied = [
+                a for a in proxy if (a.decision, a.reason) != ("denied", "no_allowed_upstream")
+            ]
+            out.append(
+                check(
+                    f"{client} (allowed nowhere) rejected every time",
+                    bool(mine) and not not_rejected,
+                    f"{len(mine)} attempts, outcomes {ck.describe_counts(ck.outcome_counts(mine))}",
+                    _evidence(not_rejected),
+                )
+            )
+            out.append(
+                check(
+                    f"proxy denied {client} every time (denied / no_allowed_upstream)",
+                    len(proxy) == len(mine) and not not_denied,
+                    f"{len(proxy)} access lines for {len(mine)} attempts, "
+                    f"{len(not_denied)} with another decision",
+                    _evidence(not_denied or proxy[:3]),
+                )
+            )
+
+
+def ratelimit(run: Run, out: list[Check]) -> None:
+    """A --burst client is admitted at the token bucket's pace; a client keeping to the
+    rate at the same time is never refused."""
+    enabled, rate, burst = topo.rate_limit(topo.deep_merge(run.reference, run.topology.proxy))
+    greedy = [c for c in run.topology.clients if c.burst]
+    polite = [c for c in run.topology.clients if not c.burst]
+    if not enabled or not greedy or not polite:
+        raise LabError(
+            "the ratelimit topology needs rate_limit enabled, a burst client and another"
+        )
+    run.start()
+    clients = run.client_names()
+    longest = max(topo.parse_duration(c.duration or "10s") for c in run.topology.clients)
+    run.wait_for(
+        "every client to finish (--duration) and log its summary",
+        lambda: all(run.events(c, "summary") for c in clients) or None,
+        timeout=longest + 20,
+        sources=clients,
+    )
+    run.poll()
+    access = run.access()
+    for spec in greedy:
+        mine = [a for a in access if a.client == spec.id]
+        verdict = ck.bucket_verdict(mine, rate, burst)
+        limited = [a for a in mine if a.decision == "rate_limited"]
+        out.append(
+            check(
+                f"{spec.id} (--burst) admitted at rate {rate:g}/s after a burst of {burst}",
+                verdict.within,
+                verdict.describe(rate, burst),
+                [a.line.evidence() for a in mine[:2] + mine[-2:]],
+            )
+        )
+        out.append(
+            check(
+                f"{spec.id} was pushed beyond the bucket",
+                verdict.limited > 0,
+                f"{verdict.limited} connections rate-limited (reason "
+                f"{ck.describe_counts(Counter(a.reason for a in limited))})",
+            )
+        )
+        attempts = run.attempts([spec.id])
+        outcomes = ck.outcome_counts(attempts)
+        agree = outcomes["ok"] == verdict.admitted and outcomes["rejected"] == verdict.limited
+        out.append(
+            check(
+                f"{spec.id}'s own log agrees with the proxy",
+                agree and outcomes["ok"] + outcomes["rejected"] == len(attempts),
+                f"client outcomes {ck.describe_counts(outcomes)}; proxy admitted "
+                f"{verdict.admitted}, rate-limited {verdict.limited}",
+            )
+        )
+    for spec in polite:
+        gap = topo.parse_duration(spec.interval_min)
+        attempts = run.attempts([spec.id])
+        refused = [a for a in access if a.client == spec.id and a.decision == "rate_limited"]
+        failed = [a for a in attempts if not a.ok]
+        out.append(
+            check(
+                f"{spec.id} (interval >= {gap:g}s >= 1/rate) never rate-limited",
+                bool(attempts) and not refused and not failed and gap >= 1 / rate,
+                f"{len(attempts)} attempts, outcomes {_outcomes(attempts)}; "
+                f"{len(refused)} rate_limited access lines",
+                _evidence(failed) + [a.line.evidence() for a in refused],
+            )
+        )
+
+
+def mtls(run: Run, out: list[Check]) -> None:
+    """No certificate, another CA, an expired certificate and the server's own
+    certificate are refused at the handshake, with the expected reason; a valid client
+    still works and no refused client ever reaches an upstream."""
+    run.start()
+    assert run.addresses is not None
+    clients = run.client_names()
+    run.wait_for(
+        "every client to finish (--count) and log its summary",
+        lambda: all(run.events(c, "summary") for c in clients) or None,
+        timeout=60,
+        sources=clients,
+    )
+    run.poll()
+    access = run.access()
+    bad_ids: list[str] = []
+    for spec in run.topology.clients:
+        attempts = run.attempts([spec.id])
+        if spec.expect is None:
+            failed = [a for a in attempts if not a.ok]
+            out.append(
+                check(
+                    f"{spec.id} (valid certificate) served",
+                    bool(attempts) and not failed,
+                    f"{len(attempts)} attempts: {_names(attempts)}; {len(failed)} failed",
+                    _evidence(failed),
+                )
+            )
+            continue
+        bad_ids.append(spec.id)
+        how = "no certificate" if spec.no_cert else f"certificate {spec.cert_stem or spec.id}"
+        ok = [a for a in attempts if a.ok]
+        out.append(
+            check(
+                f"{spec.id} ({how}) refused",
+                bool(attempts) and not ok,
+                f"{len(attempts)} attempts, outcomes {_outcomes(attempts)}",
+                _evidence(ok or attempts[:1]),
+            )
+        )
+        ip = run.addresses.clients[spec.id]
+        mine = [a for a in access if a.peer_ip == ip]
+        wrong = [
+            a
+            for a in mine
+            if a.decision != "tls_failed" or a.reason != spec.expect or a.upstream_name
+        ]
+        out.append(
+            check(
+                f"proxy: {spec.id} tls_failed with '{spec.expect}'",
+                len(mine) == len(attempts) and bool(mine) and not wrong,
+                f"{len(mine)} access lines from {ip} for {len(attempts)} attempts; "
+                f"{len(wrong)} with another decision or reason",
+                _evidence(wrong or mine[:1]),
+            )
+        )
+    leaked = [
+        line
+        for name in run.topology.upstream_names()
+        for line in run.events(name, "connection")
+        if any(f"from {bad}" in str((line.record or {}).get("message") or "") for bad in bad_ids)
+    ]
+    out.append(
+        check(
+            "no refused client's message reached an upstream",
+            not leaked,
+            f"{len(leaked)} upstream connection(s) carried a refused client's message",
+            _evidence(leaked),
+        )
+    )
+
+
+SCENARIOS: dict[str, Scenario] = {
+    s.name: s
+    for s in (
+        Scenario("failover", "failover", "kill an upstream, then start it again", failover),
+        Scenario("authz", "authz", "replies only from allowed upstreams; denied client", authz),
+        Scenario(
+            "ratelimit", "ratelimit", "token bucket: --burst client vs polite client", ratelimit
+        ),
+        Scenario("mtls", "mtls", "bad client certificates refused, valid one served", mtls),
+        Scenario("hang", "hang", "pause an upstream (hung process), then unpause", hang),
+        Scenario(
+            "partition", "partition", "disconnect an upstream's network, reconnect", partition
+        ),
+    )
+}
+
+
+# --- running one --------------------------------------------------------------------
+
+
+def _add_log_timeline(run: Run, result: ScenarioResult) -> None:
+    """Health transitions from the proxy's log and first/last reply per upstream."""
+    events = list(run.timeline)
+    for event in run.health():
+        events.append(
+            TimelineEvent(
+                event.ts,
+                "health",
+                f"{event.upstream_name} {event.old} -> {event.new} "
+                f"({event.source}: {event.reason})",
+                event.upstream_name,
+            )
+        )
+    attempts = run.attempts()
+    for upstream in run.topology.upstream_names():
+        replies = [a for a in attempts if a.ok and a.upstream == upstream]
+        if replies:
+            events.append(
+                TimelineEvent(
+                    replies[0].end, "first_reply", f"first reply from {upstream}", upstream
+                )
+            )
+            events.append(
+                TimelineEvent(
+                    replies[-1].end, "last_reply", f"last reply from {upstream}", upstream
+                )
+            )
+    result.timeline = sorted(events, key=lambda e: e.at)
+    result.attempts = attempts
+
+
+def run_scenario(
+    name: str,
+    *,
+    engine: Engine,
+    progress: Progress | None = None,
+    keep: bool = False,
+    report_dir: Path | None = None,
+    topology_dir: Path = topo.TOPOLOGY_DIR,
+) -> ScenarioResult:
+    """Run one scenario end to end (images must exist: see :func:`labkit.images.ensure_images`).
+
+    Everything labelled with the run's id is removed before this returns (unless
+    ``keep``), also when the scenario fails; on KeyboardInterrupt it is removed and
+    the interrupt propagates."""
+    scenario = SCENARIOS[name]
+    progress = progress or Progress()
+    layout = topo.load_topology(scenario.topology, topology_dir)
+    started = time.time()
+    clock = time.monotonic()
+    out: list[Check] = []
+    run = Run(engine, layout, progress, keep=keep)
+    result = ScenarioResult(scenario.name, layout.name, run.id, started)
+    progress.say(f"scenario {name}: {scenario.summary} (run {run.id})")
+    try:
+        with run:
+            try:
+                scenario.fn(run, out)
+            except (LabError, EngineError) as exc:
+                result.error = str(exc)
+                evidence = exc.evidence if isinstance(exc, LabError) else []
+                out.append(check("scenario ran to completion", False, str(exc), evidence))
+            finally:
+                try:
+                    run.poll()
+                except EngineError as exc:
+                    progress.say(f"could not read the final logs: {exc}")
+                _add_log_timeline(run, result)
+                result.logs = {
+                    m.name: [line.text for line in m.lines] for m in run.members.values()
+                }
+                result.proxy_config = run.config
+    except KeyboardInterrupt:
+        result.interrupted = True
+        raise
+    finally:
+        result.checks = out
+        result.duration = time.monotonic() - clock
+        result.removed = len(run.removed)
+        if report_dir is not None:
+            result.report_dir = write_report(result, report_dir, origin=run.origin)
+            progress.say(f"report written to {result.report_dir}")
+    return result

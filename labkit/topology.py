@@ -1,0 +1,453 @@
+"""Topologies: small YAML files in ``lab/topologies/`` (parsed here, pure).
+
+A topology says how many upstreams and which clients a run starts, how each client
+behaves, which overrides apply to the reference proxy configuration (``lab/proxy.yaml``)
+and which extra (bad) certificates the run needs. Example::
+
+    description: three upstreams, four steady clients, fast health checks
+    upstreams: [u1, u2, u3]            # or a mapping per upstream: {name: u1, mode: echo}
+    upstream_defaults: {somaxconn: 4}  # listen backlog cap inside each upstream
+    client_defaults: {interval: [100ms, 300ms], timeout: 2s}
+    clients:
+      - id: client.a
+      - {id: client.nocert, no_cert: true, expect: peer_did_not_return_a_certificate}
+    certs: {expired: [client.expired], other_ca: [client.otherca]}
+    fault_target: u2
+    proxy:                             # merged over lab/proxy.yaml (mappings deep, lists replaced)
+      health_check: {interval: 500ms, timeout: 300ms}
+
+The proxy's ``upstreams`` list is always generated from the run (one entry per upstream,
+by address and name); every other key comes from ``lab/proxy.yaml`` plus ``proxy:``.
+"""
+
+from __future__ import annotations
+
+import copy
+import ipaddress
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+TOPOLOGY_DIR = ROOT / "lab" / "topologies"
+REFERENCE_PROXY_CONFIG = ROOT / "lab" / "proxy.yaml"
+
+CERTS_DIR = "/certs"  # where the run's volume is mounted in every container
+PROXY_CONFIG_PATH = f"{CERTS_DIR}/proxy.yaml"  # the run's proxy config, in the volume
+PROXY_PORT = 8443
+UPSTREAM_PORT = 8000
+
+
+class TopologyError(ValueError):
+    """A topology file is missing or malformed; the message names the file and key."""
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?|\.\d+)\s*(ms|s|m|h)?\s*$")
+_UNIT = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+
+
+def parse_duration(value: object, key: str = "duration") -> float:
+    """``"500ms"``, ``"2s"``, ``"1m"`` or a number of seconds -> float seconds."""
+    if isinstance(value, bool):
+        raise TopologyError(f"{key}: expected a duration such as '500ms', got {value!r}")
+    if isinstance(value, int | float):
+        return float(value)
+    if isinstance(value, str):
+        match = _DURATION.match(value)
+        if match:
+            return float(match.group(1)) * _UNIT[match.group(2)]
+    raise TopologyError(f"{key}: expected a duration such as '500ms' or '2s', got {value!r}")
+
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+
+
+def _name(value: object, key: str) -> str:
+    if not isinstance(value, str) or not _NAME.match(value):
+        raise TopologyError(f"{key}: expected a name of letters, digits, '.', '-', '_': {value!r}")
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamSpec:
+    name: str
+    mode: str = "reply"
+    delay: str | None = None
+    fault: str | None = None
+    somaxconn: int | None = None  # net.core.somaxconn in the container (caps its backlog)
+
+    def environment(self) -> dict[str, str]:
+        env = {
+            "UPSTREAM_NAME": self.name,
+            "UPSTREAM_LISTEN": f"0.0.0.0:{UPSTREAM_PORT}",
+            "UPSTREAM_MODE": self.mode,
+        }
+        if self.delay:
+            env["UPSTREAM_DELAY"] = self.delay
+        if self.fault:
+            env["UPSTREAM_FAULT"] = self.fault
+        return env
+
+
+@dataclass(frozen=True, slots=True)
+class ClientSpec:
+    id: str
+    cert_stem: str | None = None  # None: the client's own pair, <id>.pem / <id>.key
+    no_cert: bool = False
+    interval_min: str = "100ms"
+    interval_max: str = "300ms"
+    burst: bool = False
+    concurrency: int = 1
+    count: int | None = None
+    duration: str | None = None
+    timeout: str = "2s"
+    seed: int | None = None
+    expect: str | None = None  # mtls: the proxy's expected tls_failed reason
+
+    def command(self, proxy: str) -> list[str]:
+        """The client container's arguments (after ``python3 -m client``)."""
+        args = ["--id", self.id, "--proxy", proxy, "--certs", CERTS_DIR]
+        args += ["--interval-min", self.interval_min, "--interval-max", self.interval_max]
+        args += ["--timeout", self.timeout]
+        if self.burst:
+            args.append("--burst")
+        if self.concurrency != 1:
+            args += ["--concurrency", str(self.concurrency)]
+        if self.count is not None:
+            args += ["--count", str(self.count)]
+        if self.duration is not None:
+            args += ["--duration", self.duration]
+        if self.seed is not None:
+            args += ["--seed", str(self.seed)]
+        if self.no_cert:
+            args.append("--no-cert")
+        elif self.cert_stem:
+            args += ["--cert-stem", self.cert_stem]
+        return args
+
+    @property
+    def finite(self) -> bool:
+        """Does this client stop by itself (``--count`` or ``--duration``)?"""
+        return self.count is not None or self.duration is not None
+
+
+@dataclass(frozen=True, slots=True)
+class Topology:
+    name: str
+    description: str
+    upstreams: tuple[UpstreamSpec, ...]
+    clients: tuple[ClientSpec, ...]
+    proxy: Mapping[str, Any] = field(default_factory=dict)
+    expired: tuple[str, ...] = ()  # client certs to issue already expired
+    other_ca: tuple[str, ...] = ()  # client certs to issue from a second, unknown CA
+    fault_target: str | None = None
+
+    def upstream_names(self) -> list[str]:
+        return [u.name for u in self.upstreams]
+
+    def client(self, client_id: str) -> ClientSpec:
+        for spec in self.clients:
+            if spec.id == client_id:
+                return spec
+        raise KeyError(client_id)
+
+    def own_cert_clients(self) -> list[str]:
+        """Clients whose normal certificate certgen must issue from the run's CA."""
+        special = set(self.expired) | set(self.other_ca)
+        return [
+            c.id for c in self.clients if not c.no_cert and not c.cert_stem and c.id not in special
+        ]
+
+
+_CLIENT_KEYS = {
+    "id",
+    "cert_stem",
+    "no_cert",
+    "interval",
+    "interval_min",
+    "interval_max",
+    "burst",
+    "concurrency",
+    "count",
+    "duration",
+    "timeout",
+    "seed",
+    "expect",
+}
+_UPSTREAM_KEYS = {"name", "mode", "delay", "fault", "somaxconn"}
+_TOP_KEYS = {
+    "description",
+    "upstreams",
+    "upstream_defaults",
+    "clients",
+    "client_defaults",
+    "proxy",
+    "certs",
+    "fault_target",
+}
+
+
+def _mapping(value: object, key: str) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise TopologyError(f"{key}: expected a mapping, got {type(value).__name__}")
+    return dict(value)
+
+
+def _check_keys(item: Mapping[str, Any], allowed: set[str], key: str) -> None:
+    unknown = sorted(set(item) - allowed)
+    if unknown:
+        raise TopologyError(f"{key}: unknown key(s) {', '.join(unknown)}")
+
+
+def _duration_text(value: object, key: str) -> str:
+    seconds = parse_duration(value, key)
+    return value if isinstance(value, str) else f"{seconds:g}s"
+
+
+def _int(value: object, key: str, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise TopologyError(f"{key}: expected an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def _parse_upstream(raw: object, defaults: Mapping[str, Any], key: str) -> UpstreamSpec:
+    item = dict(defaults)
+    item.update({"name": raw} if isinstance(raw, str) else _mapping(raw, key))
+    _check_keys(item, _UPSTREAM_KEYS, key)
+    somaxconn = item.get("somaxconn")
+    return UpstreamSpec(
+        name=_name(item.get("name"), f"{key}.name"),
+        mode=str(item.get("mode", "reply")),
+        delay=_duration_text(item["delay"], f"{key}.delay") if "delay" in item else None,
+        fault=str(item["fault"]) if "fault" in item else None,
+        somaxconn=None if somaxconn is None else _int(somaxconn, f"{key}.somaxconn", 0),
+    )
+
+
+def _parse_client(raw: object, defaults: Mapping[str, Any], key: str) -> ClientSpec:
+    item = dict(defaults)
+    item.update(_mapping(raw, key))
+    _check_keys(item, _CLIENT_KEYS, key)
+    interval = item.pop("interval", None)
+    if interval is not None:
+        if not isinstance(interval, list) or len(interval) != 2:
+            raise TopologyError(f"{key}.interval: expected [min, max], got {interval!r}")
+        item.setdefault("interval_min", interval[0])
+        item.setdefault("interval_max", interval[1])
+    spec = ClientSpec(
+        id=_name(item.get("id"), f"{key}.id"),
+        cert_stem=_name(item["cert_stem"], f"{key}.cert_stem") if "cert_stem" in item else None,
+        no_cert=bool(item.get("no_cert", False)),
+        interval_min=_duration_text(item.get("interval_min", "100ms"), f"{key}.interval_min"),
+        interval_max=_duration_text(item.get("interval_max", "300ms"), f"{key}.interval_max"),
+        burst=bool(item.get("burst", False)),
+        concurrency=_int(item.get("concurrency", 1), f"{key}.concurrency", 1),
+        count=_int(item["count"], f"{key}.count", 1) if "count" in item else None,
+        duration=_duration_text(item["duration"], f"{key}.duration")
+        if "duration" in item
+        else None,
+        timeout=_duration_text(item.get("timeout", "2s"), f"{key}.timeout"),
+        seed=_int(item["seed"], f"{key}.seed", 0) if "seed" in item else None,
+        expect=str(item["expect"]) if "expect" in item else None,
+    )
+    if parse_duration(spec.interval_min) > parse_duration(spec.interval_max):
+        raise TopologyError(f"{key}: interval_min is greater than interval_max")
+    return spec
+
+
+def _names(value: object, key: str) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        raise TopologyError(f"{key}: expected a list of names")
+    return tuple(_name(item, key) for item in value)
+
+
+def parse_topology(raw: object, name: str) -> Topology:
+    """Validate a decoded topology document."""
+    where = f"topology {name}"
+    doc = _mapping(raw, where)
+    _check_keys(doc, _TOP_KEYS, where)
+    up_defaults = _mapping(doc.get("upstream_defaults"), f"{where}: upstream_defaults")
+    cl_defaults = _mapping(doc.get("client_defaults"), f"{where}: client_defaults")
+    raw_upstreams = doc.get("upstreams")
+    if isinstance(raw_upstreams, int) and not isinstance(raw_upstreams, bool):
+        raw_upstreams = [f"u{i}" for i in range(1, raw_upstreams + 1)]
+    if not isinstance(raw_upstreams, list) or not raw_upstreams:
+        raise TopologyError(f"{where}: upstreams: expected a count or a non-empty list")
+    upstreams = tuple(
+        _parse_upstream(item, up_defaults, f"{where}: upstreams[{i}]")
+        for i, item in enumerate(raw_upstreams)
+    )
+    raw_clients = doc.get("clients") or []
+    if not isinstance(raw_clients, list):
+        raise TopologyError(f"{where}: clients: expected a list")
+    clients = tuple(
+        _parse_client(item, cl_defaults, f"{where}: clients[{i}]")
+        for i, item in enumerate(raw_clients)
+    )
+    for label, names in (
+        ("upstream", [u.name for u in upstreams]),
+        ("client", [c.id for c in clients]),
+    ):
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise TopologyError(f"{where}: {label} names used twice: {', '.join(duplicates)}")
+    certs = _mapping(doc.get("certs"), f"{where}: certs")
+    _check_keys(certs, {"expired", "other_ca"}, f"{where}: certs")
+    target = doc.get("fault_target")
+    if target is not None and target not in {u.name for u in upstreams}:
+        raise TopologyError(f"{where}: fault_target {target!r} is not one of the upstreams")
+    return Topology(
+        name=name,
+        description=str(doc.get("description", "")),
+        upstreams=upstreams,
+        clients=clients,
+        proxy=_mapping(doc.get("proxy"), f"{where}: proxy"),
+        expired=_names(certs.get("expired"), f"{where}: certs.expired"),
+        other_ca=_names(certs.get("other_ca"), f"{where}: certs.other_ca"),
+        fault_target=None if target is None else str(target),
+    )
+
+
+def topology_path(name: str, directory: Path = TOPOLOGY_DIR) -> Path:
+    return directory / f"{name}.yaml"
+
+
+def list_topologies(directory: Path = TOPOLOGY_DIR) -> list[str]:
+    return sorted(p.stem for p in directory.glob("*.yaml"))
+
+
+def load_topology(name: str, directory: Path = TOPOLOGY_DIR) -> Topology:
+    path = topology_path(name, directory)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        known = ", ".join(list_topologies(directory)) or "none"
+        raise TopologyError(
+            f"cannot read topology {path}: {exc.strerror} (known: {known})"
+        ) from None
+    except yaml.YAMLError as exc:
+        raise TopologyError(f"topology {path} is not valid YAML: {exc}") from None
+    return parse_topology(raw, name)
+
+
+# --- the proxy configuration of a run -----------------------------------------------
+
+
+def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    """``override`` over ``base``: mappings merge recursively, anything else replaces."""
+    merged = copy.deepcopy(dict(base))
+    for key, value in override.items():
+        old = merged.get(key)
+        if isinstance(old, Mapping) and isinstance(value, Mapping):
+            merged[key] = deep_merge(old, value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def load_reference_config(path: Path = REFERENCE_PROXY_CONFIG) -> dict[str, Any]:
+    raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    if not isinstance(raw, dict):
+        raise TopologyError(f"{path} is not a YAML mapping")
+    return raw
+
+
+def proxy_config(
+    reference: Mapping[str, Any], topology: Topology, addresses: Mapping[str, str]
+) -> dict[str, Any]:
+    """The run's proxy config: the reference, the topology's overrides, and the run's
+    upstreams (``addresses`` maps each upstream name to its ``ip:port``)."""
+    config = deep_merge(reference, topology.proxy)
+    config["upstreams"] = [
+        {"address": addresses[u.name], "name": u.name} for u in topology.upstreams
+    ]
+    config.setdefault("listen", f"0.0.0.0:{PROXY_PORT}")
+    tls = dict(config.get("tls") or {})
+    tls.setdefault("ca", f"{CERTS_DIR}/ca.pem")
+    tls.setdefault("cert", f"{CERTS_DIR}/server.pem")
+    tls.setdefault("key", f"{CERTS_DIR}/server.key")
+    config["tls"] = tls
+    return config
+
+
+@dataclass(frozen=True, slots=True)
+class Timing:
+    """The proxy's health-check timing, and the window after which a dead upstream must
+    be out of rotation: interval + timeout + margin."""
+
+    interval: float
+    timeout: float
+    fall: int
+    rise: int
+    connect: float
+
+    def window(self, margin: float) -> float:
+        return self.interval * self.fall + self.timeout + margin
+
+
+def timing(config: Mapping[str, Any]) -> Timing:
+    health = config.get("health_check") or {}
+    timeouts = config.get("timeouts") or {}
+    return Timing(
+        interval=parse_duration(health.get("interval", "3s"), "health_check.interval"),
+        timeout=parse_duration(health.get("timeout", "1s"), "health_check.timeout"),
+        fall=int(health.get("fall", 1)),
+        rise=int(health.get("rise", 1)),
+        connect=parse_duration(timeouts.get("connect", "1s"), "timeouts.connect"),
+    )
+
+
+def rate_limit(config: Mapping[str, Any]) -> tuple[bool, float, int]:
+    """(enabled, rate, burst) of a proxy config, with the proxy's defaults."""
+    section = config.get("rate_limit") or {}
+    return (
+        bool(section.get("enabled", True)),
+        float(section.get("rate", 2)),
+        int(section.get("burst", 4)),
+    )
+
+
+# --- addresses ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Addresses:
+    """Static addresses on the run's network: the proxy, each upstream, each client.
+
+    Upstreams are addressed by IP in the proxy config so that no DNS lookup is ever
+    made for them: on an internal network the engine's resolver takes ~10 s to give
+    up on the name of a stopped or disconnected container, and it would try outside."""
+
+    subnet: str
+    gateway: str
+    proxy: str
+    upstreams: dict[str, str]
+    clients: dict[str, str]
+
+
+def assign_addresses(subnet: str, upstreams: Sequence[str], clients: Sequence[str]) -> Addresses:
+    """Fixed host numbers: gateway .1, proxy .10, upstreams from .20, clients from .100."""
+    net = ipaddress.ip_network(subnet, strict=False)
+    if net.num_addresses < 256:
+        raise ValueError(f"subnet {subnet} is too small for a lab run (need a /24 or larger)")
+    if len(upstreams) > 70 or len(clients) > 150:
+        raise ValueError("at most 70 upstreams and 150 clients per run")
+
+    def host(n: int) -> str:
+        return str(net.network_address + n)
+
+    return Addresses(
+        subnet=str(net),
+        gateway=host(1),
+        proxy=host(10),
+        upstreams={name: host(20 + i) for i, name in enumerate(upstreams)},
+        clients={name: host(100 + i) for i, name in enumerate(clients)},
+    )
