@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
-import importlib
 import json
 import random
 import signal
@@ -25,16 +24,11 @@ import pytest
 import uvloop
 
 import certgen
+from client import cli as client_cli
+from client import config as client_config
+from client import decide as client_decide
 
 CLIENT_DIR = Path(__file__).resolve().parents[2] / "services" / "client"
-if str(CLIENT_DIR) not in sys.path:
-    # pyproject's pytest/mypy paths do not list services/client; import it by name.
-    sys.path.insert(0, str(CLIENT_DIR))
-
-client_cli: Any = importlib.import_module("client.cli")
-client_config: Any = importlib.import_module("client.config")
-client_decide: Any = importlib.import_module("client.decide")
-
 REPLY = b"Reply from upstream u-test"
 ATTEMPT_KEYS = {
     "ts",
@@ -377,7 +371,11 @@ VERIFY = ssl.SSLCertVerificationError(
     ],
 )
 def test_classify(
-    phase: str, reply: bytes, error: BaseException | None, timed_out: bool, outcome: str
+    phase: client_decide.Phase,
+    reply: bytes,
+    error: BaseException | None,
+    timed_out: bool,
+    outcome: str,
 ) -> None:
     verdict = client_decide.classify(phase, reply, error, timed_out=timed_out)
     assert verdict.outcome == outcome
@@ -386,6 +384,7 @@ def test_classify(
         assert verdict.error
         assert len(verdict.error) <= 200
     if error is not None:
+        assert verdict.error is not None
         assert type(error).__name__ in verdict.error
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib
 import json
 import os
 import random
@@ -20,24 +19,19 @@ import sys
 import time
 from collections.abc import AsyncIterator, Coroutine
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, cast
 
 import pytest
 import uvloop
 
 from tests.support.loops import await_condition
+from upstream import cli as up_cli
+from upstream import config as up_config
+from upstream import decide as up_decide
+from upstream import logs as up_logs
+from upstream import server as up_server
 
 UPSTREAM_DIR = Path(__file__).resolve().parents[2] / "services" / "upstream"
-if str(UPSTREAM_DIR) not in sys.path:
-    # pyproject's pytest/mypy paths do not list services/upstream; import it by name.
-    sys.path.insert(0, str(UPSTREAM_DIR))
-
-up_cli: Any = importlib.import_module("upstream.cli")
-up_config: Any = importlib.import_module("upstream.config")
-up_decide: Any = importlib.import_module("upstream.decide")
-up_logs: Any = importlib.import_module("upstream.logs")
-up_server: Any = importlib.import_module("upstream.server")
-
 NAME = "u-test"
 REPLY = b"Reply from upstream u-test"
 CONNECTION_KEYS = {
@@ -103,7 +97,7 @@ class Capture:
 @contextlib.asynccontextmanager
 async def running(capture: Capture, **options: Any) -> AsyncIterator[Any]:
     config = up_config.Config(host="127.0.0.1", port=0, name=NAME, **options)
-    server = await up_server.serve(config, up_logs.JsonLog(capture))
+    server = await up_server.serve(config, up_logs.JsonLog(cast("IO[str]", capture)))
     try:
         yield server
     finally:
@@ -349,7 +343,8 @@ def test_stop_aborts_connections_that_outlive_the_grace() -> None:
     async def main() -> None:
         logs = Capture()
         config = up_config.Config(host="127.0.0.1", port=0, name=NAME, mode="echo")
-        server = await up_server.serve(config, up_logs.JsonLog(logs))
+        server = await up_server.serve(config, up_logs.JsonLog(cast("IO[str]", logs)))
+        assert server.address is not None
         reader, writer = await asyncio.open_connection(*server.address)
         try:
             writer.write(b"ping")
@@ -467,7 +462,7 @@ def test_message_end() -> None:
     ],
 )
 def test_final_outcome(
-    mode: str, bytes_in: int, action: str | None, error: bool, expected: str
+    mode: up_config.Mode, bytes_in: int, action: Any, error: bool, expected: str
 ) -> None:
     outcome = up_decide.final_outcome(mode, bytes_in=bytes_in, action=action, lost_with_error=error)
     assert outcome == expected
