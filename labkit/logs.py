@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -217,12 +217,17 @@ def peer_ip(peer: str) -> str:
     return peer.rpartition(":")[0] or peer
 
 
-def attempts_of(lines: Iterable[LogLine]) -> list[Attempt]:
-    found: list[Attempt] = []
+def _events(lines: Iterable[LogLine], event: str) -> Iterator[tuple[LogLine, dict[str, Any]]]:
+    """The JSON lines whose ``event`` is ``event``, with their decoded records."""
     for line in lines:
         rec = line.record
-        if rec is None or rec.get("event") != "attempt":
-            continue
+        if rec is not None and rec.get("event") == event:
+            yield line, rec
+
+
+def attempts_of(lines: Iterable[LogLine]) -> list[Attempt]:
+    found: list[Attempt] = []
+    for line, rec in _events(lines, "attempt"):
         latency = _num(rec.get("latency_ms"))
         number = rec.get("attempt")
         found.append(
@@ -242,10 +247,7 @@ def attempts_of(lines: Iterable[LogLine]) -> list[Attempt]:
 
 def access_of(lines: Iterable[LogLine]) -> list[Access]:
     found: list[Access] = []
-    for line in lines:
-        rec = line.record
-        if rec is None or rec.get("event") != "access":
-            continue
+    for line, rec in _events(lines, "access"):
         handshake = _num(rec.get("handshake_ms"))
         attempts = rec.get("attempts")
         found.append(
@@ -267,10 +269,7 @@ def access_of(lines: Iterable[LogLine]) -> list[Access]:
 
 def health_of(lines: Iterable[LogLine]) -> list[HealthEvent]:
     found: list[HealthEvent] = []
-    for line in lines:
-        rec = line.record
-        if rec is None or rec.get("event") != "health":
-            continue
+    for line, rec in _events(lines, "health"):
         found.append(
             HealthEvent(
                 ts=line.ts,

@@ -8,10 +8,10 @@ import random
 import ssl
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 Outcome = Literal["ok", "rejected", "tls_error", "refused", "timeout", "error"]
-OUTCOMES: tuple[Outcome, ...] = ("ok", "rejected", "tls_error", "refused", "timeout", "error")
+OUTCOMES: tuple[Outcome, ...] = get_args(Outcome)
 
 # Where an attempt was when it ended: the TCP connect, the TLS handshake, or after the
 # handshake (sending the message and reading the reply).

@@ -13,7 +13,7 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, get_args
 
 import yaml
 
@@ -21,14 +21,10 @@ IdentitySource = Literal["cn", "san_uri", "san_dns"]
 BalancerName = Literal["least_connections", "round_robin", "power_of_two", "consistent_hash"]
 Action = Literal["allow", "deny"]
 
-IDENTITY_SOURCES: tuple[IdentitySource, ...] = ("cn", "san_uri", "san_dns")
-BALANCERS: tuple[BalancerName, ...] = (
-    "least_connections",
-    "round_robin",
-    "power_of_two",
-    "consistent_hash",
-)
-ACTIONS: tuple[Action, ...] = ("allow", "deny")
+# The accepted spellings, derived from the types so the two cannot drift apart.
+IDENTITY_SOURCES: tuple[IdentitySource, ...] = get_args(IdentitySource)
+BALANCERS: tuple[BalancerName, ...] = get_args(BalancerName)
+ACTIONS: tuple[Action, ...] = get_args(Action)
 ANY = "*"
 
 

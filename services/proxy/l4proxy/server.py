@@ -76,6 +76,12 @@ def _peer(transport: asyncio.BaseTransport) -> str:
     return str(peer)
 
 
+def _write_eof(transport: asyncio.Transport | None) -> None:
+    """Half-close our sending side of ``transport`` if it is open and can."""
+    if transport is not None and not transport.is_closing() and transport.can_write_eof():
+        transport.write_eof()
+
+
 class UpstreamSide(asyncio.Protocol):
     """The plain TCP connection to the upstream.
 
@@ -355,6 +361,7 @@ class ClientConnection(asyncio.Protocol):
         upstream = self.upstream_transport
         assert upstream is not None
         tls = self.tls
+        incoming = self.incoming
         buffer = self.proxy.read_buffer
         while True:
             try:
@@ -378,7 +385,6 @@ class ClientConnection(asyncio.Protocol):
                 break
             self.bytes_up += size
             upstream.write(buffer[:size])  # a copy: the buffer is reused by the next read
-            incoming = self.incoming
             if not incoming.pending and not tls.pending() and not incoming.eof:
                 break  # nothing left to decrypt: another read could only raise WantRead
         self._flush_tls()  # e.g. key-update responses
@@ -387,9 +393,7 @@ class ClientConnection(asyncio.Protocol):
         if self.client_eof:
             return
         self.client_eof = True
-        upstream = self.upstream_transport
-        if upstream is not None and not upstream.is_closing() and upstream.can_write_eof():
-            upstream.write_eof()
+        _write_eof(self.upstream_transport)
         if self.upstream_eof_seen:
             self._finish("forwarded", "eof")
 
@@ -415,9 +419,7 @@ class ClientConnection(asyncio.Protocol):
         # close_notify, then FIN: the client learns the stream ended cleanly, and may
         # keep sending (TLS 1.3 and TCP both allow a half-closed connection).
         self._send_close_notify()
-        transport = self.transport
-        if transport is not None and not transport.is_closing() and transport.can_write_eof():
-            transport.write_eof()
+        _write_eof(self.transport)
         if self.client_eof:
             self._finish("forwarded", "eof")
 

@@ -5,7 +5,7 @@ an empty connection is logged. No I/O and no clocks here: ``now`` is passed in.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 from .config import Mode
 
@@ -25,17 +25,7 @@ Outcome = Literal[
     "idle_timeout",
     "shutdown",
 ]
-OUTCOMES: tuple[Outcome, ...] = (
-    "replied",
-    "echoed",
-    "sunk",
-    "empty",
-    "fault_close",
-    "fault_reset",
-    "client_reset",
-    "idle_timeout",
-    "shutdown",
-)
+OUTCOMES: tuple[Outcome, ...] = get_args(Outcome)
 
 # What the server itself did to end (or answer) a connection, if anything.
 Action = Literal["replied", "fault_close", "fault_reset", "idle_timeout", "shutdown"]
