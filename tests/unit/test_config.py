@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from l4proxy.config import (
     load_config,
     parse_config,
     parse_duration,
+    read_config,
 )
 
 BASE_DIR = Path("/etc/layer4lab")
@@ -190,7 +192,12 @@ def test_every_default_when_sections_are_absent() -> None:
     assert config.authorization.rules == ()
 
     t = config.timeouts
-    assert (t.handshake, t.connect, t.idle) == (5.0, 1.0, 300.0)
+    assert (t.handshake, t.connect, t.idle, t.drain) == (5.0, 1.0, 300.0, 30.0)
+
+    assert config.admin.listen == Address("127.0.0.1", 9100)
+    assert config.max_connections == 0
+    assert config.proxy_protocol == "none"
+    assert all(u.proxy_protocol == "none" for u in config.upstreams)
 
 
 def test_empty_sections_mean_defaults() -> None:
@@ -405,6 +412,24 @@ ERROR_CASES: list[tuple[str, dict[str, Any], str]] = [
     ("fall-string", minimal(health_check={"fall": "3"}), "health_check.fall"),
     # shapes
     ("section-not-mapping", minimal(health_check=["3s"]), "health_check"),
+    # operating
+    ("admin-bad-address", minimal(admin={"listen": "9100"}), "admin.listen"),
+    ("admin-unknown-key", minimal(admin={"port": 9100}), "admin.port"),
+    (
+        "admin-same-as-listen",
+        minimal(listen="0.0.0.0:9100", admin={"listen": "0.0.0.0:9100"}),
+        "admin.listen",
+    ),
+    ("drain-negative", minimal(timeouts={"drain": -1}), "timeouts.drain"),
+    ("drain-words", minimal(timeouts={"drain": "a while"}), "timeouts.drain"),
+    ("max-connections-negative", minimal(max_connections=-1), "max_connections"),
+    ("max-connections-float", minimal(max_connections=1.5), "max_connections"),
+    ("proxy-protocol-v1", minimal(proxy_protocol="v1"), "proxy_protocol"),
+    (
+        "upstream-proxy-protocol",
+        minimal(upstreams=[{"address": "127.0.0.1:8000", "proxy_protocol": True}]),
+        "upstreams[0].proxy_protocol",
+    ),
 ]
 
 
@@ -576,3 +601,52 @@ def test_check_files_passes_when_all_exist(tmp_path: Path) -> None:
 @example(9)  # '9ms' must be 0.009, the float a user gets from writing 0.009
 def test_parse_duration_milliseconds_round_trip(n: int) -> None:
     assert parse_duration(f"{n}ms", "k", allow_zero=True) == n / 1000
+
+
+# ------------------------------------------------------------------------ operating
+
+
+@pytest.mark.parametrize("off", ["", None])
+def test_an_empty_admin_listen_turns_the_admin_listener_off(off: object) -> None:
+    assert parse(minimal(admin={"listen": off})).admin.listen is None
+
+
+def test_admin_port_zero_picks_a_free_port() -> None:
+    assert parse(minimal(admin={"listen": "127.0.0.1:0"})).admin.listen == Address("127.0.0.1", 0)
+
+
+def test_drain_zero_means_close_at_once() -> None:
+    assert parse(minimal(timeouts={"drain": 0})).timeouts.drain == 0.0
+
+
+def test_proxy_protocol_global_default_and_per_upstream_override() -> None:
+    config = parse(
+        minimal(
+            proxy_protocol="v2",
+            upstreams=[
+                "127.0.0.1:8000",
+                {"address": "127.0.0.1:8001"},
+                {"address": "127.0.0.1:8002", "proxy_protocol": "none"},
+            ],
+        )
+    )
+    assert config.proxy_protocol == "v2"
+    assert [u.proxy_protocol for u in config.upstreams] == ["v2", "v2", "none"]
+    config = parse(minimal(upstreams=[{"address": "127.0.0.1:8000", "proxy_protocol": "v2"}]))
+    assert [u.proxy_protocol for u in config.upstreams] == ["v2"]
+
+
+def test_read_config_returns_the_sha256_of_the_file_bytes(tmp_path: Path) -> None:
+    text = "tls: {ca: ca.pem, cert: s.pem, key: s.key}\nupstreams: ['127.0.0.1:8000']\n"
+    path = tmp_path / "proxy.yaml"
+    path.write_text(text, encoding="utf-8")
+    config, digest = read_config(path)
+    assert digest == hashlib.sha256(text.encode()).hexdigest()
+    assert config.upstreams[0].key == "127.0.0.1:8000"
+
+
+def test_read_config_refuses_a_file_that_is_not_utf8(tmp_path: Path) -> None:
+    path = tmp_path / "proxy.yaml"
+    path.write_bytes(b"listen: \xff\n")
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        read_config(path)

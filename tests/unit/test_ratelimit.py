@@ -324,3 +324,50 @@ def test_open_counts_match_unreleased_tickets(cap: int, ops: list[tuple[bool, st
         for who in live.values():
             expected[who] = expected.get(who, 0) + 1
         assert rl.open == expected
+
+
+# ------------------------------------------------------------------------ reconfigure
+
+
+def test_reconfigure_keeps_tokens_but_never_above_the_new_burst() -> None:
+    rl = RateLimiter(rate=1.0, burst=10, cleanup_interval=60.0)
+    for _ in range(4):
+        assert admitted(rl.admit("a", 0.0))
+    assert rl.buckets["a"].tokens == 6.0
+    rl.reconfigure(rate=1.0, burst=3, cleanup_interval=60.0)
+    assert rl.buckets["a"].tokens == 3.0  # capped: a smaller burst takes effect at once
+    assert [admitted(rl.admit("a", 0.0)) for _ in range(4)] == [True, True, True, False]
+
+
+def test_reconfigure_to_a_larger_burst_grants_nothing_at_once() -> None:
+    rl = RateLimiter(rate=1.0, burst=2, cleanup_interval=60.0)
+    assert admitted(rl.admit("a", 0.0))
+    assert admitted(rl.admit("a", 0.0))
+    rl.reconfigure(rate=10.0, burst=100, cleanup_interval=60.0)
+    assert not admitted(rl.admit("a", 0.0))  # still empty: no free tokens from a reload
+    assert admitted(rl.admit("a", 0.1))  # refills at the new rate: 10/s * 0.1 s = 1 token
+
+
+def test_reconfigure_keeps_open_tickets_and_applies_the_new_cap() -> None:
+    rl = RateLimiter(rate=100.0, burst=100, cleanup_interval=60.0, max_concurrent=0)
+    held = [ticket(rl.admit("a", 0.0)) for _ in range(3)]
+    rl.reconfigure(rate=100.0, burst=100, cleanup_interval=60.0, max_concurrent=2)
+    limited = rl.admit("a", 0.0)
+    assert isinstance(limited, Limited)
+    assert limited.reason == "max_concurrent"
+    for t in held[:2]:
+        t.release()
+    assert rl.open == {"a": 1}
+    ticket(rl.admit("a", 0.0)).release()
+    held[2].release()
+    assert rl.open == {}
+
+
+def test_reconfigure_can_disable_and_enable_the_rate_limit() -> None:
+    rl = RateLimiter(rate=1.0, burst=1, cleanup_interval=60.0)
+    assert admitted(rl.admit("a", 0.0))
+    assert not admitted(rl.admit("a", 0.0))
+    rl.reconfigure(rate=1.0, burst=1, cleanup_interval=60.0, enabled=False)
+    assert all(admitted(rl.admit("a", 0.0)) for _ in range(5))
+    rl.reconfigure(rate=1.0, burst=1, cleanup_interval=60.0, enabled=True)
+    assert not admitted(rl.admit("a", 0.0))

@@ -15,14 +15,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from l4proxy.balancer import Lease
-from l4proxy.config import BALANCERS, BalancerName, parse_config
+from l4proxy.config import BALANCERS, BalancerName, Config, parse_config
 from l4proxy.health import Health, Transition
 from l4proxy.router import Admission, Rejected, Router
 
 UPSTREAMS = ["127.0.0.1:8000", "127.0.0.1:8001", "127.0.0.1:8002"]
 
 
-def make_router(
+def router_config(
     *,
     balancer: BalancerName = "least_connections",
     rate: float = 100.0,
@@ -33,12 +33,12 @@ def make_router(
     rules: list[dict[str, Any]] | None = None,
     rise: int = 1,
     fall: int = 1,
-    seed: int = 0,
-) -> Router:
-    config = parse_config(
+    upstreams: list[str] | None = None,
+) -> Config:
+    return parse_config(
         {
             "tls": {"ca": "ca.pem", "cert": "s.pem", "key": "s.key"},
-            "upstreams": UPSTREAMS,
+            "upstreams": upstreams or UPSTREAMS,
             "balancer": balancer,
             "health_check": {"rise": rise, "fall": fall},
             "rate_limit": {
@@ -51,7 +51,10 @@ def make_router(
         },
         Path("/etc/layer4lab"),
     )
-    return Router(config, random.Random(seed))
+
+
+def make_router(*, seed: int = 0, **options: Any) -> Router:
+    return Router(router_config(**options), random.Random(seed))
 
 
 def admission(result: Admission | Rejected) -> Admission:
@@ -195,7 +198,7 @@ def test_dial_failed_marks_down_releases_and_picks_another() -> None:
     assert isinstance(retry, Lease)
     assert retry.index != first
     assert adm.lease is retry
-    assert adm.tried == [first, retry.index]
+    assert adm.tried == [UPSTREAMS[first], UPSTREAMS[retry.index]]
     assert router.pool.active[first] == 0
     assert router.pool.active[retry.index] == 1
     assert sum(router.pool.active) == 1
@@ -234,7 +237,7 @@ def test_dial_failed_only_retries_allowed_upstreams() -> None:
     adm = admission(router.admit("client.a", 0.0))
     _, retry = router.dial_failed(adm, 1.0, "refused")
     assert isinstance(retry, Lease)
-    assert {adm.tried[0], retry.index} == {0, 2}
+    assert {adm.tried[0], retry.upstream.key} == {UPSTREAMS[0], UPSTREAMS[2]}
     _, final = router.dial_failed(adm, 2.0, "refused")
     assert isinstance(final, Rejected)
     assert final.decision == "dial_failed"
@@ -250,8 +253,8 @@ def test_dial_retry_skips_tried_upstreams_even_if_they_recovered(balancer: Balan
     assert isinstance(retry, Lease)
     _, retry2 = router.dial_failed(adm, 2.0, "refused")
     assert isinstance(retry2, Lease)
-    first, second, third = adm.tried
-    assert sorted(adm.tried) == [0, 1, 2]
+    first, second, third = (UPSTREAMS.index(key) for key in adm.tried)
+    assert sorted(adm.tried) == UPSTREAMS
     # the first two come back (active checks pass) while the third dial is going on
     router.check_result(first, True, 2.5, "ok")
     router.check_result(second, True, 2.5, "ok")
@@ -259,7 +262,7 @@ def test_dial_retry_skips_tried_upstreams_even_if_they_recovered(balancer: Balan
     _, final = router.dial_failed(adm, 3.0, "refused")
     assert isinstance(final, Rejected)  # not a fourth attempt on an upstream already tried
     assert final.decision == "dial_failed"
-    assert adm.tried == [first, second, third]
+    assert adm.tried == [UPSTREAMS[i] for i in (first, second, third)]
     assert_idle(router)
 
 
@@ -410,4 +413,73 @@ def test_every_balancer_retries_and_drains(balancer: BalancerName) -> None:
         assert isinstance(outcome, Lease | Rejected)
     for adm in held:
         adm.release()
+    assert_idle(router)
+
+
+# ------------------------------------------------------------------------ reload
+
+
+def test_reload_applies_new_rules_to_new_admissions_only() -> None:
+    router = make_router()
+    before = admission(router.admit("client.a", 0.0))
+    router.reconfigure(router_config(default="deny"))
+    denied = router.admit("client.a", 0.0)
+    assert isinstance(denied, Rejected)
+    assert denied.decision == "denied"
+    assert router.pool.active[before.lease.index] == 1  # the open one keeps its slot
+    before.release()
+    assert_idle(router)
+
+
+def test_reload_keeps_token_buckets_so_a_reload_is_no_way_around_the_rate_limit() -> None:
+    router = make_router(rate=1.0, burst=2)
+    for _ in range(2):
+        admission(router.admit("client.a", 0.0)).release()
+    router.reconfigure(router_config(rate=1.0, burst=2))
+    limited = router.admit("client.a", 0.0)
+    assert isinstance(limited, Rejected)
+    assert limited.decision == "rate_limited"
+
+
+def test_reload_removing_an_upstream_retires_it_and_its_connections_release_cleanly() -> None:
+    router = make_router()
+    held = [admission(router.admit(f"c{i}", 0.0)) for i in range(3)]
+    assert sorted(a.lease.index for a in held) == [0, 1, 2]
+    router.reconfigure(router_config(upstreams=UPSTREAMS[1:]))
+    assert router.pool.retired == {UPSTREAMS[0]: 1}
+    new = [admission(router.admit(f"n{i}", 0.0)) for i in range(4)]
+    assert all(a.lease.upstream.key != UPSTREAMS[0] for a in new)
+    for a in held + new:
+        a.release()
+    assert_idle(router)
+    assert router.pool.retired == {}
+
+
+def test_dial_retry_after_a_reload_follows_the_new_rules_and_upstream_list() -> None:
+    router = make_router()
+    adm = admission(router.admit("client.a", 0.0))
+    first = adm.lease.upstream.key
+    others = [key for key in UPSTREAMS if key != first]
+    # The reload removes one of the others and denies client.a the last one.
+    _removed, denied = others
+    rules = [{"client": "client.a", "action": "deny", "upstream": denied}]
+    router.reconfigure(router_config(upstreams=[first, denied], rules=rules))
+    transition, outcome = router.dial_failed(adm, 1.0, "refused")
+    assert transition is not None  # the failed upstream is still in the pool: marked down
+    assert isinstance(outcome, Rejected)  # removed is gone, denied is denied, first was tried
+    assert outcome.decision == "dial_failed"
+    assert_idle(router)
+
+
+def test_dial_failure_on_a_removed_upstream_marks_nothing_and_retries_elsewhere() -> None:
+    router = make_router()
+    adm = admission(router.admit("client.a", 0.0))
+    gone = adm.lease.upstream.key
+    router.reconfigure(router_config(upstreams=[k for k in UPSTREAMS if k != gone]))
+    transition, outcome = router.dial_failed(adm, 1.0, "refused")
+    assert transition is None
+    assert isinstance(outcome, Lease)
+    assert outcome.upstream.key != gone
+    assert router.pool.retired == {}
+    adm.release()
     assert_idle(router)

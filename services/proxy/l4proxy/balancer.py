@@ -100,17 +100,18 @@ def make_strategy(
 
 
 class Lease:
-    """A reserved slot; :meth:`release` gives it back exactly once."""
+    """A reserved slot; :meth:`release` gives it back exactly once.
 
-    __slots__ = ("_pool", "index")
+    The lease remembers its upstream and the pool generation it was taken in, so it
+    finds its slot again after :meth:`UpstreamPool.reconfigure` moved or removed it."""
+
+    __slots__ = ("_pool", "generation", "index", "upstream")
 
     def __init__(self, pool: UpstreamPool, index: int) -> None:
         self._pool: UpstreamPool | None = pool
-        self.index = index
-
-    @property
-    def upstream(self) -> Upstream:
-        return self._pool_or_raise().upstreams[self.index]
+        self.index = index  # in the pool as it was at ``generation``
+        self.generation = pool.generation
+        self.upstream = pool.upstreams[index]
 
     @property
     def released(self) -> bool:
@@ -119,12 +120,7 @@ class Lease:
     def release(self) -> None:
         pool, self._pool = self._pool, None
         if pool is not None:
-            pool._release(self.index)
-
-    def _pool_or_raise(self) -> UpstreamPool:
-        if self._pool is None:
-            raise RuntimeError("lease already released")
-        return self._pool
+            pool._release(self)
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,6 +129,12 @@ class NoUpstream:
 
 
 class UpstreamPool:
+    """The upstreams, each one's active-connection count and health machine.
+
+    :meth:`reconfigure` swaps in a new upstream list (a config reload): an upstream that
+    stays, keyed by its address, keeps its count and health; a removed one is *retired*
+    (no new picks) until its last lease is released; a new one starts UNKNOWN."""
+
     def __init__(
         self,
         upstreams: Sequence[Upstream],
@@ -147,6 +149,12 @@ class UpstreamPool:
         self.strategy = strategy
         self.health = [HealthMachine(rise, fall) for _ in upstreams]
         self.active = [0] * len(upstreams)
+        self.generation = 0
+        self.retired: dict[str, int] = {}  # removed upstream key -> leases still open
+        self._index = {u.key: i for i, u in enumerate(self.upstreams)}
+
+    def index_of(self, key: str) -> int | None:
+        return self._index.get(key)
 
     def eligible(self, allowed: Sequence[int], exclude: Sequence[int] = ()) -> list[int]:
         return [i for i in allowed if i not in exclude and self.health[i].eligible]
@@ -163,9 +171,52 @@ class UpstreamPool:
         return Lease(self, index)
 
     def total_active(self) -> int:
-        return sum(self.active)
+        return sum(self.active) + sum(self.retired.values())
 
-    def _release(self, index: int) -> None:
+    def health_of(self, lease: Lease) -> HealthMachine | None:
+        """The health machine of the lease's upstream, if it is still in the pool."""
+        index = self._current_index(lease)
+        return None if index is None else self.health[index]
+
+    def reconfigure(
+        self, upstreams: Sequence[Upstream], strategy: Strategy, *, rise: int, fall: int
+    ) -> None:
+        if not upstreams:
+            raise ValueError("a pool needs at least one upstream")
+        counts = dict(self.retired)
+        machines: dict[str, HealthMachine] = {}
+        for i, upstream in enumerate(self.upstreams):
+            counts[upstream.key] = self.active[i]
+            machines[upstream.key] = self.health[i]
+        self.upstreams = tuple(upstreams)
+        self.strategy = strategy
+        self._index = {u.key: i for i, u in enumerate(self.upstreams)}
+        self.active = [counts.pop(u.key, 0) for u in self.upstreams]
+        self.health = []
+        for upstream in self.upstreams:
+            machine = machines.get(upstream.key) or HealthMachine(rise, fall)
+            machine.rise, machine.fall = rise, fall
+            self.health.append(machine)
+        self.retired = {key: count for key, count in counts.items() if count > 0}
+        self.generation += 1
+
+    def _current_index(self, lease: Lease) -> int | None:
+        if lease.generation == self.generation:
+            return lease.index
+        return self._index.get(lease.upstream.key)
+
+    def _release(self, lease: Lease) -> None:
+        index = self._current_index(lease)
+        if index is None:
+            key = lease.upstream.key
+            left = self.retired.get(key, 0) - 1
+            if left < 0:
+                raise RuntimeError(f"active count of retired upstream {key} would go negative")
+            if left:
+                self.retired[key] = left
+            else:
+                del self.retired[key]
+            return
         if self.active[index] <= 0:
             raise RuntimeError(f"active count of upstream {index} would go negative")
         self.active[index] -= 1

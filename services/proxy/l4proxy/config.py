@@ -7,6 +7,7 @@ This module does no I/O beyond reading the one file in :func:`load_config`.
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import math
 import re
@@ -20,11 +21,13 @@ import yaml
 IdentitySource = Literal["cn", "san_uri", "san_dns"]
 BalancerName = Literal["least_connections", "round_robin", "power_of_two", "consistent_hash"]
 Action = Literal["allow", "deny"]
+ProxyProtocol = Literal["none", "v2"]
 
 # The accepted spellings, derived from the types so the two cannot drift apart.
 IDENTITY_SOURCES: tuple[IdentitySource, ...] = get_args(IdentitySource)
 BALANCERS: tuple[BalancerName, ...] = get_args(BalancerName)
 ACTIONS: tuple[Action, ...] = get_args(Action)
+PROXY_PROTOCOLS: tuple[ProxyProtocol, ...] = get_args(ProxyProtocol)
 ANY = "*"
 
 
@@ -50,6 +53,7 @@ class Address:
 class Upstream:
     address: Address
     name: str
+    proxy_protocol: ProxyProtocol = "none"  # "v2": a PROXY v2 header starts each connection
 
     @property
     def key(self) -> str:
@@ -102,9 +106,16 @@ class Timeouts:
     handshake: float = 5.0
     connect: float = 1.0
     idle: float = 300.0  # 0 disables the idle timeout
+    drain: float = 30.0  # after SIGTERM, how long open connections may finish; 0: close at once
 
 
 DEFAULT_LISTEN = Address("0.0.0.0", 8443)  # noqa: S104 - a proxy listens on all interfaces
+DEFAULT_ADMIN = Address("127.0.0.1", 9100)
+
+
+@dataclass(frozen=True, slots=True)
+class AdminConfig:
+    listen: Address | None = DEFAULT_ADMIN  # None: no admin listener
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,6 +128,9 @@ class Config:
     rate_limit: RateLimitConfig = field(default_factory=RateLimitConfig)
     authorization: AuthorizationConfig = field(default_factory=AuthorizationConfig)
     timeouts: Timeouts = field(default_factory=Timeouts)
+    admin: AdminConfig = field(default_factory=AdminConfig)
+    max_connections: int = 0  # open client connections at once, handshakes included; 0: no cap
+    proxy_protocol: ProxyProtocol = "none"  # the default for upstreams that do not say
 
 
 # --- scalar parsers -------------------------------------------------------------------
@@ -263,6 +277,9 @@ _TOP_KEYS = (
     "rate_limit",
     "authorization",
     "timeouts",
+    "admin",
+    "max_connections",
+    "proxy_protocol",
 )
 
 
@@ -288,15 +305,16 @@ def _parse_tls(raw: Mapping[str, Any], base_dir: Path) -> TlsConfig:
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 
 
-def _parse_upstreams(raw: Mapping[str, Any]) -> tuple[Upstream, ...]:
+def _parse_upstreams(raw: Mapping[str, Any], default_pp: ProxyProtocol) -> tuple[Upstream, ...]:
     value = raw["upstreams"]
     if not isinstance(value, list) or not value:
         raise ConfigError("upstreams", "expected a non-empty list of 'host:port' or mappings")
     result: list[Upstream] = []
     for i, item in enumerate(value):
         key = f"upstreams[{i}]"
+        proxy_protocol = default_pp
         if isinstance(item, Mapping):
-            _check_keys(item, key, ("address", "name"), ("address",))
+            _check_keys(item, key, ("address", "name", "proxy_protocol"), ("address",))
             address = parse_address(item["address"], f"{key}.address")
             name = _string(item["name"], f"{key}.name") if "name" in item else str(address)
             if "name" in item and not _NAME.match(name):
@@ -304,10 +322,14 @@ def _parse_upstreams(raw: Mapping[str, Any]) -> tuple[Upstream, ...]:
                     f"{key}.name",
                     f"{name!r}: use letters, digits, '.', '-' and '_' (at most 63 characters)",
                 )
+            if "proxy_protocol" in item:
+                proxy_protocol = _choice(
+                    item["proxy_protocol"], f"{key}.proxy_protocol", PROXY_PROTOCOLS
+                )
         else:
             address = parse_address(item, key)
             name = str(address)
-        result.append(Upstream(address, name))
+        result.append(Upstream(address, name, proxy_protocol))
     seen: dict[str, int] = {}
     for i, upstream in enumerate(result):
         for label in {upstream.key, upstream.name}:
@@ -417,7 +439,7 @@ def _canonical_target(target: str, known: set[str]) -> str:
 
 
 def _parse_timeouts(raw: Mapping[str, Any]) -> Timeouts:
-    section = _section(raw, "timeouts", ("handshake", "connect", "idle"))
+    section = _section(raw, "timeouts", ("handshake", "connect", "idle", "drain"))
     d = Timeouts()
     return Timeouts(
         handshake=_opt(
@@ -429,7 +451,23 @@ def _parse_timeouts(raw: Mapping[str, Any]) -> Timeouts:
         idle=_opt(
             section, "idle", d.idle, lambda v: parse_duration(v, "timeouts.idle", allow_zero=True)
         ),
+        drain=_opt(
+            section,
+            "drain",
+            d.drain,
+            lambda v: parse_duration(v, "timeouts.drain", allow_zero=True),
+        ),
     )
+
+
+def _parse_admin(raw: Mapping[str, Any]) -> AdminConfig:
+    section = _section(raw, "admin", ("listen",))
+    if "listen" not in section:
+        return AdminConfig()
+    value = section["listen"]
+    if value is None or value == "":
+        return AdminConfig(listen=None)
+    return AdminConfig(listen=parse_address(value, "admin.listen", allow_port_zero=True))
 
 
 def parse_config(raw: object, base_dir: Path) -> Config:
@@ -437,8 +475,11 @@ def parse_config(raw: object, base_dir: Path) -> Config:
     if not isinstance(raw, Mapping):
         raise ConfigError("", "the configuration must be a YAML mapping of keys to values")
     _check_keys(raw, "", _TOP_KEYS, ("tls", "upstreams"))
-    upstreams = _parse_upstreams(raw)
-    return Config(
+    proxy_protocol: ProxyProtocol = _opt(
+        raw, "proxy_protocol", "none", lambda v: _choice(v, "proxy_protocol", PROXY_PROTOCOLS)
+    )
+    upstreams = _parse_upstreams(raw, proxy_protocol)
+    config = Config(
         listen=_opt(
             raw,
             "listen",
@@ -454,15 +495,35 @@ def parse_config(raw: object, base_dir: Path) -> Config:
         rate_limit=_parse_rate_limit(raw),
         authorization=_parse_authorization(raw, upstreams),
         timeouts=_parse_timeouts(raw),
+        admin=_parse_admin(raw),
+        max_connections=_opt(raw, "max_connections", 0, lambda v: _int(v, "max_connections", 0)),
+        proxy_protocol=proxy_protocol,
     )
+    admin = config.admin.listen
+    if admin is not None and admin == config.listen and admin.port != 0:
+        raise ConfigError("admin.listen", f"{admin} is also the proxy's listen address")
+    return config
 
 
 def load_config(path: Path) -> Config:
     """Read and validate a config file; every problem is a :class:`ConfigError`."""
+    return read_config(path)[0]
+
+
+def read_config(path: Path) -> tuple[Config, str]:
+    """:func:`load_config`, plus the SHA-256 of the file's bytes (what ``/status`` shows)."""
     try:
-        text = path.read_text(encoding="utf-8")
+        data = path.read_bytes()
     except OSError as exc:
         raise ConfigError("", f"cannot read {path}: {exc.strerror or exc}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError("", f"{path} is not UTF-8 text") from None
+    return _parse_text(text, path), hashlib.sha256(data).hexdigest()
+
+
+def _parse_text(text: str, path: Path) -> Config:
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -472,6 +533,20 @@ def load_config(path: Path) -> Config:
             where = f" at line {mark.line + 1}, column {mark.column + 1}"
         raise ConfigError("", f"{path} is not valid YAML{where}") from None
     return parse_config(raw, path.resolve().parent)
+
+
+def restart_needed(old: Config, new: Config) -> None:
+    """Raise :class:`ConfigError` for a change a reload cannot apply (the listeners)."""
+    if new.listen != old.listen:
+        raise ConfigError(
+            "listen", f"changing the listen address ({old.listen} -> {new.listen}) needs a restart"
+        )
+    if new.admin.listen != old.admin.listen:
+        raise ConfigError(
+            "admin.listen",
+            f"changing the admin address ({old.admin.listen} -> {new.admin.listen}) "
+            "needs a restart",
+        )
 
 
 def check_files(config: Config) -> None:

@@ -94,6 +94,28 @@ class RateLimiter:
         self.open[identity] = current + 1
         return Ticket(self, identity)
 
+    def reconfigure(
+        self,
+        rate: float,
+        burst: int,
+        cleanup_interval: float,
+        max_concurrent: int = 0,
+        *,
+        enabled: bool = True,
+    ) -> None:
+        """New limits (a config reload). Open-connection counts stay, so tickets taken
+        before still count and still release. Each bucket keeps its tokens, capped at
+        the new burst: a reload never hands out extra tokens."""
+        self.rate = rate
+        self.burst = burst
+        self.cleanup_interval = cleanup_interval
+        self.max_concurrent = max_concurrent
+        self.enabled = enabled
+        for bucket in self.buckets.values():
+            bucket.rate = rate
+            bucket.burst = burst
+            bucket.tokens = min(bucket.tokens, float(burst))
+
     def cleanup(self, now: float) -> int:
         """Forget idle buckets; returns how many were removed."""
         stale = [

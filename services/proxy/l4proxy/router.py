@@ -26,13 +26,13 @@ class Rejected:
 @dataclass(slots=True)
 class Admission:
     """An admitted connection: its concurrency ticket, its current upstream lease and the
-    upstreams it has tried. :meth:`release` returns every slot it holds, exactly once."""
+    upstreams it has tried (keys). :meth:`release` returns every slot it holds, once."""
 
     identity: str
     ticket: Ticket
-    allowed: tuple[int, ...]
+    allowed: tuple[int, ...]  # pool indices at ``lease.generation``
     lease: Lease
-    tried: list[int] = field(default_factory=list)
+    tried: list[str] = field(default_factory=list)
 
     def release(self) -> None:
         self.lease.release()
@@ -44,6 +44,7 @@ class Router:
         hc = config.health_check
         rl = config.rate_limit
         self.config = config
+        self.rng = rng
         self.pool = UpstreamPool(
             config.upstreams,
             make_strategy(config.balancer, config.upstreams, rng),
@@ -57,6 +58,25 @@ class Router:
             rl.rate, rl.burst, rl.cleanup_interval, rl.max_concurrent, enabled=rl.enabled
         )
 
+    def reconfigure(self, config: Config) -> None:
+        """Apply a reloaded config to new admissions. Open admissions keep their slots:
+        counts, health and token buckets carry over for upstreams and clients that stay."""
+        hc = config.health_check
+        rl = config.rate_limit
+        self.pool.reconfigure(
+            config.upstreams,
+            make_strategy(config.balancer, config.upstreams, self.rng),
+            rise=hc.rise,
+            fall=hc.fall,
+        )
+        self.authorizer = Authorizer(
+            config.authorization.rules, config.authorization.default, config.upstreams
+        )
+        self.limiter.reconfigure(
+            rl.rate, rl.burst, rl.cleanup_interval, rl.max_concurrent, enabled=rl.enabled
+        )
+        self.config = config
+
     def admit(self, identity: str, now: float) -> Admission | Rejected:
         ticket = self.limiter.admit(identity, now)
         if isinstance(ticket, Limited):
@@ -69,23 +89,31 @@ class Router:
         if isinstance(picked, NoUpstream):
             ticket.release()
             return Rejected("no_healthy_upstream", f"all {len(allowed)} allowed upstreams are down")
-        return Admission(identity, ticket, allowed, picked, [picked.index])
+        return Admission(identity, ticket, allowed, picked, [picked.upstream.key])
 
     def dial_failed(
         self, admission: Admission, now: float, reason: str
     ) -> tuple[Transition | None, Lease | Rejected]:
         """The dial on ``admission.lease`` failed: mark that upstream down, give its slot
-        back and pick the next eligible allowed upstream not tried yet."""
-        index = admission.lease.index
-        admission.lease.release()
-        transition = self.pool.health[index].mark_down(now, f"dial failed: {reason}")
-        picked = self.pool.pick(admission.allowed, admission.identity, exclude=admission.tried)
+        back and pick the next eligible allowed upstream not tried yet.
+
+        After a reload the retry follows the new rules and the new upstream list."""
+        lease = admission.lease
+        machine = self.pool.health_of(lease)
+        lease.release()
+        transition = None
+        if machine is not None:
+            transition = machine.mark_down(now, f"dial failed: {reason}")
+        if lease.generation != self.pool.generation:
+            admission.allowed = self.authorizer.allowed(admission.identity)
+        exclude = [i for i in map(self.pool.index_of, admission.tried) if i is not None]
+        picked = self.pool.pick(admission.allowed, admission.identity, exclude=exclude)
         if isinstance(picked, NoUpstream):
             admission.ticket.release()
             attempts = len(admission.tried)
             return transition, Rejected("dial_failed", f"{reason} (after {attempts} attempt(s))")
         admission.lease = picked
-        admission.tried.append(picked.index)
+        admission.tried.append(picked.upstream.key)
         return transition, picked
 
     def check_result(self, index: int, ok: bool, now: float, reason: str) -> Transition | None:
