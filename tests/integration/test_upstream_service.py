@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import json
 import os
 import random
@@ -39,11 +40,16 @@ CONNECTION_KEYS = {
     "event",
     "upstream",
     "peer",
+    "client_addr",
+    "identity",
+    "proxy_protocol",
     "mode",
     "bytes_in",
+    "header_bytes",
     "bytes_out",
     "message",
     "outcome",
+    "reason",
     "duration_ms",
     "suppressed",
 }
@@ -146,6 +152,7 @@ def test_reply_is_exact_and_logged() -> None:
             listening = logs.events("listening")[0]
             assert listening["address"] == f"127.0.0.1:{server.address[1]}"
             assert (listening["name"], listening["mode"]) == (NAME, "reply")
+            assert listening["proxy_protocol"] == "none"
 
             assert await exchange(server.address, b"hello upstream\nignored") == REPLY
             (record,) = await logs.wait_for("connection")
@@ -158,6 +165,13 @@ def test_reply_is_exact_and_logged() -> None:
         assert record["peer"].startswith("127.0.0.1:")
         assert record["suppressed"] == 0
         assert record["ts"].endswith("Z")
+        # Without --proxy-protocol the PROXY fields are there, and empty.
+        assert (record["client_addr"], record["identity"], record["proxy_protocol"]) == (
+            None,
+            None,
+            None,
+        )
+        assert (record["header_bytes"], record["reason"]) == (0, None)
 
     run(main())
 
@@ -360,6 +374,247 @@ def test_stop_aborts_connections_that_outlive_the_grace() -> None:
     run(main())
 
 
+# --- PROXY protocol v2 ------------------------------------------------------------------------
+
+PP2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
+
+
+def pp2_tlv(kind: int, value: bytes) -> bytes:
+    return struct.pack("!BH", kind, len(value)) + value
+
+
+def pp2_header(
+    source: tuple[str, int] | None = ("192.0.2.10", 54321),
+    *,
+    identity: str | None = "spiffe://lab/client-b",
+    cn: str = "client.b",
+) -> bytes:
+    """A PROXY v2 header as the proxy sends it (built by hand, per proxy-protocol.txt 2.2):
+    ``source`` ``None`` makes a LOCAL header (UNSPEC family, no addresses, no TLVs)."""
+    if source is None:
+        return PP2_SIGNATURE + bytes([0x20, 0x00]) + struct.pack("!H", 0)
+    src = ipaddress.ip_address(source[0])
+    dst = ipaddress.ip_address("198.51.100.1" if src.version == 4 else "2001:db8::ff")
+    family = 0x11 if src.version == 4 else 0x21
+    ssl = struct.pack("!BI", 0x07, 0) + pp2_tlv(0x21, b"TLSv1.3") + pp2_tlv(0x22, cn.encode())
+    body = src.packed + dst.packed + struct.pack("!HH", source[1], 8000)
+    body += pp2_tlv(0x05, b"c-42") + pp2_tlv(0x20, ssl)
+    if identity is not None:
+        body += pp2_tlv(0xE0, identity.encode())
+    return PP2_SIGNATURE + bytes([0x21, family]) + struct.pack("!H", len(body)) + body
+
+
+def only_connection(server: up_server.UpstreamServer) -> up_server.Connection:
+    (conn,) = server.connections
+    return conn
+
+
+async def read_until_closed(reader: asyncio.StreamReader) -> bytes:
+    """Read to the server's EOF; an abort that arrives as an RST counts as closed too."""
+    with contextlib.suppress(ConnectionResetError):
+        return await read_all(reader)
+    return b""
+
+
+@pytest.mark.parametrize("split", [False, True])
+def test_v2_reply_learns_client_address_and_identity(split: bool) -> None:
+    header = pp2_header()
+    payload = b"Hello from x\n"
+
+    async def main() -> None:
+        logs = Capture()
+        async with running(logs, proxy_protocol="v2") as server:
+            assert logs.events("listening")[0]["proxy_protocol"] == "v2"
+            reader, writer = await asyncio.open_connection(*server.address)
+            try:
+                if split:
+                    # Header in two pieces and the payload apart, each seen by the server
+                    # before the next is written (so TCP cannot merge them).
+                    writer.write(header[:7])
+                    await writer.drain()
+                    await await_condition(
+                        "7 header bytes", lambda: only_connection(server).header_bytes == 7
+                    )
+                    writer.write(header[7:])
+                    await writer.drain()
+                    await await_condition(
+                        "the header", lambda: only_connection(server).proxy_header is not None
+                    )
+                    writer.write(payload)
+                else:
+                    writer.write(header + payload)
+                await writer.drain()
+                assert await read_all(reader) == REPLY
+            finally:
+                await close(writer)
+            (record,) = await logs.wait_for("connection")
+        assert set(record) == CONNECTION_KEYS
+        assert record["outcome"] == "replied"
+        assert record["message"] == "Hello from x"
+        assert record["client_addr"] == "192.0.2.10:54321"
+        assert record["identity"] == "spiffe://lab/client-b"
+        assert record["proxy_protocol"] == "v2-proxy"
+        assert record["peer"].startswith("127.0.0.1:")  # the socket's peer (the proxy)
+        assert (record["bytes_in"], record["header_bytes"]) == (len(payload), len(header))
+        assert record["reason"] is None
+
+    run(main())
+
+
+def test_v2_ipv6_client_and_identity_from_the_certificate_cn() -> None:
+    header = pp2_header(("2001:db8:0:0::7", 443), identity=None, cn="client.c")
+
+    async def main() -> None:
+        logs = Capture()
+        async with running(logs, proxy_protocol="v2") as server:
+            assert await exchange(server.address, header + b"hi", eof=True) == REPLY
+            (record,) = await logs.wait_for("connection")
+        assert (record["client_addr"], record["identity"]) == ("[2001:db8::7]:443", "client.c")
+        assert (record["outcome"], record["message"]) == ("replied", "hi")
+
+    run(main())
+
+
+def test_v2_echo_returns_only_the_payload() -> None:
+    header = pp2_header()
+
+    async def main() -> None:
+        logs = Capture()
+        async with running(logs, mode="echo", proxy_protocol="v2") as server:
+            reader, writer = await asyncio.open_connection(*server.address)
+            try:
+                writer.write(header + b"ping")
+                assert await asyncio.wait_for(reader.readexactly(4), WAIT) == b"ping"
+                writer.write(b"pong")
+                writer.write_eof()
+                assert await read_all(reader) == b"pong"
+            finally:
+                await close(writer)
+            (record,) = await logs.wait_for("connection")
+        assert record["outcome"] == "echoed"
+        assert record["bytes_in"] == record["bytes_out"] == 8
+        assert record["header_bytes"] == len(header)
+
+    run(main())
+
+
+def test_v2_local_health_checks_are_empty_and_throttled() -> None:
+    async def main() -> None:
+        logs = Capture()
+        async with running(logs, proxy_protocol="v2", empty_log_interval=60.0) as server:
+            for _ in range(3):
+                assert await exchange(server.address, pp2_header(None), eof=True) == b""
+            assert await server.wait_no_connections(WAIT)
+            (record,) = logs.events("connection")
+        assert (record["outcome"], record["proxy_protocol"]) == ("empty", "v2-local")
+        assert (record["client_addr"], record["identity"]) == (None, None)
+        assert (record["bytes_in"], record["header_bytes"], record["bytes_out"]) == (0, 16, 0)
+        (stopped,) = logs.events("stopped")
+        assert (stopped["suppressed"], stopped["outcomes"]) == (2, {"empty": 3})
+
+    run(main())
+
+
+def test_v2_connection_without_a_byte_is_still_empty() -> None:
+    async def main() -> None:
+        logs = Capture()
+        async with running(logs, proxy_protocol="v2") as server:
+            assert await exchange(server.address, b"", eof=True) == b""
+            (record,) = await logs.wait_for("connection")
+        assert (record["outcome"], record["proxy_protocol"], record["header_bytes"]) == (
+            "empty",
+            None,
+            0,
+        )
+
+    run(main())
+
+
+@pytest.mark.parametrize("data", [b"Hello\n", b"Hi"])
+def test_v2_plain_client_is_rejected_at_once(data: bytes) -> None:
+    async def main() -> None:
+        logs = Capture()
+        # Neither has 16 bytes, "Hi" has no newline and the client keeps its side open:
+        # only the signature check at the first byte can end these connections.
+        async with running(logs, proxy_protocol="v2") as server:
+            reader, writer = await asyncio.open_connection(*server.address)
+            try:
+                writer.write(data)
+                await writer.drain()
+                assert await read_until_closed(reader) == b""
+            finally:
+                await close(writer)
+            (record,) = await logs.wait_for("connection")
+            assert await exchange(server.address, pp2_header() + b"after\n") == REPLY
+        assert record["outcome"] == "proxy_protocol_error"
+        assert "signature differs at byte 0" in record["reason"]
+        assert (record["bytes_in"], record["header_bytes"], record["bytes_out"]) == (
+            0,
+            len(data),
+            0,
+        )
+        assert record["proxy_protocol"] is None
+
+    run(main())
+
+
+@pytest.mark.parametrize("cut", [1, 12, 16, 30])
+def test_v2_incomplete_header_then_close(cut: int) -> None:
+    async def main() -> None:
+        logs = Capture()
+        async with running(logs, proxy_protocol="v2", empty_log_interval=60.0) as server:
+            assert await exchange(server.address, pp2_header()[:cut], eof=True) == b""
+            (record,) = await logs.wait_for("connection")
+        assert (record["outcome"], record["reason"]) == (
+            "proxy_protocol_error",
+            "incomplete header",
+        )
+        assert (record["bytes_in"], record["header_bytes"]) == (0, cut)
+
+    run(main())
+
+
+def test_v2_malformed_tlv_is_rejected_with_its_reason() -> None:
+    good = pp2_header()
+    # Two more bytes declared and sent: a TLV header cut short after its type and one byte.
+    bad = good[:14] + struct.pack("!H", len(good) - 16 + 2) + good[16:] + b"\xe0\x00"
+
+    async def main() -> None:
+        logs = Capture()
+        async with running(logs, proxy_protocol="v2") as server:
+            reader, writer = await asyncio.open_connection(*server.address)
+            try:
+                writer.write(bad + b"Hello\n")
+                await writer.drain()
+                assert await read_until_closed(reader) == b""
+            finally:
+                await close(writer)
+            (record,) = await logs.wait_for("connection")
+        assert record["outcome"] == "proxy_protocol_error"
+        assert record["reason"].startswith("truncated TLV")
+
+    run(main())
+
+
+def test_mode_none_passes_a_header_through_as_payload() -> None:
+    data = pp2_header() + b"ping"
+
+    async def main() -> None:
+        logs = Capture()
+        async with running(logs, mode="echo") as server:
+            assert await exchange(server.address, data, eof=True) == data
+            (record,) = await logs.wait_for("connection")
+        assert record["outcome"] == "echoed"
+        assert record["bytes_in"] == record["bytes_out"] == len(data)
+        assert (record["header_bytes"], record["proxy_protocol"], record["client_addr"]) == (
+            0,
+            None,
+            None,
+        )
+
+    run(main())
+
+
 # --- the command -----------------------------------------------------------------------------
 
 
@@ -383,6 +638,7 @@ def test_subprocess_serves_and_exits_cleanly_on_signal(sig: signal.Signals) -> N
         try:
             listening = json.loads(await asyncio.wait_for(proc.stdout.readline(), 10.0))
             assert listening["event"] == "listening"
+            assert listening["proxy_protocol"] == "none"
             assert (listening["name"], listening["mode"], listening["delay_ms"]) == (
                 "u-env",
                 "reply",
@@ -467,6 +723,25 @@ def test_final_outcome(
     outcome = up_decide.final_outcome(mode, bytes_in=bytes_in, action=action, lost_with_error=error)
     assert outcome == expected
     assert outcome in up_decide.OUTCOMES
+
+
+@pytest.mark.parametrize(
+    ("bytes_in", "action", "error", "expected"),
+    [
+        (0, None, False, "proxy_protocol_error"),
+        (0, None, True, "proxy_protocol_error"),
+        (0, "idle_timeout", False, "idle_timeout"),  # the server's own action decides first
+        (0, "shutdown", True, "shutdown"),
+    ],
+)
+def test_final_outcome_with_a_bad_proxy_header(
+    bytes_in: int, action: Any, error: bool, expected: str
+) -> None:
+    outcome = up_decide.final_outcome(
+        "reply", bytes_in=bytes_in, action=action, lost_with_error=error, proxy_protocol_failed=True
+    )
+    assert outcome == expected
+    assert "proxy_protocol_error" in up_decide.OUTCOMES
 
 
 def test_empty_log_throttle() -> None:

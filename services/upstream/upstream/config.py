@@ -12,13 +12,15 @@ import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal, cast
+from typing import Literal, cast, get_args
 
 Mode = Literal["reply", "echo", "sink"]
 Fault = Literal["none", "close", "reset"]
+ProxyProtocol = Literal["none", "v2"]
 
-MODES: tuple[Mode, ...] = ("reply", "echo", "sink")
-FAULTS: tuple[Fault, ...] = ("none", "close", "reset")
+MODES: tuple[Mode, ...] = get_args(Mode)
+FAULTS: tuple[Fault, ...] = get_args(Fault)
+PROXY_PROTOCOLS: tuple[ProxyProtocol, ...] = get_args(ProxyProtocol)
 
 DEFAULT_LISTEN = "0.0.0.0:8000"
 DEFAULT_EMPTY_LOG_INTERVAL = 1.0
@@ -29,6 +31,7 @@ ENV_NAME = "UPSTREAM_NAME"
 ENV_MODE = "UPSTREAM_MODE"
 ENV_DELAY = "UPSTREAM_DELAY"
 ENV_FAULT = "UPSTREAM_FAULT"
+ENV_PROXY_PROTOCOL = "UPSTREAM_PROXY_PROTOCOL"
 
 
 class ConfigError(ValueError):
@@ -45,6 +48,7 @@ class Config:
     fault: Fault = "none"
     empty_log_interval: float = DEFAULT_EMPTY_LOG_INTERVAL  # 0 logs every empty connection
     idle_timeout: float = DEFAULT_IDLE_TIMEOUT  # 0 disables it
+    proxy_protocol: ProxyProtocol = "none"  # v2: every connection starts with a PROXY v2 header
 
     @property
     def listen(self) -> str:
@@ -131,6 +135,15 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
         help=f"none, close or reset (env {ENV_FAULT}; default none)",
     )
     parser.add_argument(
+        "--proxy-protocol",
+        default=environ.get(ENV_PROXY_PROTOCOL, "none"),
+        help=(
+            "none or v2: with v2 every connection must start with a PROXY protocol v2 "
+            "header (client address and identity from the proxy; connections without one "
+            f"are closed) (env {ENV_PROXY_PROTOCOL}; default none)"
+        ),
+    )
+    parser.add_argument(
         "--empty-log-interval",
         default=str(DEFAULT_EMPTY_LOG_INTERVAL),
         help="log empty connections at most once per this interval (0 = all; default 1s)",
@@ -158,6 +171,12 @@ def load_config(argv: Sequence[str] | None, environ: Mapping[str, str]) -> Confi
         raise ConfigError(f"--name/{ENV_NAME}: must be printable and at most 200 characters")
     mode = cast(Mode, _choice(str(args.mode), MODES, f"--mode/{ENV_MODE}"))
     fault = cast(Fault, _choice(str(args.fault), FAULTS, f"--fault/{ENV_FAULT}"))
+    proxy_protocol = cast(
+        ProxyProtocol,
+        _choice(
+            str(args.proxy_protocol), PROXY_PROTOCOLS, f"--proxy-protocol/{ENV_PROXY_PROTOCOL}"
+        ),
+    )
     return Config(
         host=host,
         port=port,
@@ -167,4 +186,5 @@ def load_config(argv: Sequence[str] | None, environ: Mapping[str, str]) -> Confi
         fault=fault,
         empty_log_interval=parse_duration(str(args.empty_log_interval), "--empty-log-interval"),
         idle_timeout=parse_duration(str(args.idle_timeout), "--idle-timeout"),
+        proxy_protocol=proxy_protocol,
     )

@@ -19,6 +19,7 @@ Outcome = Literal[
     "echoed",
     "sunk",
     "empty",
+    "proxy_protocol_error",
     "fault_close",
     "fault_reset",
     "client_reset",
@@ -61,17 +62,29 @@ def remaining(due: float, now: float) -> float:
 
 
 def final_outcome(
-    mode: Mode, *, bytes_in: int, action: Action | None, lost_with_error: bool
+    mode: Mode,
+    *,
+    bytes_in: int,
+    action: Action | None,
+    lost_with_error: bool,
+    proxy_protocol_failed: bool = False,
 ) -> Outcome:
     """How a connection ended, from what we did and how it was lost.
 
+    ``bytes_in`` counts payload bytes only (not a PROXY protocol header);
+    ``proxy_protocol_failed``: the expected PROXY header was invalid or incomplete.
+
     1. Something the server did decides first: a fault, the idle timeout, a shutdown.
-    2. A peer that sent no bytes at all (a health check, by FIN or RST) is ``empty``.
-    3. Otherwise an error on the connection (e.g. RST from the peer) is ``client_reset``.
-    4. Otherwise the mode's normal outcome: ``replied``, ``echoed``, ``sunk``.
+    2. A bad or incomplete PROXY protocol header is ``proxy_protocol_error``.
+    3. A peer that sent no payload at all (a health check, by FIN or RST, possibly after
+       a PROXY header) is ``empty``.
+    4. Otherwise an error on the connection (e.g. RST from the peer) is ``client_reset``.
+    5. Otherwise the mode's normal outcome: ``replied``, ``echoed``, ``sunk``.
     """
     if action is not None and action != "replied":
         return action
+    if proxy_protocol_failed:
+        return "proxy_protocol_error"
     if bytes_in == 0:
         return "empty"
     if lost_with_error:

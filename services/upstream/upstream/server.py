@@ -15,6 +15,12 @@ Each connection moves through phases::
   peer is done avoids the RST a close with unread input would cause.
 * echo mode copies bytes back (reading pauses while the write buffer is above its
   high-water mark) and closes after the peer's EOF once everything is written.
+* With ``--proxy-protocol v2`` the bytes first go through a
+  :class:`upstream.proxyproto.HeaderReader`: they are held until the PROXY header is
+  complete, and only the payload after it enters the phases above. A bad header (e.g. a
+  client speaking first without one) aborts the connection at once
+  (``proxy_protocol_error``); a header and then nothing (a ``LOCAL`` health check from
+  the proxy) is ``empty``.
 
 All decisions live in :mod:`upstream.decide`; this module only moves bytes and arms timers.
 """
@@ -44,6 +50,7 @@ from .decide import (
     reply_bytes,
 )
 from .logs import JsonLog
+from .proxyproto import Complete, Header, HeaderReader, NeedMore
 
 LINGER = 2.0  # reply mode: how long to wait for the peer's EOF after our reply and FIN
 SHUTDOWN_GRACE = 2.0  # how long stop() lets open connections finish before aborting them
@@ -72,8 +79,13 @@ class Connection(asyncio.Protocol):
         self.started = self.clock()
         self.last_activity = self.started
         self.phase: Phase = "reading"
-        self.bytes_in = 0
+        self.bytes_in = 0  # payload bytes: a PROXY header is counted in header_bytes
         self.bytes_out = 0
+        self.header_bytes = 0
+        # --proxy-protocol v2: decodes the header; None when off or once decided.
+        self.header_reader = HeaderReader() if self.config.proxy_protocol == "v2" else None
+        self.proxy_header: Header | None = None
+        self.proxy_error: str | None = None  # why the PROXY header was rejected
         self.message = bytearray()  # reply mode: the message so far (at most MESSAGE_CAP)
         self.held = bytearray()  # echo mode: bytes received while waiting for the delay
         self.peer_eof = False
@@ -93,17 +105,21 @@ class Connection(asyncio.Protocol):
             self._arm("idle", self.config.idle_timeout, self._on_idle)
 
     def data_received(self, data: bytes) -> None:
-        self.bytes_in += len(data)
         self.last_activity = self.clock()
-        payload = self._strip_prefix(data)
-        if payload:
-            self._on_payload(payload)
+        if self.header_reader is not None:
+            data = self._strip_prefix(data)
+            if not data:
+                return
+        self.bytes_in += len(data)
+        self._on_payload(data)
 
     def eof_received(self) -> bool:
         self.peer_eof = True
         if self.phase == "reading":
             if self.bytes_in == 0:
-                self._close()  # an empty connection, e.g. a health check
+                # An empty connection (e.g. a health check), possibly after a PROXY
+                # header, or one that ended inside its header.
+                self._close()
             elif self.config.mode == "reply":
                 self._complete_message(len(self.message))
             else:
@@ -123,23 +139,59 @@ class Connection(asyncio.Protocol):
         for timer in self.timers.values():
             timer.cancel()
         self.timers.clear()
+        if self.header_reader is not None and self.header_bytes and self.proxy_error is None:
+            self.proxy_error = "incomplete header"  # it ended inside its PROXY header
         outcome = final_outcome(
             self.config.mode,
             bytes_in=self.bytes_in,
             action=self.action,
             lost_with_error=exc is not None,
+            proxy_protocol_failed=self.proxy_error is not None,
         )
         self.server.connection_done(self, outcome, self.clock())
 
     # --- the read path ---------------------------------------------------------------
 
     def _strip_prefix(self, data: bytes) -> bytes:
-        """Hook for a connection-prefix parser (PROXY protocol v2, not implemented yet).
+        """PROXY protocol v2: hold bytes until the header is complete, then return the
+        payload after it (``b""`` while incomplete, or if nothing followed it yet).
 
-        Such a parser would buffer bytes until its header is complete, set ``self.peer``
-        from it and return the payload after the header (``b""`` while incomplete).
+        The header's bytes are counted in ``header_bytes`` (every byte received, when it
+        is rejected), not in ``bytes_in``. ``self.peer`` stays the socket's peer (the
+        proxy); the header's source is :attr:`client_addr`.
         """
-        return data
+        reader = self.header_reader
+        if reader is None:
+            return data
+        result = reader.feed(data)
+        self.header_bytes = reader.buffered
+        if isinstance(result, NeedMore):
+            return b""
+        self.header_reader = None
+        if isinstance(result, Complete):
+            self.proxy_header = result.header
+            self.header_bytes = result.header.length
+            return result.payload
+        self.proxy_error = result.reason
+        if self.transport is not None:
+            self.transport.abort()
+        return b""
+
+    @property
+    def client_addr(self) -> str | None:
+        """``ip:port`` of the real client, from the PROXY header (``None`` without one)."""
+        source = self.proxy_header.source if self.proxy_header is not None else None
+        return format_address(*source) if source is not None else None
+
+    @property
+    def identity(self) -> str | None:
+        """The client identity the PROXY header carried, if any."""
+        return self.proxy_header.identity if self.proxy_header is not None else None
+
+    @property
+    def proxy_protocol(self) -> str | None:
+        """``v2-proxy`` or ``v2-local`` once a header was read, else ``None``."""
+        return f"v2-{self.proxy_header.command}" if self.proxy_header is not None else None
 
     def _on_payload(self, payload: bytes) -> None:
         mode = self.config.mode
@@ -330,6 +382,7 @@ class UpstreamServer:
             mode=cfg.mode,
             fault=cfg.fault,
             delay_ms=round(cfg.delay * 1000, 3),
+            proxy_protocol=cfg.proxy_protocol,
         )
 
     def connection_started(self, conn: Connection) -> None:
@@ -351,11 +404,16 @@ class UpstreamServer:
             "connection",
             upstream=self.config.name,
             peer=conn.peer,
+            client_addr=conn.client_addr,
+            identity=conn.identity,
+            proxy_protocol=conn.proxy_protocol,
             mode=self.config.mode,
             bytes_in=conn.bytes_in,
+            header_bytes=conn.header_bytes,
             bytes_out=conn.bytes_out,
             message=conn.message_for_log(),
             outcome=outcome,
+            reason=conn.proxy_error if outcome == "proxy_protocol_error" else None,
             duration_ms=round((now - conn.started) * 1000, 3),
             suppressed=suppressed,
         )
