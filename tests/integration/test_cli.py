@@ -52,6 +52,7 @@ def write_config(path: Path, certs: Path, upstreams: list[str], **overrides: Any
         "upstreams": upstreams,
         "health_check": {"interval": "1h", "timeout": "500ms"},
         "rate_limit": {"enabled": False},
+        "admin": {"listen": "127.0.0.1:0"},
     }
     raw.update(overrides)
     path.write_text(yaml.safe_dump(raw, sort_keys=False), encoding="utf-8")
@@ -228,12 +229,107 @@ def proxy_process(config: Path) -> Iterator[Child]:
             child.join()
 
 
+def refused(address: tuple[str, int]) -> bool:
+    try:
+        socket.create_connection(address, timeout=2).close()
+    except ConnectionRefusedError:
+        return True
+    return False
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_signal_stops_cleanly_and_logs_every_open_connection(
+def test_a_signal_drains_open_connections_finish_and_the_proxy_exits_0(
     lab: Lab, tmp_path: Path, signum: signal.Signals
 ) -> None:
+    """Draining: the listener closes at once, an open stream keeps working both ways
+    until the client ends it, and the proxy exits as soon as the last one is done."""
+    (upstream,) = lab.start_upstreams(["echo"])
+    config = write_config(
+        tmp_path / "proxy.yaml", lab.certs, [upstream.address], timeouts={"drain": "20s"}
+    )
+    with proxy_process(config) as child:
+        address = child.address()
+        child.wait_for("health", upstream=upstream.address, new="up")
+
+        async def main() -> tuple[bytes, bytes, End | None, bool]:
+            client = await TlsClient.connect(address, client_context(lab.certs, "client.b"))
+            try:
+                await client.send(b"before")
+                assert await client.recv_exactly(6) == b"before"
+                child.proc.send_signal(signum)
+                child.wait_for("draining")
+                closed = await asyncio.to_thread(refused, address)
+                await client.send(b"after the signal")
+                after = await client.recv_exactly(16)
+                await client.close_notify()
+                rest = await client.recv_all()
+                return after, rest, client.end, closed
+            finally:
+                await client.aclose()
+
+        after, rest, end, listener_closed = uvloop.run(main())
+        code = child.proc.wait(timeout=10)
+        child.join()
+
+    assert after == b"after the signal"
+    assert (rest, end) == (b"", End.CLOSE_NOTIFY)
+    assert listener_closed  # new clients are refused as soon as draining starts
+    assert code == 0, child.stderr
+    assert "Traceback" not in child.stderr
+    assert child.garbage == []
+    draining = child.wait_for("draining")
+    assert (draining["open_connections"], draining["grace_s"]) == (1, 20.0)
+    stopped = child.wait_for("stopped")
+    assert (stopped["reason"], stopped["open_connections"]) == ("drained", 0)
+    (access,) = child.events("access")
+    assert (access["decision"], access["reason"]) == ("forwarded", "eof")
+    assert access["bytes_up"] == access["bytes_down"] == len(b"before") + 16
+    assert child.records.index(stopped) > child.records.index(access)
+    assert child.events("error") == []
+
+
+def test_the_drain_deadline_closes_what_is_left_cleanly(lab: Lab, tmp_path: Path) -> None:
     (upstream,) = lab.start_upstreams(["hold"])
-    config = write_config(tmp_path / "proxy.yaml", lab.certs, [upstream.address])
+    config = write_config(
+        tmp_path / "proxy.yaml", lab.certs, [upstream.address], timeouts={"drain": "300ms"}
+    )
+    with proxy_process(config) as child:
+        address = child.address()
+        child.wait_for("health", upstream=upstream.address, new="up")
+
+        async def main() -> tuple[bytes, End | None]:
+            client = await TlsClient.connect(address, client_context(lab.certs, "client.b"))
+            try:
+                await client.send(b"x")
+                await await_condition(
+                    "the byte at the upstream",
+                    lambda: lab.up_loop.call(lambda: any(c.nbytes for c in upstream.conns)),
+                )
+                child.proc.send_signal(signal.SIGTERM)
+                async with asyncio.timeout(10):
+                    held = await client.recv_all()
+                return held, client.end
+            finally:
+                await client.aclose()
+
+        held, end = uvloop.run(main())
+        code = child.proc.wait(timeout=10)
+        child.join()
+
+    assert (held, end) == (b"", End.CLOSE_NOTIFY)  # closed with close_notify, not a reset
+    assert code == 0, child.stderr
+    (access,) = child.events("access")
+    assert (access["decision"], access["reason"]) == ("forwarded", "drain_timeout")
+    assert access["duration_ms"] >= 300
+    stopped = child.wait_for("stopped")
+    assert (stopped["reason"], stopped["open_connections"]) == ("drain_timeout", 1)
+
+
+def test_a_second_signal_stops_at_once(lab: Lab, tmp_path: Path) -> None:
+    (upstream,) = lab.start_upstreams(["hold"])
+    config = write_config(
+        tmp_path / "proxy.yaml", lab.certs, [upstream.address], timeouts={"drain": "1h"}
+    )
 
     def upstream_got_bytes() -> bool:
         return lab.up_loop.call(lambda: any(conn.nbytes > 0 for conn in upstream.conns))
@@ -251,8 +347,10 @@ def test_signal_stops_cleanly_and_logs_every_open_connection(
             try:
                 await client.send(b"x")
                 await await_condition("the byte at the upstream", upstream_got_bytes)
+                child.proc.send_signal(signal.SIGTERM)
+                child.wait_for("draining")
                 sent = loop.time()
-                child.proc.send_signal(signum)
+                child.proc.send_signal(signal.SIGTERM)
                 async with asyncio.timeout(5):
                     held = await client.recv_all()
                     pending = await pending_reader.read()
@@ -274,7 +372,7 @@ def test_signal_stops_cleanly_and_logs_every_open_connection(
     assert "Traceback" not in child.stderr
     assert child.garbage == []
     stopped = child.wait_for("stopped")
-    assert stopped["open_connections"] == 0
+    assert (stopped["reason"], stopped["open_connections"]) == ("forced", 2)
     access = child.events("access")
     assert len(access) == 2, access
     by_decision = {r["decision"]: r for r in access}

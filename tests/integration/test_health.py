@@ -29,12 +29,20 @@ def running(lab: Lab) -> Proxy:
     return lab.proxy
 
 
+def completed_checks(proxy: Proxy, index: int) -> int:
+    """Active checks completed so far for the upstream at ``index``."""
+    found = proxy.stats.checks.get(proxy.router.pool.upstreams[index].key)
+    return 0 if found is None else found.ok + found.failed
+
+
 def checks(lab: Lab) -> list[int]:
     proxy = running(lab)
-    return lab.proxy_loop.call(lambda: list(proxy.checks))
+    return lab.proxy_loop.call(
+        lambda: [completed_checks(proxy, i) for i in range(len(proxy.router.pool.upstreams))]
+    )
 
 
-# One active check as the proxy saw it: (checks[index] once it completed, ok, new state).
+# One active check as the proxy saw it: (checks completed, ok, new state).
 Check = tuple[int, bool, str | None]
 
 
@@ -43,7 +51,7 @@ def record_checks(
 ) -> Callable[[], list[Check]]:
     """Spy on the router's check results for one upstream, without changing them.
 
-    ``Proxy._health_loop`` bumps ``proxy.checks[index]`` and feeds the result to
+    ``Proxy._health_loop`` counts the check in ``proxy.stats`` and feeds the result to
     ``router.check_result`` in the same step, so each entry holds the exact check count
     at which a result (and any transition it caused) happened."""
     proxy = running(lab)
@@ -54,7 +62,8 @@ def record_checks(
     def spy(i: int, ok: bool, now: float, reason: str) -> Transition | None:
         transition = original(i, ok, now, reason)
         if i == index:
-            trace.append((proxy.checks[i], ok, transition.new.value if transition else None))
+            count = completed_checks(proxy, i)
+            trace.append((count, ok, transition.new.value if transition else None))
         return transition
 
     lab.proxy_loop.call(lambda: monkeypatch.setattr(router, "check_result", spy))

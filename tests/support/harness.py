@@ -7,6 +7,7 @@ clients on the main thread. Certificates are made at test time by certgen.
 from __future__ import annotations
 
 import datetime as dt
+import http.client
 import json
 import threading
 import time
@@ -14,8 +15,10 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 import certgen
-from l4proxy.config import Config, parse_config
+from l4proxy.config import Config, parse_config, read_config
 from l4proxy.logs import JsonLog
 from l4proxy.server import Proxy
 
@@ -132,6 +135,19 @@ class Lab:
         return self.upstreams
 
     def config(self, upstreams: Sequence[str] | None = None, **overrides: Any) -> Config:
+        return parse_config(self.config_raw(upstreams, **overrides), self.certs)
+
+    def write_config(
+        self, path: Path, upstreams: Sequence[str] | None = None, **overrides: Any
+    ) -> Path:
+        """The same config as :meth:`config`, as a YAML file (for reloads)."""
+        text = yaml.safe_dump(self.config_raw(upstreams, **overrides), sort_keys=False)
+        path.write_text(text, encoding="utf-8")
+        return path
+
+    def config_raw(
+        self, upstreams: Sequence[str] | None = None, **overrides: Any
+    ) -> dict[str, Any]:
         raw: dict[str, Any] = {
             "listen": "127.0.0.1:0",
             "tls": {
@@ -144,15 +160,27 @@ class Lab:
             ),
             "health_check": {"interval": "100ms", "timeout": "500ms"},
             "rate_limit": {"enabled": False},
+            "admin": {"listen": "127.0.0.1:0"},
         }
         raw.update(overrides)
-        return parse_config(raw, self.certs)
+        return raw
 
-    def start_proxy(self, config: Config | None = None, *, wait_healthy: bool = True) -> Proxy:
+    def start_proxy(
+        self,
+        config: Config | None = None,
+        *,
+        wait_healthy: bool = True,
+        path: Path | None = None,
+    ) -> Proxy:
+        """Start the proxy with ``config``, or from the file at ``path`` (reloadable)."""
+        digest = None
+        if path is not None:
+            config, digest = read_config(path)
         cfg = config or self.config()
 
         async def start() -> Proxy:
-            proxy = Proxy(cfg, JsonLog(self.logs))  # type: ignore[arg-type]
+            log = JsonLog(self.logs)  # type: ignore[arg-type]
+            proxy = Proxy(cfg, log, config_path=path, config_sha256=digest)
             await proxy.start()
             return proxy
 
@@ -177,6 +205,25 @@ class Lab:
         assert self.proxy is not None
         assert self.proxy.address is not None
         return self.proxy.address
+
+    def admin(
+        self, path: str, method: str = "GET", body: bytes | None = None
+    ) -> tuple[int, dict[str, str], bytes]:
+        """One request to the proxy's admin listener: status, headers, body."""
+        assert self.proxy is not None
+        assert self.proxy.admin_address is not None
+        host, port = self.proxy.admin_address
+        conn = http.client.HTTPConnection(host, port, timeout=10)
+        try:
+            conn.request(method, path, body=body)
+            response = conn.getresponse()
+            return response.status, dict(response.getheaders()), response.read()
+        finally:
+            conn.close()
+
+    def admin_json(self, path: str, method: str = "GET") -> tuple[int, Any]:
+        status, _, body = self.admin(path, method)
+        return status, json.loads(body)
 
     def active(self) -> list[int]:
         proxy = self.proxy

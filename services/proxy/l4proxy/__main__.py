@@ -11,7 +11,7 @@ from pathlib import Path
 
 import uvloop
 
-from .config import Config, ConfigError, check_files, load_config
+from .config import Config, ConfigError, check_files, read_config
 from .logs import JsonLog
 from .server import Proxy
 from .tls import server_context
@@ -28,31 +28,41 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def load_and_check(path: Path) -> Config:
-    config = load_config(path)
+def load_and_check(path: Path) -> tuple[Config, str]:
+    config, digest = read_config(path)
     check_files(config)
     server_context(config.tls)  # proves the certificate, key and CA load together
-    return config
+    return config, digest
 
 
-async def serve(config: Config, log: JsonLog) -> None:
+async def serve(config: Config, log: JsonLog, path: Path | None = None, digest: str = "") -> None:
+    """Serve until SIGTERM or SIGINT, then drain: stop accepting and let open connections
+    finish for ``timeouts.drain`` (a second signal closes them at once). SIGHUP reloads."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
+    force = asyncio.Event()
+
+    def on_stop_signal() -> None:
+        (force if stop.is_set() else stop).set()
+
+    proxy = Proxy(config, log, config_path=path, config_sha256=digest or None)
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    proxy = Proxy(config, log)
+        loop.add_signal_handler(sig, on_stop_signal)
+    loop.add_signal_handler(signal.SIGHUP, proxy.reload)
     await proxy.start()
     try:
         await stop.wait()
-    finally:
+    except BaseException:
         await proxy.stop()
+        raise
+    await proxy.drain(proxy.config.timeouts.drain, force=force.wait())
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     log = JsonLog()
     try:
-        config = load_and_check(args.config)
+        config, digest = load_and_check(args.config)
     except ConfigError as exc:
         print(f"l4proxy: invalid configuration {args.config}: {exc}", file=sys.stderr)
         return 2
@@ -63,7 +73,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return 0
     try:
-        uvloop.run(serve(config, log))
+        uvloop.run(serve(config, log, args.config, digest))
     except OSError as exc:  # e.g. the listen address is in use
         log.emit("fatal", message=f"cannot serve on {config.listen}: {exc}")
         return 1

@@ -27,14 +27,19 @@ import itertools
 import socket
 import ssl
 import time
+from collections.abc import Awaitable
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, cast
 
-from .config import Config, Upstream
-from .health import Transition
+from . import proxyproto
+from .config import Config, ConfigError, Upstream, check_files, read_config, restart_needed
+from .health import Health, Transition
 from .identity import IdentityCache, NoIdentity
-from .logs import JsonLog
+from .logs import JsonLog, utc_timestamp
+from .metrics import Stats
 from .router import Admission, Rejected, Router
-from .tls import server_context
+from .tls import certificate_facts, server_context
 
 READ_SIZE = 256 * 1024
 LINGER = 1.0  # seconds a refused client gets to read our goodbye before we close
@@ -74,6 +79,13 @@ def _peer(transport: asyncio.BaseTransport) -> str:
         host = str(peer[0])
         return f"[{host}]:{peer[1]}" if ":" in host else f"{host}:{peer[1]}"
     return str(peer)
+
+
+def _endpoint(name: object) -> tuple[str, int] | None:
+    """``(host, port)`` of a socket address tuple (IPv6 tuples have four fields)."""
+    if isinstance(name, tuple) and len(name) >= 2:
+        return str(name[0]), int(name[1])
+    return None
 
 
 def _write_eof(transport: asyncio.Transport | None) -> None:
@@ -185,11 +197,19 @@ class ClientConnection(asyncio.Protocol):
         transport = cast("asyncio.Transport", transport)
         self.transport = transport
         self.peer = _peer(transport)
+        proxy = self.proxy
+        proxy.stats.accepted += 1
+        cap = proxy.config.max_connections
+        if cap and len(proxy.connections) >= cap:
+            # Over the global cap: no TLS work at all for this one. A bare close is the
+            # cheapest refusal; the access line and the capacity event say why.
+            self.state = State.CLOSED
+            transport.abort()
+            proxy.over_capacity(self)
+            return
         transport.set_write_buffer_limits(high=HIGH_WATER, low=LOW_WATER)
-        self.proxy.connections.add(self)
-        self.timer = self.loop.call_later(
-            self.proxy.config.timeouts.handshake, self._handshake_timeout
-        )
+        proxy.connections.add(self)
+        self.timer = self.loop.call_later(proxy.config.timeouts.handshake, self._handshake_timeout)
 
     def data_received(self, data: bytes) -> None:
         if self.state is State.CLOSED:
@@ -329,6 +349,7 @@ class ClientConnection(asyncio.Protocol):
                 reason = describe_os_error(exc)
             else:
                 break
+            self.proxy.stats.dial_failures[upstream.key, reason] += 1
             transition, picked = self.proxy.router.dial_failed(admission, self.loop.time(), reason)
             if transition is not None:
                 self.proxy.log_transition(upstream, transition, passive=True)
@@ -341,6 +362,9 @@ class ClientConnection(asyncio.Protocol):
             transport.close()
             return
         self.upstream_transport = transport
+        if upstream.proxy_protocol == "v2":
+            # Before any client byte: the header is the first thing the upstream reads.
+            transport.write(self._proxy_header())
         self.state = State.FORWARDING
         self.last_activity = self.loop.time()
         side.attach(self)  # may replay an early EOF or reset, which can end the connection
@@ -353,6 +377,22 @@ class ClientConnection(asyncio.Protocol):
         if self.transport is not None and not self.transport.is_closing():
             self.transport.resume_reading()
         self._pump_from_client()  # bytes that arrived with or after the handshake
+
+    def _proxy_header(self) -> bytes:
+        assert self.transport is not None
+        assert self.identity is not None
+        cipher = self.tls.cipher()
+        facts = proxyproto.ClientFacts(
+            source=_endpoint(self.transport.get_extra_info("peername")),
+            destination=_endpoint(self.transport.get_extra_info("sockname")),
+            identity=self.identity,
+            connection_id=str(self.id),
+            tls_version=self.tls.version(),
+            cipher=cipher[0] if cipher else None,
+            common_name=self.identity if self.proxy.identities.source == "cn" else None,
+            resumed=self.tls.session_reused,
+        )
+        return proxyproto.client_header(facts)
 
     # --- forwarding -----------------------------------------------------------------
 
@@ -458,10 +498,10 @@ class ClientConnection(asyncio.Protocol):
         close_notify = self.state in (State.ADMITTING, State.DIALING)
         self._finish(decision, reason, close_notify=close_notify, linger=True)
 
-    def shutdown(self) -> None:
-        """The proxy is stopping."""
+    def shutdown(self, reason: str = "shutdown") -> None:
+        """The proxy is stopping (``reason``: ``shutdown`` or ``drain_timeout``)."""
         decision = "forwarded" if self.state is State.FORWARDING else "aborted"
-        self._finish(decision, "shutdown", close_notify=self.state is not State.HANDSHAKE)
+        self._finish(decision, reason, close_notify=self.state is not State.HANDSHAKE)
 
     def _finish(
         self,
@@ -509,28 +549,59 @@ class ClientConnection(asyncio.Protocol):
                 upstream.abort()
             else:
                 upstream.close()
-        self.proxy.connections.discard(self)
-        self.proxy.log_access(self, decision, reason)
+        self.proxy.connection_closed(self, decision, reason)
+
+
+@dataclass(frozen=True, slots=True)
+class ReloadResult:
+    ok: bool
+    message: str
+    sha256: str | None = None
+    added: tuple[str, ...] = ()
+    removed: tuple[str, ...] = ()
 
 
 class Proxy:
-    """Owns the listener, the connections, the health checkers and the router."""
+    """Owns the listener, the connections, the health checkers and the router.
 
-    def __init__(self, config: Config, log: JsonLog | None = None) -> None:
+    Operations: :meth:`reload` (SIGHUP, ``POST /reload``), :meth:`drain` (SIGTERM) and
+    :meth:`stop`. The admin listener, if configured, is started and stopped with it."""
+
+    def __init__(
+        self,
+        config: Config,
+        log: JsonLog | None = None,
+        *,
+        config_path: Path | None = None,
+        config_sha256: str | None = None,
+    ) -> None:
         self.config = config
+        self.config_path = config_path
+        self.config_sha256 = config_sha256
+        self.loaded_at = utc_timestamp()
+        self.started_at = time.time()
         self.log = log or JsonLog()
         self.router = Router(config)
         self.ssl_context = server_context(config.tls)
+        self.certificate = certificate_facts(config.tls.cert)  # what /status shows
         self.identities = IdentityCache(config.tls.identity)
+        self.stats = Stats()
         self.connections: set[ClientConnection] = set()
         self.lingering: set[ClientConnection] = set()  # refused, reading our goodbye
         self.read_buffer = bytearray(READ_SIZE)  # decrypted client bytes, one read at a time
         self.ids = itertools.count(1)
-        self.checks = [0] * len(config.upstreams)  # active checks completed, per upstream
         self.loop = asyncio.get_running_loop()
         self.server: asyncio.Server | None = None
+        self.admin: Any = None  # admin.AdminServer, imported lazily (prometheus_client)
+        self.health_tasks: dict[str, asyncio.Task[None]] = {}  # by upstream key
         self.tasks: list[asyncio.Task[None]] = []
         self.address: tuple[str, int] | None = None
+        self.admin_address: tuple[str, int] | None = None
+        self.draining = False
+        self.drained = asyncio.Event()
+        self.at_capacity = False
+        self.refused_at_capacity = 0
+        self.last_reload: dict[str, Any] | None = None
 
     def _on_loop_error(self, _loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
         """An exception escaped a callback or task: a bug. Log it and keep serving."""
@@ -553,38 +624,190 @@ class Proxy:
         )
         sock = self.server.sockets[0].getsockname()
         self.address = (str(sock[0]), int(sock[1]))
-        for index, upstream in enumerate(self.config.upstreams):
-            self.tasks.append(
-                self.loop.create_task(self._health_loop(index), name=f"health-{upstream.name}")
-            )
-        if self.config.rate_limit.enabled:
-            self.tasks.append(self.loop.create_task(self._cleanup_loop(), name="ratelimit-cleanup"))
+        admin_listen = self.config.admin.listen
+        if admin_listen is not None:
+            from .admin import AdminServer  # noqa: PLC0415 - keeps prometheus off the data path
+
+            self.admin = AdminServer(self)
+            try:
+                self.admin_address = await self.admin.start(admin_listen.host, admin_listen.port)
+            except OSError:
+                self.server.close()
+                raise
+        self._sync_health_tasks()
+        self.tasks.append(self.loop.create_task(self._cleanup_loop(), name="ratelimit-cleanup"))
         self.log.emit(
             "listening",
             address=f"{self.address[0]}:{self.address[1]}",
+            admin=_format(self.admin_address),
             upstreams=[u.key for u in self.config.upstreams],
             balancer=self.config.balancer,
+            max_connections=self.config.max_connections,
+            config_sha256=self.config_sha256,
         )
 
-    async def stop(self) -> None:
-        """Stop accepting, close every connection, stop the background tasks."""
+    @property
+    def ready(self) -> tuple[bool, str]:
+        """``/ready``: listening, not draining, and at least one upstream is up."""
+        if self.server is None or not self.server.is_serving():
+            return False, "draining" if self.draining else "not listening"
+        if self.draining:
+            return False, "draining"
+        if not any(m.state is Health.UP for m in self.router.pool.health):
+            return False, "no upstream is up"
+        return True, "ready"
+
+    # --- reload ------------------------------------------------------------------------
+
+    def reload(self) -> ReloadResult:
+        """Re-read the config file and the certificates it names. A valid config applies
+        to new connections (open ones keep going); an invalid one changes nothing."""
+        if self.config_path is None:
+            return self._reload_failed("", "the proxy was not started from a config file")
+        try:
+            config, digest = read_config(self.config_path)
+            check_files(config)
+            context = server_context(config.tls)
+            restart_needed(self.config, config)
+        except ConfigError as exc:
+            return self._reload_failed(exc.key, exc.problem)
+        old_keys = [u.key for u in self.config.upstreams]
+        new_keys = [u.key for u in config.upstreams]
+        self.config = config
+        self.config_sha256 = digest
+        self.loaded_at = utc_timestamp()
+        self.ssl_context = context
+        self.certificate = certificate_facts(config.tls.cert)
+        self.identities = IdentityCache(config.tls.identity)
+        self.router.reconfigure(config)
+        self._sync_health_tasks()
+        result = ReloadResult(
+            ok=True,
+            message="reloaded",
+            sha256=digest,
+            added=tuple(k for k in new_keys if k not in old_keys),
+            removed=tuple(k for k in old_keys if k not in new_keys),
+        )
+        self.stats.reloads["ok"] += 1
+        self.last_reload = {"result": "ok", "at": self.loaded_at, "sha256": digest}
+        self.log.emit(
+            "reload",
+            result="ok",
+            config_sha256=digest,
+            upstreams=new_keys,
+            added=list(result.added),
+            removed=list(result.removed),
+            open_connections=len(self.connections),
+        )
+        return result
+
+    def _reload_failed(self, key: str, problem: str) -> ReloadResult:
+        message = f"{key}: {problem}" if key else problem
+        self.stats.reloads["error"] += 1
+        self.last_reload = {"result": "error", "at": utc_timestamp(), "error": message}
+        self.log.emit("reload", result="error", key=key or None, message=message)
+        return ReloadResult(ok=False, message=message)
+
+    # --- drain and stop ------------------------------------------------------------------
+
+    async def drain(self, grace: float, force: Awaitable[object] | None = None) -> str:
+        """Stop accepting; let open connections finish for up to ``grace`` seconds (or
+        until ``force`` completes: a second signal), then close what is left.
+
+        Returns how it ended: ``drained`` (every connection finished), ``drain_timeout``
+        or ``forced``; the ``stopped`` log line says the same."""
+        if self.server is not None:
+            self.server.close()
+        self.draining = True
+        self.log.emit("draining", open_connections=len(self.connections), grace_s=grace)
+        outcome = "drained"
+        if self.connections:
+            drained = asyncio.ensure_future(self.drained.wait())
+            waits: list[asyncio.Future[Any]] = [drained]
+            if force is not None:
+                waits.append(asyncio.ensure_future(force))
+            done, pending = await asyncio.wait(
+                waits, timeout=grace, return_when=asyncio.FIRST_COMPLETED
+            )
+            for future in pending:
+                future.cancel()
+            if self.connections:
+                outcome = "drain_timeout" if not done else "forced"
+        await self.stop(outcome)
+        return outcome
+
+    async def stop(self, reason: str = "shutdown") -> None:
+        """Stop accepting, close every connection, stop the background tasks.
+
+        ``reason`` goes into the ``stopped`` line and, except ``forced`` (which closes
+        with ``shutdown`` like a plain stop), into the access line of each connection."""
+        left = len(self.connections)
         if self.server is not None:
             self.server.close()
         for conn in list(self.connections):
-            conn.shutdown()
+            conn.shutdown("shutdown" if reason == "forced" else reason)
         for conn in list(self.lingering):
             if conn.transport is not None:
                 conn.transport.close()
-        for task in self.tasks:
+        tasks = [*self.tasks, *self.health_tasks.values()]
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self.tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         self.tasks.clear()
-        self.log.emit("stopped", open_connections=len(self.connections))
+        self.health_tasks.clear()
+        if self.admin is not None:
+            await self.admin.stop()
+        self.log.emit("stopped", open_connections=left, reason=reason)
+
+    # --- connections ---------------------------------------------------------------------
+
+    def connection_closed(self, conn: ClientConnection, decision: str, reason: str) -> None:
+        self.connections.discard(conn)
+        self.log_access(conn, decision, reason)
+        if self.draining and not self.connections:
+            self.drained.set()
+        if self.at_capacity and len(self.connections) < self.config.max_connections:
+            self.at_capacity = False
+            self.log.emit(
+                "capacity",
+                state="available",
+                max_connections=self.config.max_connections,
+                open_connections=len(self.connections),
+                refused=self.refused_at_capacity,
+            )
+            self.refused_at_capacity = 0
+
+    def over_capacity(self, conn: ClientConnection) -> None:
+        """``conn`` was refused because ``max_connections`` are open."""
+        cap = self.config.max_connections
+        self.refused_at_capacity += 1
+        if not self.at_capacity:
+            self.at_capacity = True
+            self.log.emit(
+                "capacity",
+                state="full",
+                max_connections=cap,
+                open_connections=len(self.connections),
+                message=f"max_connections ({cap}) reached: refusing new connections",
+            )
+        self.log_access(conn, "over_capacity", f"max_connections {cap} reached")
 
     # --- health checks -------------------------------------------------------------------
 
+    def _sync_health_tasks(self) -> None:
+        """One check loop per configured upstream: start new ones, stop removed ones."""
+        wanted = {u.key for u in self.config.upstreams}
+        for key in [k for k in self.health_tasks if k not in wanted]:
+            self.health_tasks.pop(key).cancel()
+        for upstream in self.config.upstreams:
+            if upstream.key not in self.health_tasks:
+                self.health_tasks[upstream.key] = self.loop.create_task(
+                    self._health_loop(upstream.key), name=f"health-{upstream.name}"
+                )
+
     async def probe(self, upstream: Upstream) -> tuple[bool, str]:
-        """A TCP connect within the timeout; no application bytes are written."""
+        """A TCP connect within the timeout. No application bytes, except a PROXY v2
+        LOCAL header for an upstream that expects one (it says: no client behind this)."""
         try:
             async with asyncio.timeout(self.config.health_check.timeout):
                 transport, _ = await self.loop.create_connection(
@@ -592,26 +815,37 @@ class Proxy:
                 )
         except OSError as exc:
             return False, describe_os_error(exc)
+        if upstream.proxy_protocol == "v2":
+            transport.write(proxyproto.local_header())
         transport.close()
         return True, "connected"
 
-    async def _health_loop(self, index: int) -> None:
-        upstream = self.config.upstreams[index]
-        interval = self.config.health_check.interval
+    async def _health_loop(self, key: str) -> None:
+        """Check one upstream for as long as it is configured (the config may change)."""
         while True:
-            started = self.loop.time()
+            index = self.router.pool.index_of(key)
+            if index is None:
+                return
+            upstream = self.router.pool.upstreams[index]
+            started = time.monotonic()
             ok, reason = await self.probe(upstream)
-            self.checks[index] += 1
+            finished = time.monotonic()
+            self.stats.check_done(
+                key, ok=ok, reason=reason, latency=finished - started, wall_time=time.time()
+            )
+            index = self.router.pool.index_of(key)  # a reload may have moved it meanwhile
+            if index is None:
+                return
             transition = self.router.check_result(index, ok, self.loop.time(), reason)
             if transition is not None:
                 self.log_transition(upstream, transition, passive=False)
             # The next check starts one interval after this one started (never sooner).
-            await asyncio.sleep(max(0.0, started + interval - self.loop.time()))
+            interval = self.config.health_check.interval
+            await asyncio.sleep(max(0.0, started + interval - time.monotonic()))
 
     async def _cleanup_loop(self) -> None:
-        interval = self.config.rate_limit.cleanup_interval
         while True:
-            await asyncio.sleep(interval)
+            await asyncio.sleep(self.config.rate_limit.cleanup_interval)
             self.router.limiter.cleanup(self.loop.time())
 
     # --- logging ----------------------------------------------------------------------------
@@ -628,14 +862,23 @@ class Proxy:
         )
 
     def log_access(self, conn: ClientConnection, decision: str, reason: str) -> None:
+        upstream = conn.upstream
+        self.stats.connection_closed(
+            decision,
+            reason,
+            identity=conn.identity,
+            upstream=upstream.key if upstream else None,
+            bytes_up=conn.bytes_up,
+            bytes_down=conn.bytes_down,
+        )
         fields: dict[str, Any] = {
             "conn": conn.id,
             "client": conn.identity,
             "peer": conn.peer,
             "decision": decision,
             "reason": reason,
-            "upstream": conn.upstream.key if conn.upstream else None,
-            "upstream_name": conn.upstream.name if conn.upstream else None,
+            "upstream": upstream.key if upstream else None,
+            "upstream_name": upstream.name if upstream else None,
             "attempts": conn.attempts,
             "bytes_up": conn.bytes_up,
             "bytes_down": conn.bytes_down,
@@ -645,3 +888,10 @@ class Proxy:
         if conn.handshake_ms is not None:
             fields["tls_version"] = conn.tls.version()
         self.log.emit("access", **fields)
+
+
+def _format(address: tuple[str, int] | None) -> str | None:
+    if address is None:
+        return None
+    host, port = address
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

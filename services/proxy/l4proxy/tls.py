@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import ssl
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
 
 from .config import ConfigError, TlsConfig
 
@@ -40,3 +46,19 @@ def server_context(tls: TlsConfig) -> ssl.SSLContext:
             "tls.cert", f"cannot load the certificate {tls.cert} with key {tls.key}: {exc}"
         ) from None
     return ctx
+
+
+def certificate_facts(path: Path) -> dict[str, Any]:
+    """Subject, serial, expiry and SHA-256 fingerprint of the first certificate in a PEM
+    file: ``/status`` shows them, so an operator can tell which certificate is loaded."""
+    try:
+        cert = x509.load_pem_x509_certificate(path.read_bytes())
+    except (OSError, ValueError) as exc:
+        return {"path": str(path), "error": str(exc)}
+    return {
+        "path": str(path),
+        "subject": cert.subject.rfc4514_string(),
+        "serial": format(cert.serial_number, "x"),
+        "not_after": cert.not_valid_after_utc.isoformat().replace("+00:00", "Z"),
+        "sha256": hashlib.sha256(cert.public_bytes(Encoding.DER)).hexdigest(),
+    }

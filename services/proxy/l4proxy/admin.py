@@ -1,0 +1,444 @@
+"""The admin listener: ``/metrics``, ``/status``, ``/ready`` and ``POST /reload``.
+
+A deliberately small HTTP/1.1 server on the proxy's own event loop (so it reads the
+proxy's state without locks): one request per connection, bounded head size, a read
+deadline, ``Connection: close``. It binds to loopback by default; it has no
+authentication, so only expose it where whoever reaches it may reload the proxy and
+read its counters (``POST /reload`` only re-reads the file already configured).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.process_collector import ProcessCollector
+
+from .health import Health
+
+if TYPE_CHECKING:
+    from .server import Proxy
+
+HEAD_LIMIT = 16 * 1024  # request line + headers
+BODY_LIMIT = 64 * 1024  # POST bodies are read and ignored
+REQUEST_TIMEOUT = 5.0
+MAX_CLIENTS = 32  # admin connections served at once; more wait in the backlog
+
+REASONS = {
+    200: "OK",
+    400: "Bad Request",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    408: "Request Timeout",
+    413: "Content Too Large",
+    422: "Unprocessable Content",
+    431: "Request Header Fields Too Large",
+    503: "Service Unavailable",
+}
+
+
+# --- the HTTP edge (pure) ------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    method: str
+    path: str
+    headers: dict[str, str]
+
+    @property
+    def content_length(self) -> int:
+        return int(self.headers.get("content-length", "0"))
+
+
+@dataclass(frozen=True, slots=True)
+class Response:
+    status: int
+    body: bytes = b""
+    content_type: str = "text/plain; charset=utf-8"
+    headers: dict[str, str] = field(default_factory=dict)
+
+    def encode(self, *, head_only: bool = False) -> bytes:
+        lines = [
+            f"HTTP/1.1 {self.status} {REASONS.get(self.status, 'Error')}",
+            f"Content-Type: {self.content_type}",
+            f"Content-Length: {len(self.body)}",
+            "Cache-Control: no-store",
+            "Connection: close",
+            *(f"{name}: {value}" for name, value in self.headers.items()),
+        ]
+        head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+        return head if head_only else head + self.body
+
+
+def json_response(status: int, payload: object) -> Response:
+    body = json.dumps(payload, indent=2, default=str).encode() + b"\n"
+    return Response(status, body, "application/json")
+
+
+def text_response(status: int, text: str) -> Response:
+    return Response(status, text.encode() + b"\n")
+
+
+def parse_request(head: bytes) -> Request | Response:
+    """The request line and headers (up to the blank line), or the error response."""
+    try:
+        text = head.decode("latin-1")
+    except UnicodeDecodeError:  # pragma: no cover - latin-1 decodes any byte
+        return text_response(400, "bad request")
+    lines = text.split("\r\n")
+    parts = lines[0].split(" ")
+    if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
+        return text_response(400, "bad request line")
+    method, target, _version = parts
+    headers: dict[str, str] = {}
+    for line in lines[1:]:
+        if not line:
+            continue
+        name, sep, value = line.partition(":")
+        if not sep or not name or name != name.strip():
+            return text_response(400, "bad header line")
+        headers[name.lower()] = value.strip()
+    length = headers.get("content-length", "0")
+    if not length.isdigit():
+        return text_response(400, "bad Content-Length")
+    if int(length) > BODY_LIMIT:
+        return text_response(413, "body too large")
+    if "transfer-encoding" in headers:
+        return text_response(400, "chunked bodies are not supported")
+    path = target.split("?", 1)[0]
+    return Request(method, path, headers)
+
+
+# Path -> methods it answers. GET paths also answer HEAD.
+ROUTES: dict[str, tuple[str, ...]] = {
+    "/": ("GET",),
+    "/metrics": ("GET",),
+    "/status": ("GET",),
+    "/ready": ("GET",),
+    "/reload": ("POST",),
+}
+
+
+# --- what the endpoints say ------------------------------------------------------------------
+
+
+class ProxyCollector:
+    """Builds the metric families from the proxy's counters at scrape time."""
+
+    def __init__(self, proxy: Proxy) -> None:
+        self.proxy = proxy
+
+    def collect(self) -> Iterator[Metric]:
+        proxy = self.proxy
+        stats = proxy.stats
+        pool = proxy.router.pool
+
+        yield _counter(
+            "l4proxy_connections_accepted", "Client connections accepted.", stats.accepted
+        )
+        active = GaugeMetricFamily(
+            "l4proxy_connections_active",
+            "Open client connections by state (handshake, admitting, dialing, forwarding).",
+            labels=["state"],
+        )
+        by_state: dict[str, int] = dict.fromkeys(
+            ("handshake", "admitting", "dialing", "forwarding"), 0
+        )
+        for conn in proxy.connections:
+            by_state[conn.state.value] = by_state.get(conn.state.value, 0) + 1
+        for name, count in by_state.items():
+            active.add_metric([name], count)
+        yield active
+        closed = CounterMetricFamily(
+            "l4proxy_connections_closed",
+            "Client connections ended, by access-log decision.",
+            labels=["decision"],
+        )
+        for decision, count in sorted(stats.closed.items()):
+            closed.add_metric([decision], count)
+        yield closed
+        yield GaugeMetricFamily(
+            "l4proxy_max_connections",
+            "The global cap on open client connections (0: none).",
+            value=proxy.config.max_connections,
+        )
+
+        ups_active = GaugeMetricFamily(
+            "l4proxy_upstream_active_connections",
+            "Connections forwarded to (or dialing) each upstream.",
+            labels=["upstream", "name"],
+        )
+        health = GaugeMetricFamily(
+            "l4proxy_upstream_health",
+            "Health of each upstream: 1 for its current state, 0 for the others.",
+            labels=["upstream", "name", "state"],
+        )
+        for upstream, count, machine in zip(pool.upstreams, pool.active, pool.health, strict=True):
+            ups_active.add_metric([upstream.key, upstream.name], count)
+            for state in Health:
+                health.add_metric(
+                    [upstream.key, upstream.name, state.value], int(machine.state is state)
+                )
+        yield ups_active
+        yield health
+        retired = GaugeMetricFamily(
+            "l4proxy_upstream_retired_connections",
+            "Open connections to upstreams a reload removed (they finish, none are added).",
+            labels=["upstream"],
+        )
+        for key, count in sorted(pool.retired.items()):
+            retired.add_metric([key], count)
+        yield retired
+
+        moved = dict(stats.bytes_closed)
+        for conn in proxy.connections:  # open connections count as they go
+            if conn.upstream is not None and (conn.bytes_up or conn.bytes_down):
+                key = conn.upstream.key
+                moved[key, "up"] = moved.get((key, "up"), 0) + conn.bytes_up
+                moved[key, "down"] = moved.get((key, "down"), 0) + conn.bytes_down
+        traffic = CounterMetricFamily(
+            "l4proxy_bytes",
+            "Plaintext bytes forwarded: up = client to upstream, down = upstream to client.",
+            labels=["upstream", "direction"],
+        )
+        for (key, direction), count in sorted(moved.items()):
+            traffic.add_metric([key, direction], count)
+        yield traffic
+
+        yield _labelled_counter(
+            "l4proxy_handshake_failures",
+            "TLS handshakes that failed, by reason.",
+            ["reason"],
+            {(reason,): n for reason, n in stats.handshake_failures.items()},
+        )
+        yield _labelled_counter(
+            "l4proxy_rate_limited",
+            "Connections refused by the per-client limits, by client and limit.",
+            ["client", "reason"],
+            {key: n for key, n in stats.rate_limited.items()},
+        )
+        yield _labelled_counter(
+            "l4proxy_denied",
+            "Connections refused by the authorization rules, by client.",
+            ["client"],
+            {(client,): n for client, n in stats.denied.items()},
+        )
+        yield _labelled_counter(
+            "l4proxy_dial_failures",
+            "Failed dials to upstreams (each attempt), by upstream and reason.",
+            ["upstream", "reason"],
+            {key: n for key, n in stats.dial_failures.items()},
+        )
+
+        checks = CounterMetricFamily(
+            "l4proxy_health_checks",
+            "Active health checks completed, by upstream and result.",
+            labels=["upstream", "result"],
+        )
+        latency = HistogramMetricFamily(
+            "l4proxy_health_check_duration_seconds",
+            "Time an active health check took (connect or timeout).",
+            labels=["upstream"],
+        )
+        for key, check in sorted(stats.checks.items()):
+            checks.add_metric([key, "ok"], check.ok)
+            checks.add_metric([key, "failed"], check.failed)
+            latency.add_metric([key], check.latency.cumulative(), check.latency.total)
+        yield checks
+        yield latency
+
+        yield _labelled_counter(
+            "l4proxy_config_reloads",
+            "Reload attempts, by result (ok: applied; error: rejected, old config kept).",
+            ["result"],
+            {(result,): n for result, n in stats.reloads.items()},
+        )
+        info = GaugeMetricFamily(
+            "l4proxy_config_info", "The config in force (always 1).", labels=["sha256"]
+        )
+        info.add_metric([proxy.config_sha256 or ""], 1)
+        yield info
+        yield GaugeMetricFamily(
+            "l4proxy_draining", "1 while draining after SIGTERM.", value=int(proxy.draining)
+        )
+        yield GaugeMetricFamily(
+            "l4proxy_start_time_seconds", "Start time, Unix seconds.", value=proxy.started_at
+        )
+
+
+def _counter(name: str, documentation: str, value: float) -> CounterMetricFamily:
+    return CounterMetricFamily(name, documentation, value=value)
+
+
+def _labelled_counter(
+    name: str, documentation: str, labels: list[str], values: dict[tuple[str, ...], int]
+) -> CounterMetricFamily:
+    family = CounterMetricFamily(name, documentation, labels=labels)
+    for key, count in sorted(values.items()):
+        family.add_metric(list(key), count)
+    return family
+
+
+def status(proxy: Proxy) -> dict[str, Any]:
+    """``/status``: what an operator asks first."""
+    pool = proxy.router.pool
+    ready, why = proxy.ready
+    upstreams = []
+    for upstream, count, machine in zip(pool.upstreams, pool.active, pool.health, strict=True):
+        check = proxy.stats.checks.get(upstream.key)
+        upstreams.append(
+            {
+                "name": upstream.name,
+                "address": upstream.key,
+                "health": machine.state.value,
+                "health_reason": machine.last_reason,
+                "active_connections": count,
+                "proxy_protocol": upstream.proxy_protocol,
+                "last_check": None
+                if check is None or check.last_at is None
+                else {
+                    "ok": check.last_ok,
+                    "reason": check.last_reason,
+                    "at": _iso(check.last_at),
+                    "latency_ms": round((check.last_latency or 0.0) * 1000, 3),
+                },
+            }
+        )
+    states = [conn.state.value for conn in proxy.connections]
+    return {
+        "state": "draining" if proxy.draining else "serving",
+        "ready": ready,
+        "ready_reason": why,
+        "listen": None if proxy.address is None else "{}:{}".format(*proxy.address),
+        "uptime_s": round(time.time() - proxy.started_at, 3),
+        "config": {
+            "path": None if proxy.config_path is None else str(proxy.config_path),
+            "sha256": proxy.config_sha256,
+            "loaded_at": proxy.loaded_at,
+            "last_reload": proxy.last_reload,
+            "balancer": proxy.config.balancer,
+        },
+        "tls": {"certificate": proxy.certificate},
+        "connections": {
+            "open": len(states),
+            "forwarding": states.count("forwarding"),
+            "max_connections": proxy.config.max_connections,
+            "accepted": proxy.stats.accepted,
+        },
+        "upstreams": upstreams,
+        "retired_upstreams": [
+            {"address": key, "active_connections": count}
+            for key, count in sorted(pool.retired.items())
+        ],
+    }
+
+
+def _iso(unix: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(unix)) + f".{int(unix % 1 * 1000):03d}Z"
+
+
+# --- the I/O shell -------------------------------------------------------------------------
+
+
+class AdminServer:
+    def __init__(self, proxy: Proxy) -> None:
+        self.proxy = proxy
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(ProxyCollector(proxy))
+        ProcessCollector(registry=self.registry)
+        self.server: asyncio.Server | None = None
+        self.slots = asyncio.Semaphore(MAX_CLIENTS)
+        self.handlers: set[asyncio.Task[None]] = set()
+
+    async def start(self, host: str, port: int) -> tuple[str, int]:
+        self.server = await asyncio.start_server(
+            self._serve, host, port, limit=HEAD_LIMIT, reuse_address=True
+        )
+        name = self.server.sockets[0].getsockname()
+        return str(name[0]), int(name[1])
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            self.server.close()
+        for task in list(self.handlers):
+            task.cancel()
+        await asyncio.gather(*self.handlers, return_exceptions=True)
+
+    def respond(self, request: Request) -> Response:
+        methods = ROUTES.get(request.path)
+        if methods is None:
+            return text_response(404, f"not found: {request.path} (try /)")
+        allowed = (*methods, "HEAD") if "GET" in methods else methods
+        if request.method not in allowed:
+            return Response(405, b"method not allowed\n", headers={"Allow": ", ".join(allowed)})
+        proxy = self.proxy
+        if request.path == "/metrics":
+            return Response(200, generate_latest(self.registry), CONTENT_TYPE_LATEST)
+        if request.path == "/status":
+            return json_response(200, status(proxy))
+        if request.path == "/ready":
+            ready, reason = proxy.ready
+            return json_response(200 if ready else 503, {"ready": ready, "reason": reason})
+        if request.path == "/reload":
+            result = proxy.reload()
+            payload = {
+                "result": "ok" if result.ok else "error",
+                "message": result.message,
+                "sha256": result.sha256,
+                "added": list(result.added),
+                "removed": list(result.removed),
+            }
+            return json_response(200 if result.ok else 422, payload)
+        return text_response(
+            200, "layer4lab proxy admin: GET /metrics /status /ready, POST /reload"
+        )
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self.handlers.add(task)
+        try:
+            async with self.slots:
+                response, head_only = await self._read_and_route(reader)
+                writer.write(response.encode(head_only=head_only))
+                async with asyncio.timeout(REQUEST_TIMEOUT):
+                    await writer.drain()
+        except (ConnectionError, TimeoutError):
+            pass  # the client went away or stalled: nothing to answer
+        finally:
+            writer.close()
+            with contextlib.suppress(ConnectionError, TimeoutError):
+                async with asyncio.timeout(1.0):
+                    await writer.wait_closed()
+            if task is not None:
+                self.handlers.discard(task)
+
+    async def _read_and_route(self, reader: asyncio.StreamReader) -> tuple[Response, bool]:
+        try:
+            async with asyncio.timeout(REQUEST_TIMEOUT):
+                head = await reader.readuntil(b"\r\n\r\n")
+                request = parse_request(head)
+                if isinstance(request, Response):
+                    return request, False
+                if request.content_length:
+                    await reader.readexactly(request.content_length)
+        except TimeoutError:
+            return text_response(408, "request timeout"), False
+        except asyncio.LimitOverrunError:
+            return text_response(431, "request head too large"), False
+        except asyncio.IncompleteReadError as exc:
+            raise ConnectionError("client closed mid-request") from exc
+        return self.respond(request), request.method == "HEAD"
