@@ -455,7 +455,14 @@ class Run:
                     volumes={self.volume: (topo.CERTS_DIR, "ro")},
                     # The image's check, pointed at the run's config and run every second.
                     healthcheck=healthcheck(
-                        ["python3", "/app/healthcheck.py", topo.PROXY_CONFIG_PATH],
+                        [
+                            "python3",
+                            "-m",
+                            "l4proxy.adminctl",
+                            "--config",
+                            topo.PROXY_CONFIG_PATH,
+                            "ready",
+                        ],
                         interval=1.0,
                         timeout=3.0,
                         retries=3,

@@ -1,0 +1,66 @@
+"""``python -m l4proxy.adminctl [--config PATH] ready|status|metrics|reload``.
+
+A small client for the admin listener, for the container's HEALTHCHECK and for
+operators inside the container (``docker exec <proxy> python3 -m l4proxy.adminctl
+status``). It finds the admin address in the proxy's config file (a wildcard address
+is reached over loopback), prints the response body and exits 0 on a 2xx answer, 1 on
+any other answer or when the listener cannot be reached, 2 on a usage or config error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from .config import ConfigError, load_config
+
+DEFAULT_CONFIG = Path("/etc/l4proxy/config.yaml")
+TIMEOUT = 5.0
+WILDCARDS = {"0.0.0.0": "127.0.0.1", "::": "::1"}  # noqa: S104 - mapped to loopback
+COMMANDS = {
+    "ready": ("GET", "/ready"),
+    "status": ("GET", "/status"),
+    "metrics": ("GET", "/metrics"),
+    "reload": ("POST", "/reload"),
+}
+
+
+def request(host: str, port: int, method: str, path: str) -> tuple[int, bytes]:
+    conn = http.client.HTTPConnection(host, port, timeout=TIMEOUT)
+    try:
+        conn.request(method, path)
+        response = conn.getresponse()
+        return response.status, response.read()
+    finally:
+        conn.close()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m l4proxy.adminctl", description=__doc__)
+    parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
+    parser.add_argument("command", choices=sorted(COMMANDS))
+    args = parser.parse_args(argv)
+    try:
+        listen = load_config(args.config).admin.listen
+    except ConfigError as exc:
+        print(f"adminctl: {args.config}: {exc}", file=sys.stderr)
+        return 2
+    if listen is None:
+        print(f"adminctl: {args.config} turns the admin listener off", file=sys.stderr)
+        return 2
+    host = WILDCARDS.get(listen.host, listen.host)
+    method, path = COMMANDS[args.command]
+    try:
+        status, body = request(host, listen.port, method, path)
+    except OSError as exc:
+        print(f"adminctl: cannot reach the admin listener at {listen}: {exc}", file=sys.stderr)
+        return 1
+    sys.stdout.write(body.decode("utf-8", errors="replace"))
+    return 0 if 200 <= status < 300 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
