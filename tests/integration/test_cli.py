@@ -408,6 +408,26 @@ def test_listen_address_in_use_exits_1_with_a_fatal_line(lab: Lab, tmp_path: Pat
     assert not [r for r in records if r["event"] == "listening"]
 
 
+def test_admin_address_in_use_exits_1_naming_admin_listen(lab: Lab, tmp_path: Path) -> None:
+    (upstream,) = lab.start_upstreams(["echo"])
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        host, port = taken.getsockname()
+        config = write_config(
+            tmp_path / "proxy.yaml",
+            lab.certs,
+            [upstream.address],
+            admin={"listen": f"{host}:{port}"},
+        )
+        done = run(config)
+    assert done.returncode == 1, (done.stdout, done.stderr)
+    fatal = [r for r in json_lines(done.stdout) if r["event"] == "fatal"]
+    assert len(fatal) == 1
+    assert f"{host}:{port} (admin.listen)" in fatal[0]["message"]
+    assert "address already in use" in fatal[0]["message"].lower()
+
+
 def test_silent_client_is_closed_at_the_handshake_timeout(lab: Lab, tmp_path: Path) -> None:
     (upstream,) = lab.start_upstreams(["echo"])
     config = write_config(

@@ -74,8 +74,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     try:
         uvloop.run(serve(config, log, args.config, digest))
-    except OSError as exc:  # e.g. the listen address is in use
-        log.emit("fatal", message=f"cannot serve on {config.listen}: {exc}")
+    except OSError as exc:  # e.g. the listen or admin address is in use
+        log.emit("fatal", message=exc.strerror or str(exc))
         return 1
     except KeyboardInterrupt:  # a signal before the handlers were installed
         return 0

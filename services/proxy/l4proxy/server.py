@@ -615,13 +615,16 @@ class Proxy:
     async def start(self) -> None:
         self.loop.set_exception_handler(self._on_loop_error)
         listen = self.config.listen
-        self.server = await self.loop.create_server(
-            lambda: ClientConnection(self),
-            listen.host,
-            listen.port,
-            backlog=1024,
-            reuse_address=True,
-        )
+        try:
+            self.server = await self.loop.create_server(
+                lambda: ClientConnection(self),
+                listen.host,
+                listen.port,
+                backlog=1024,
+                reuse_address=True,
+            )
+        except OSError as exc:
+            raise OSError(exc.errno, f"cannot listen on {listen}: {exc.strerror}") from exc
         sock = self.server.sockets[0].getsockname()
         self.address = (str(sock[0]), int(sock[1]))
         admin_listen = self.config.admin.listen
@@ -631,9 +634,10 @@ class Proxy:
             self.admin = AdminServer(self)
             try:
                 self.admin_address = await self.admin.start(admin_listen.host, admin_listen.port)
-            except OSError:
+            except OSError as exc:
                 self.server.close()
-                raise
+                message = f"cannot listen on {admin_listen} (admin.listen): {exc.strerror}"
+                raise OSError(exc.errno, message) from exc
         self._sync_health_tasks()
         self.tasks.append(self.loop.create_task(self._cleanup_loop(), name="ratelimit-cleanup"))
         self.log.emit(
