@@ -25,6 +25,7 @@ import yaml
 from tests.support.harness import Lab
 from tests.support.loops import await_condition
 from tests.support.tlsclient import End, TlsClient, client_context
+from tests.support.upstreams import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 PROXY_DIR = REPO / "services" / "proxy"
@@ -181,14 +182,16 @@ class Child:
                 if r.get("event") == event and all(r.get(k) == v for k, v in match.items())
             ]
 
-    def wait_for(self, event: str, timeout: float = 10.0, **match: Any) -> dict[str, Any]:
-        """The first record of ``event`` matching ``match``; fail at the deadline or
-        when the process has closed its stdout without logging it."""
+    def wait_for(
+        self, event: str, timeout: float = 10.0, count: int = 1, **match: Any
+    ) -> dict[str, Any]:
+        """The first record of ``event`` matching ``match`` once ``count`` of them are
+        there; fail at the deadline or when the process closed its stdout first."""
         deadline = time.monotonic() + timeout
         with self._cond:
             while True:
                 found = self.events(event, **match)
-                if found:
+                if len(found) >= count:
                     return found[0]
                 left = deadline - time.monotonic()
                 if left <= 0 or self.stdout_closed:
@@ -406,6 +409,47 @@ def test_listen_address_in_use_exits_1_with_a_fatal_line(lab: Lab, tmp_path: Pat
     assert f"{host}:{port}" in fatal[0]["message"]
     assert "address already in use" in fatal[0]["message"].lower()
     assert not [r for r in records if r["event"] == "listening"]
+
+
+def adminctl(config: Path, command_name: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "l4proxy.adminctl", "--config", str(config), command_name],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+        cwd=REPO,
+        env=child_env(),
+    )
+
+
+def test_adminctl_and_sighup_reach_the_running_proxy(lab: Lab, tmp_path: Path) -> None:
+    (upstream,) = lab.start_upstreams(["echo"])
+    admin = f"127.0.0.1:{free_port()}"
+    config = write_config(
+        tmp_path / "proxy.yaml", lab.certs, [upstream.address], admin={"listen": admin}
+    )
+    with proxy_process(config) as child:
+        child.wait_for("health", upstream=upstream.address, new="up")
+        ready = adminctl(config, "ready")
+        assert (ready.returncode, json.loads(ready.stdout)) == (
+            0,
+            {"ready": True, "reason": "ready"},
+        )
+        status = json.loads(adminctl(config, "status").stdout)
+        assert status["config"]["path"] == str(config)
+        assert "l4proxy_connections_accepted_total 0.0" in adminctl(config, "metrics").stdout
+        reloaded = adminctl(config, "reload")
+        assert reloaded.returncode == 0, reloaded.stderr
+        child.wait_for("reload", result="ok")
+        child.proc.send_signal(signal.SIGHUP)
+        child.wait_for("reload", count=2, result="ok")
+        child.proc.send_signal(signal.SIGTERM)
+        assert child.proc.wait(timeout=10) == 0
+        child.join()
+    down = adminctl(config, "ready")  # nothing listens any more
+    assert down.returncode == 1
+    assert "cannot reach the admin listener" in down.stderr
 
 
 def test_admin_address_in_use_exits_1_naming_admin_listen(lab: Lab, tmp_path: Path) -> None:
