@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any, cast
 
 from . import proxyproto
+from .admin import AdminServer
 from .config import Config, ConfigError, Upstream, check_files, read_config, restart_needed
 from .health import Health, Transition
 from .identity import IdentityCache, NoIdentity
@@ -592,7 +593,7 @@ class Proxy:
         self.ids = itertools.count(1)
         self.loop = asyncio.get_running_loop()
         self.server: asyncio.Server | None = None
-        self.admin: Any = None  # admin.AdminServer, imported lazily (prometheus_client)
+        self.admin: AdminServer | None = None
         self.health_tasks: dict[str, asyncio.Task[None]] = {}  # by upstream key
         self.tasks: list[asyncio.Task[None]] = []
         self.address: tuple[str, int] | None = None
@@ -629,8 +630,6 @@ class Proxy:
         self.address = (str(sock[0]), int(sock[1]))
         admin_listen = self.config.admin.listen
         if admin_listen is not None:
-            from .admin import AdminServer  # noqa: PLC0415 - keeps prometheus off the data path
-
             self.admin = AdminServer(self)
             try:
                 self.admin_address = await self.admin.start(admin_listen.host, admin_listen.port)
