@@ -432,7 +432,9 @@ def ours_config(certs: Path, ports: Sequence[int]) -> str:
         "balancer": "least_connections",
         "health_check": {"interval": "3s", "timeout": "1s", "rise": 1, "fall": 1},
         "rate_limit": {"enabled": False},
-        "timeouts": {"handshake": "5s", "connect": "1s", "idle": "5m"},
+        # A stop after a workload need not wait for stragglers (SIGTERM drains).
+        "timeouts": {"handshake": "5s", "connect": "1s", "idle": "5m", "drain": "1s"},
+        "admin": {"listen": "127.0.0.1:0"},  # on, as in production; any free port
     }
     return yaml.safe_dump(config, sort_keys=False)
 
