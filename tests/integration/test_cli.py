@@ -232,6 +232,16 @@ def proxy_process(config: Path) -> Iterator[Child]:
             child.join()
 
 
+@contextmanager
+def serving(lab: Lab, tmp_path: Path, mode: str, **overrides: Any) -> Iterator[Child]:
+    """A proxy process in front of one test upstream in ``mode``, its check settled."""
+    (upstream,) = lab.start_upstreams([mode])
+    config = write_config(tmp_path / "proxy.yaml", lab.certs, [upstream.address], **overrides)
+    with proxy_process(config) as child:
+        child.wait_for("health", upstream=upstream.address, new="up")
+        yield child
+
+
 def refused(address: tuple[str, int]) -> bool:
     try:
         socket.create_connection(address, timeout=2).close()
@@ -246,13 +256,8 @@ def test_a_signal_drains_open_connections_finish_and_the_proxy_exits_0(
 ) -> None:
     """Draining: the listener closes at once, an open stream keeps working both ways
     until the client ends it, and the proxy exits as soon as the last one is done."""
-    (upstream,) = lab.start_upstreams(["echo"])
-    config = write_config(
-        tmp_path / "proxy.yaml", lab.certs, [upstream.address], timeouts={"drain": "20s"}
-    )
-    with proxy_process(config) as child:
+    with serving(lab, tmp_path, "echo", timeouts={"drain": "20s"}) as child:
         address = child.address()
-        child.wait_for("health", upstream=upstream.address, new="up")
 
         async def main() -> tuple[bytes, bytes, End | None, bool]:
             client = await TlsClient.connect(address, client_context(lab.certs, "client.b"))
@@ -292,13 +297,9 @@ def test_a_signal_drains_open_connections_finish_and_the_proxy_exits_0(
 
 
 def test_the_drain_deadline_closes_what_is_left_cleanly(lab: Lab, tmp_path: Path) -> None:
-    (upstream,) = lab.start_upstreams(["hold"])
-    config = write_config(
-        tmp_path / "proxy.yaml", lab.certs, [upstream.address], timeouts={"drain": "300ms"}
-    )
-    with proxy_process(config) as child:
+    with serving(lab, tmp_path, "hold", timeouts={"drain": "300ms"}) as child:
         address = child.address()
-        child.wait_for("health", upstream=upstream.address, new="up")
+        (upstream,) = lab.upstreams
 
         async def main() -> tuple[bytes, End | None]:
             client = await TlsClient.connect(address, client_context(lab.certs, "client.b"))

@@ -73,13 +73,9 @@ class RateLimiter:
         *,
         enabled: bool = True,
     ) -> None:
-        self.rate = rate
-        self.burst = burst
-        self.cleanup_interval = cleanup_interval
-        self.max_concurrent = max_concurrent
-        self.enabled = enabled
         self.buckets: dict[str, TokenBucket] = {}
         self.open: dict[str, int] = {}
+        self.reconfigure(rate, burst, cleanup_interval, max_concurrent, enabled=enabled)
 
     def admit(self, identity: str, now: float) -> Ticket | Limited:
         if self.enabled:
