@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import hashlib
 import json
 import random
 import signal
@@ -27,6 +28,9 @@ import certgen
 from client import cli as client_cli
 from client import config as client_config
 from client import decide as client_decide
+from client import transfer as client_transfer
+from client.tlsstream import TlsStream
+from tests.support.harness import Lab
 
 CLIENT_DIR = Path(__file__).resolve().parents[2] / "services" / "client"
 REPLY = b"Reply from upstream u-test"
@@ -41,7 +45,26 @@ ATTEMPT_KEYS = {
     "latency_ms",
     "error",
 }
-OUTCOMES = ("ok", "rejected", "tls_error", "refused", "timeout", "error")
+TRANSFER_KEYS = ATTEMPT_KEYS | {
+    "transfer_bytes",
+    "bytes_sent",
+    "bytes_received",
+    "match",
+    "sha256_sent",
+    "sha256_received",
+    "end",
+    "transfer_ms",
+}
+OUTCOMES = (
+    "ok",
+    "rejected",
+    "tls_error",
+    "refused",
+    "timeout",
+    "error",
+    "truncated",
+    "mismatch",
+)
 WAIT = 10.0  # deadline for one client run or one wait
 FAST = ("--interval-min", "5ms", "--interval-max", "20ms", "--seed", "1")
 
@@ -178,8 +201,9 @@ def split(records: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[str
     assert records[-1]["event"] == "summary"
     attempts = [r for r in records if r["event"] == "attempt"]
     assert len(attempts) == len(records) - 2
+    transfer = records[0]["mode"] == "transfer"
     for record in attempts:
-        assert set(record) == ATTEMPT_KEYS
+        assert set(record) == (TRANSFER_KEYS if transfer else ATTEMPT_KEYS)
         assert record["outcome"] in OUTCOMES
         assert isinstance(record["latency_ms"], float)
     summary = records[-1]
@@ -335,6 +359,179 @@ def test_unusable_certificates_exit_2(tmp_path: Path, capsys: pytest.CaptureFixt
     assert "cannot load TLS material" in err
     assert "--interval-min" in err
     assert "Traceback" not in err
+
+
+# --- transfer mode -----------------------------------------------------------------------------
+
+CORRUPT_AT = 100_000  # the "corrupt" echo server flips this byte
+TRUNCATE_AFTER = 64 * 1024  # the "truncate" echo server closes after echoing this much
+TRANSFER = ("--transfer-bytes", "1MiB", "--transfer-time", "300ms", "--timeout", "5s")
+
+
+@contextlib.asynccontextmanager
+async def tls_echo_server(
+    certs: Path, behaviour: Literal["echo", "corrupt", "truncate", "hold"]
+) -> AsyncIterator[Served]:
+    """TLS (CERT_REQUIRED) echoing what it reads until the client's close_notify, then
+    sending its own; ``corrupt`` flips byte :data:`CORRUPT_AT`, ``truncate`` ends after
+    :data:`TRUNCATE_AFTER` bytes, ``hold`` reads and never answers. TLS over memory BIOs
+    (the client's :class:`TlsStream`, server side): asyncio's TLS transport stops
+    writing when the peer's close_notify arrives, which would cut the echo short."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(certs / "server.pem", certs / "server.key")
+    ctx.load_verify_locations(certs / "ca.pem")
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    served = Served()
+    served.idle.set()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        served.active += 1
+        served.idle.clear()
+        seen = 0
+        try:
+            async with asyncio.timeout(WAIT):
+                tls = await TlsStream.handshake(reader, writer, ctx, None, server_side=True)
+                while data := await tls.read():
+                    if behaviour == "hold":
+                        continue
+                    if behaviour == "corrupt" and seen <= CORRUPT_AT < seen + len(data):
+                        at = CORRUPT_AT - seen
+                        data = data[:at] + bytes([data[at] ^ 0xFF]) + data[at + 1 :]
+                    seen += len(data)
+                    await tls.write(data)
+                    if behaviour == "truncate" and seen >= TRUNCATE_AFTER:
+                        break
+                if behaviour == "hold":
+                    await reader.read()  # until the client gives up and closes
+                await tls.close_notify()
+        except (OSError, TimeoutError) as exc:
+            served.messages.append(repr(exc).encode())
+        finally:
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+            served.active -= 1
+            if not served.active:
+                served.idle.set()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    served.port = server.sockets[0].getsockname()[1]
+    try:
+        yield served
+    finally:
+        server.close()
+        async with asyncio.timeout(WAIT):
+            await served.idle.wait()
+            await server.wait_closed()
+
+
+def test_transfer_through_the_proxy_is_byte_exact(lab: Lab, certs: Path) -> None:
+    """Two paced 1 MiB transfers through the real proxy to an echo upstream: the echo is
+    byte-exact, the stream ends with close_notify, and the proxy forwarded every byte."""
+    lab.start_upstreams(["echo"])
+    lab.start_proxy()
+    size = 1 << 20
+
+    async def main() -> list[dict[str, Any]]:
+        return await run_client(certs, lab.address[1], "--count", "2", *TRANSFER, *FAST)
+
+    records = uvloop.run(main())
+    attempts, summary = split(records)
+    assert records[0]["mode"] == "transfer"
+    assert records[0]["transfer_bytes"] == size
+    for a in attempts:
+        payload = client_transfer.payload(
+            client_transfer.payload_seed("client.b", a["attempt"]), size
+        )
+        assert (a["outcome"], a["match"], a["end"], a["error"]) == (
+            "ok",
+            True,
+            "close_notify",
+            None,
+        )
+        assert a["bytes_sent"] == a["bytes_received"] == a["transfer_bytes"] == size
+        assert a["sha256_sent"] == a["sha256_received"] == hashlib.sha256(payload).hexdigest()
+        assert (a["upstream"], a["reply"]) == (None, None)
+        assert a["transfer_ms"] >= 290  # paced over --transfer-time
+        assert a["latency_ms"] >= a["transfer_ms"]
+    assert attempts[0]["sha256_sent"] != attempts[1]["sha256_sent"]  # seeded per attempt
+    assert summary["outcomes"]["ok"] == 2
+    access = lab.logs.wait_for("access", count=2)
+    for line in access:
+        assert (line["decision"], line["reason"], line["client"]) == (
+            "forwarded",
+            "eof",
+            "client.b",
+        )
+        assert line["bytes_up"] == line["bytes_down"] == size
+
+
+def test_transfer_denied_by_the_proxy_is_rejected(lab: Lab, certs: Path) -> None:
+    lab.start_upstreams(["echo"])
+    deny = {"default": "deny", "rules": []}
+    lab.start_proxy(lab.config(authorization=deny))
+
+    async def main() -> list[dict[str, Any]]:
+        return await run_client(certs, lab.address[1], "--count", "1", *TRANSFER)
+
+    (attempt,), _ = split(uvloop.run(main()))
+    assert attempt["outcome"] == "rejected"
+    assert (attempt["bytes_received"], attempt["match"]) == (0, False)
+    (line,) = lab.logs.wait_for("access")
+    assert (line["decision"], line["reason"]) == ("denied", "no_allowed_upstream")
+
+
+@pytest.mark.parametrize(
+    ("behaviour", "outcome"),
+    [("echo", "ok"), ("corrupt", "mismatch"), ("truncate", "truncated"), ("hold", "timeout")],
+)
+def test_transfer_outcomes(certs: Path, behaviour: Any, outcome: str) -> None:
+    async def main() -> list[dict[str, Any]]:
+        async with tls_echo_server(certs, behaviour) as served:
+            return await run_client(
+                certs,
+                served.port,
+                "--count",
+                "1",
+                "--transfer-bytes",
+                "256KiB",
+                "--transfer-time",
+                "100ms",
+                "--timeout",
+                "1s",
+            )
+
+    (attempt,), summary = split(uvloop.run(main()))
+    assert attempt["outcome"] == outcome, attempt
+    assert summary["outcomes"][outcome] == 1
+    assert attempt["match"] is (outcome == "ok")
+    if outcome == "mismatch":
+        assert f"at byte {CORRUPT_AT}" in attempt["error"], attempt
+        assert attempt["bytes_received"] == attempt["bytes_sent"] == 256 * 1024, attempt
+        assert attempt["sha256_received"] != attempt["sha256_sent"]
+    if outcome == "truncated":
+        assert TRUNCATE_AFTER <= attempt["bytes_received"] < 256 * 1024
+    if outcome == "timeout":
+        assert attempt["bytes_received"] == 0
+        assert attempt["bytes_sent"] == 256 * 1024  # sent it all, then waited for the echo
+        assert 900 <= attempt["latency_ms"] < 3000
+
+
+def test_transfer_options() -> None:
+    load = client_config.load_config
+    base = ["--id", "client.b", "--proxy", "p:1"]
+    config = load([*base, "--transfer-bytes", "4MiB", "--transfer-time", "2s"])
+    assert (config.transfer, config.transfer_bytes, config.transfer_time) == (True, 4 << 20, 2.0)
+    assert load(base).transfer is False
+    assert load([*base, "--transfer-bytes", "1000"]).transfer_bytes == 1000
+    for bad in (
+        ["--transfer-bytes", "0"],
+        ["--transfer-bytes", "lots"],
+        ["--transfer-time", "1s"],  # without --transfer-bytes
+        ["--transfer-bytes", "1k", "--transfer-time", "5s"],  # not shorter than --timeout
+    ):
+        with pytest.raises(client_config.ConfigError):
+            load([*base, *bad])
 
 
 # --- pure decisions ----------------------------------------------------------------------------

@@ -41,6 +41,9 @@ async def run(config: Config, ctx: ssl.SSLContext, log: JsonLog) -> None:
         cert=config.cert_stem,
         burst=config.burst,
         concurrency=config.concurrency,
+        mode="transfer" if config.transfer else "reply",
+        transfer_bytes=config.transfer_bytes,
+        transfer_time_s=config.transfer_time if config.transfer else None,
     )
     reason = await runner.run()
     log.emit("summary", client=config.client_id, **runner.tally.summary(), reason=reason)

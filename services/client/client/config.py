@@ -38,6 +38,13 @@ class Config:
     burst: bool = False
     concurrency: int = 1
     cert_stem: str | None = None  # None: connect without a client certificate
+    transfer_bytes: int | None = None  # transfer mode: stream this many bytes to an echo
+    transfer_time: float = 0.0  # transfer mode: pace the bytes over about this long
+
+    @property
+    def transfer(self) -> bool:
+        """Transfer mode (``--transfer-bytes``) rather than one request and its reply."""
+        return self.transfer_bytes is not None
 
     @property
     def proxy(self) -> str:
@@ -71,6 +78,22 @@ def parse_duration(text: str, what: str) -> float:
     if not math.isfinite(seconds):
         raise ConfigError(f"{what}: must be a finite duration, got {text!r}")
     return seconds
+
+
+_SIZE = re.compile(r"^\s*(\d+)\s*(|b|k|kib|m|mib|g|gib)\s*$", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mib": 1 << 20}
+_SIZE_UNITS |= {"g": 1 << 30, "gib": 1 << 30}
+
+
+def parse_size(text: str, what: str) -> int:
+    """``"4194304"``, ``"512KiB"``, ``"4MiB"``, ``"1GiB"`` (``K``/``M``/``G`` are binary
+    too) as a number of bytes."""
+    match = _SIZE.match(text)
+    if not match:
+        raise ConfigError(
+            f"{what}: expected a size such as '65536', '512KiB' or '4MiB', got {text!r}"
+        )
+    return int(match.group(1)) * _SIZE_UNITS[match.group(2).lower()]
 
 
 def parse_address(text: str, what: str) -> tuple[str, int]:
@@ -115,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--timeout",
         default=DEFAULT_TIMEOUT,
-        help="per attempt: connect + handshake + reply (default 5s)",
+        help="per attempt: connect + handshake + reply, or the whole transfer (default 5s)",
     )
     parser.add_argument("--seed", type=int, help="seed for the random intervals")
     parser.add_argument("--count", type=int, help="stop after N attempts")
@@ -125,6 +148,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--burst", action="store_true", help="no interval: attempts back to back")
     parser.add_argument(
         "--concurrency", type=int, default=1, help="attempts in flight at once (default 1)"
+    )
+    parser.add_argument(
+        "--transfer-bytes",
+        help="transfer mode: send this many bytes of seeded pseudo-random data (e.g. 4MiB) "
+        "to an echo upstream and check the echo byte for byte",
+    )
+    parser.add_argument(
+        "--transfer-time",
+        help="transfer mode: pace the bytes evenly over about this long (default: as fast "
+        "as possible); --timeout must be longer",
     )
     cert = parser.add_mutually_exclusive_group()
     cert.add_argument("--no-cert", action="store_true", help="present no client certificate")
@@ -156,6 +189,21 @@ def load_config(argv: Sequence[str] | None) -> Config:
     if args.concurrency < 1:
         raise ConfigError(f"--concurrency: must be at least 1, got {args.concurrency}")
     cert_stem = None if args.no_cert else str(args.cert_stem or client_id)
+    transfer_bytes = None
+    if args.transfer_bytes is not None:
+        transfer_bytes = parse_size(str(args.transfer_bytes), "--transfer-bytes")
+        if transfer_bytes < 1:
+            raise ConfigError("--transfer-bytes: must be at least 1 byte")
+    transfer_time = 0.0
+    if args.transfer_time is not None:
+        if transfer_bytes is None:
+            raise ConfigError("--transfer-time: needs --transfer-bytes")
+        transfer_time = parse_duration(str(args.transfer_time), "--transfer-time")
+        if transfer_time >= timeout:
+            raise ConfigError(
+                f"--timeout ({args.timeout}) must be longer than --transfer-time "
+                f"({args.transfer_time}): it bounds the whole transfer"
+            )
     return Config(
         client_id=client_id,
         host=host,
@@ -171,4 +219,6 @@ def load_config(argv: Sequence[str] | None) -> Config:
         burst=bool(args.burst),
         concurrency=int(args.concurrency),
         cert_stem=cert_stem,
+        transfer_bytes=transfer_bytes,
+        transfer_time=transfer_time,
     )

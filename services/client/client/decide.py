@@ -10,7 +10,11 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
-Outcome = Literal["ok", "rejected", "tls_error", "refused", "timeout", "error"]
+from .transfer import Progress
+
+Outcome = Literal[
+    "ok", "rejected", "tls_error", "refused", "timeout", "error", "truncated", "mismatch"
+]
 OUTCOMES: tuple[Outcome, ...] = get_args(Outcome)
 
 # Where an attempt was when it ended: the TCP connect, the TLS handshake, or after the
@@ -96,6 +100,52 @@ def classify(
     if isinstance(error, ssl.SSLError | ConnectionError | EOFError):
         return Verdict("rejected", None, describe(error))
     return Verdict("error", None, describe(error))
+
+
+def classify_transfer(
+    phase: Phase, progress: Progress | None, error: BaseException | None, *, timed_out: bool
+) -> Verdict:
+    """The outcome of one transfer-mode attempt (``progress``: how far it got after the
+    handshake, ``None`` if it never got there).
+
+    * ``ok``: every planned byte was sent and the echo is byte-exact (length and
+      SHA-256), however the stream then ended;
+    * ``mismatch``: an echoed byte differs from the one sent, or more came back;
+    * ``timeout``: the deadline expired (or the kernel timed out) before that;
+    * ``rejected``: the stream ended (EOF, reset, TLS alert) before any byte came back;
+    * ``truncated``: it ended after some bytes came back, all correct, but not all;
+    * ``refused``, ``tls_error``, ``error``: as in :func:`classify` (connect, handshake,
+      and anything else).
+    """
+    if phase != "exchange" or progress is None:
+        return classify(phase, b"", error, timed_out=timed_out)
+    counts = f"{progress.received} of {progress.planned} bytes echoed (sent {progress.sent})"
+    suffix = f"; {describe(error)}" if error is not None else ""
+    if progress.mismatch_at is not None or (
+        progress.received == progress.sent and not progress.match
+    ):
+        if progress.mismatch_at is None:
+            where = "in its SHA-256"
+        elif progress.mismatch_at >= progress.planned:
+            where = "beyond the end of the payload"
+        else:
+            where = f"at byte {progress.mismatch_at}"
+        return Verdict("mismatch", None, f"echo differs {where}; {counts}{suffix}"[:TEXT_LIMIT])
+    if progress.complete:
+        note = describe(error) if error is not None else None
+        if note is None and timed_out:
+            note = "timed out waiting for the end of the echo"
+        if note is None and progress.end != "close_notify":
+            note = f"echo ended with {progress.end or 'no end'}, not close_notify"
+        return Verdict("ok", None, note)
+    if timed_out or isinstance(error, TimeoutError):
+        return Verdict("timeout", None, f"no completion within the timeout: {counts}{suffix}")
+    if error is not None and not isinstance(error, ssl.SSLError | ConnectionError | EOFError):
+        return Verdict("error", None, f"{describe(error)}; {counts}"[:TEXT_LIMIT])
+    how = describe(error) if error is not None else f"ended with {progress.end or 'no end'}"
+    if progress.received == 0:
+        return Verdict("rejected", None, f"closed without an echo: {how}"[:TEXT_LIMIT])
+    return Verdict("truncated", None, f"{how}; {counts}"[:TEXT_LIMIT])
 
 
 def stop_reason(

@@ -12,7 +12,7 @@ import asyncio
 import random
 import ssl
 
-from .attempt import attempt
+from .attempt import Result, attempt, transfer
 from .config import Config
 from .decide import StopReason, Tally, next_wait, reply_text, stop_reason
 from .logs import JsonLog
@@ -70,7 +70,10 @@ class Runner:
         loop = asyncio.get_running_loop()
         cfg = self.config
         while (number := self._claim(loop.time())) is not None:
-            result = await attempt(cfg, self.ctx)
+            if cfg.transfer:
+                result = await transfer(cfg, self.ctx, number)
+            else:
+                result = await attempt(cfg, self.ctx)
             verdict = result.verdict
             self.tally.add(verdict)
             self.log.emit(
@@ -82,6 +85,7 @@ class Runner:
                 reply=reply_text(result.reply),
                 latency_ms=round(result.latency * 1000, 3),
                 error=verdict.error,
+                **(self._transfer_fields(result) if cfg.transfer else {}),
             )
             if self._done(loop.time()):
                 return  # e.g. --count reached: no interval after the last attempt
@@ -94,6 +98,21 @@ class Runner:
                 deadline=self.deadline,
             )
             await self._pause(wait)
+
+    def _transfer_fields(self, result: Result) -> dict[str, object]:
+        """Transfer mode's extra fields of an ``attempt`` line (see the README)."""
+        progress = result.progress
+        elapsed = result.transfer_time
+        return {
+            "transfer_bytes": self.config.transfer_bytes,
+            "bytes_sent": progress.sent if progress else 0,
+            "bytes_received": progress.received if progress else 0,
+            "match": progress.complete if progress else False,
+            "sha256_sent": progress.sha256_sent if progress else None,
+            "sha256_received": progress.sha256_received if progress else None,
+            "end": progress.end if progress else None,
+            "transfer_ms": None if elapsed is None else round(elapsed * 1000, 3),
+        }
 
     async def _pause(self, seconds: float) -> None:
         """Wait ``seconds``, or less if no further attempt may start."""
