@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .logs import Access, Attempt, HealthEvent
+from .logs import Access, Attempt, HealthEvent, LogLine
 
 EVIDENCE_LIMIT = 12
 
@@ -238,6 +238,229 @@ def outcome_counts(attempts: Iterable[Attempt]) -> Counter[str]:
 
 def describe_counts(counts: Mapping[str, int]) -> str:
     return ", ".join(f"{key} {value}" for key, value in sorted(counts.items())) or "none"
+
+
+# --- rule changes (reload) ---------------------------------------------------------
+
+
+def follows_rules(attempt: Attempt, allowed: set[str]) -> bool:
+    """Did a request/reply attempt turn out as rules allowing ``allowed`` say? A reply
+    from one of them, or -- allowed nowhere -- ``rejected``."""
+    if allowed:
+        return attempt.ok and attempt.upstream in allowed
+    return attempt.outcome == "rejected"
+
+
+def access_follows(line: Access, allowed: set[str]) -> bool:
+    """Did the proxy decide a connection as rules allowing ``allowed`` say? Forwarded
+    to one of them, or -- allowed nowhere -- denied (``no_allowed_upstream``)."""
+    if allowed:
+        return line.decision == "forwarded" and line.upstream_name in allowed
+    return (line.decision, line.reason) == ("denied", "no_allowed_upstream")
+
+
+@dataclass(frozen=True, slots=True)
+class RuleChange:
+    """Items sorted by when they happened relative to a rule change at ``at``: before
+    (old rules apply), around (within the margin: either may), after (new rules)."""
+
+    before: list[Any]
+    around: list[Any]
+    after: list[Any]
+    wrong: list[Any]  # those that followed neither the rules of their period
+
+    def per_client(self, client: str, period: str) -> list[Any]:
+        items: list[Any] = getattr(self, period)
+        return [i for i in items if i.client == client]
+
+
+def judge_rule_change(
+    attempts: Iterable[Attempt],
+    old: Mapping[str, set[str]],
+    new: Mapping[str, set[str]],
+    *,
+    at: float,
+    margin: float,
+) -> RuleChange:
+    """Client attempts of the clients in ``old``/``new`` (request/reply ones) against
+    the rules in force when each started: ``old`` before ``at - margin``, ``new`` after
+    ``at + margin``, either in between."""
+    before: list[Attempt] = []
+    around: list[Attempt] = []
+    after: list[Attempt] = []
+    wrong: list[Attempt] = []
+    for attempt in attempts:
+        if attempt.client not in old or attempt.client not in new or attempt.transfer:
+            continue
+        was, now = old[attempt.client], new[attempt.client]
+        if attempt.start < at - margin:
+            before.append(attempt)
+            ok = follows_rules(attempt, was)
+        elif attempt.start > at + margin:
+            after.append(attempt)
+            ok = follows_rules(attempt, now)
+        else:
+            around.append(attempt)
+            ok = follows_rules(attempt, was) or follows_rules(attempt, now)
+        if not ok:
+            wrong.append(attempt)
+    return RuleChange(before, around, after, wrong)
+
+
+def judge_access_change(
+    access: Iterable[Access],
+    old: Mapping[str, set[str]],
+    new: Mapping[str, set[str]],
+    *,
+    at: float,
+    slack: float,
+) -> RuleChange:
+    """The proxy's decisions for the clients in ``old``/``new`` against the rules in
+    force when each was taken (its admission time, on the proxy's own clock like
+    ``at``). A line without an admission time (the handshake failed) is wrong."""
+    before: list[Access] = []
+    around: list[Access] = []
+    after: list[Access] = []
+    wrong: list[Access] = []
+    for line in access:
+        if line.client is None or line.client not in old or line.client not in new:
+            continue
+        was, now = old[line.client], new[line.client]
+        decided = line.admitted_at
+        if decided is None:
+            wrong.append(line)
+            continue
+        if decided < at - slack:
+            before.append(line)
+            ok = access_follows(line, was)
+        elif decided > at + slack:
+            after.append(line)
+            ok = access_follows(line, now)
+        else:
+            around.append(line)
+            ok = access_follows(line, was) or access_follows(line, now)
+        if not ok:
+            wrong.append(line)
+    return RuleChange(before, around, after, wrong)
+
+
+# --- long transfers (reload, drain) ---------------------------------------------------
+
+
+def in_flight(attempts: Iterable[Attempt], at: float) -> list[Attempt]:
+    """Attempts whose connection was open at ``at`` (started before, ended after)."""
+    return [a for a in attempts if a.start < at < a.end]
+
+
+def transfer_intact(attempt: Attempt) -> bool:
+    """A transfer-mode attempt that sent everything and got it back byte-exact."""
+    return (
+        attempt.ok
+        and attempt.match is True
+        and attempt.transfer_bytes is not None
+        and attempt.bytes_sent == attempt.transfer_bytes
+        and attempt.bytes_received == attempt.transfer_bytes
+    )
+
+
+def access_for(attempt: Attempt, access: Iterable[Access], slack: float) -> list[Access]:
+    """The proxy's access lines for an attempt's connection: same client identity, a
+    lifetime inside the attempt's (a few milliseconds of ``slack``)."""
+    return [
+        line
+        for line in access
+        if line.client == attempt.client
+        and line.start >= attempt.start - slack
+        and line.ts <= attempt.end + slack
+    ]
+
+
+def whole_stream_forwarded(line: Access, size: int) -> bool:
+    """The proxy forwarded a transfer to its end: both directions, every byte."""
+    bytes_up = (line.line.record or {}).get("bytes_up")
+    bytes_down = (line.line.record or {}).get("bytes_down")
+    return (
+        (line.decision, line.reason) == ("forwarded", "eof")
+        and bytes_up == size
+        and bytes_down == size
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class TransferAccount:
+    checked: list[Attempt]
+    broken: list[Attempt]  # not byte-exact on the client's side
+    unforwarded: list[Attempt]  # no access line saying forwarded/eof with every byte
+
+    @property
+    def intact(self) -> bool:
+        return bool(self.checked) and not self.broken and not self.unforwarded
+
+    def evidence(self, access: Sequence[Access], slack: float) -> list[str]:
+        lines: list[str] = []
+        failed = self.broken + [a for a in self.unforwarded if a not in self.broken]
+        for attempt in failed:
+            lines.append(attempt.line.evidence())
+            lines.extend(a.line.evidence() for a in access_for(attempt, access, slack))
+        return lines
+
+
+def account_transfers(
+    attempts: Iterable[Attempt], access: Sequence[Access], slack: float
+) -> TransferAccount:
+    """Each transfer must be byte-exact for the client, and the proxy must have logged
+    exactly one access line for it: forwarded to the end (``eof``), every byte."""
+    checked = list(attempts)
+    broken = [a for a in checked if not transfer_intact(a)]
+    unforwarded = []
+    for attempt in checked:
+        lines = access_for(attempt, access, slack)
+        size = attempt.transfer_bytes or 0
+        if len(lines) != 1 or not whole_stream_forwarded(lines[0], size):
+            unforwarded.append(attempt)
+    return TransferAccount(checked, broken, unforwarded)
+
+
+# --- drain ----------------------------------------------------------------------------
+
+
+def started_between(attempts: Iterable[Attempt], low: float, high: float) -> list[Attempt]:
+    return [a for a in attempts if low < a.start < high]
+
+
+def accepted_after(access: Iterable[Access], at: float, slack: float) -> list[Access]:
+    """Connections the proxy accepted after ``at`` (accept time = end - duration)."""
+    return [line for line in access if line.start > at + slack]
+
+
+def event_after(lines: Iterable[LogLine], event: str, after: float) -> LogLine | None:
+    """The first ``event`` line at or after ``after``."""
+    found = [line for line in lines if line.event == event and line.ts >= after]
+    return min(found, key=lambda line: line.ts) if found else None
+
+
+# --- upstreams ------------------------------------------------------------------------
+
+
+def identity_problems(lines: Iterable[LogLine]) -> list[LogLine]:
+    """Upstream ``connection`` lines that carried a client's bytes but do not name that
+    client: each must have come with a PROXY v2 header (``v2-proxy``) carrying the
+    client's identity, and a reply-mode message must be ``Hello from <identity>``."""
+    bad: list[LogLine] = []
+    for line in lines:
+        rec = line.record or {}
+        if line.event != "connection" or rec.get("outcome") == "empty":
+            continue
+        identity = rec.get("identity")
+        message = rec.get("message")
+        if (
+            rec.get("proxy_protocol") != "v2-proxy"
+            or not isinstance(identity, str)
+            or not identity
+            or (message is not None and message != f"Hello from {identity}")
+        ):
+            bad.append(line)
+    return bad
 
 
 # --- the chart's data ---------------------------------------------------------------

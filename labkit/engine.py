@@ -293,6 +293,15 @@ class Engine:
             result = self._api.wait(container, timeout=timeout)
         return int(result.get("StatusCode", -1))
 
+    def exec_run(self, container: str, command: list[str]) -> tuple[int, str]:
+        """``docker exec CONTAINER COMMAND...``: the exit code and stdout + stderr."""
+        with _api(f"running {command[:4]} in {container[:12]}"):
+            created = self._api.exec_create(container, command, stdout=True, stderr=True)
+            output = self._api.exec_start(created["Id"])
+            code = self._api.exec_inspect(created["Id"]).get("ExitCode")
+        text = bytes(output or b"").decode("utf-8", errors="replace")
+        return (-1 if code is None else int(code)), text
+
     def remove_container(self, container: str) -> None:
         with _api(f"removing container {container[:12]}"):
             self._api.remove_container(container, force=True, v=True)

@@ -7,7 +7,8 @@ nanoseconds; the services themselves write one JSON object per line, each starti
 * :class:`LogLine` -- one raw line of one container, with the engine's timestamp;
 * :class:`Attempt` -- a client's ``attempt`` line;
 * :class:`Access` -- a proxy ``access`` line;
-* :class:`HealthEvent` -- a proxy ``health`` transition.
+* :class:`HealthEvent` -- a proxy ``health`` transition;
+* :class:`ReloadEvent` -- a proxy ``reload`` line (ok or error).
 
 Every time here is seconds since the epoch as a float (the containers share the host's
 clock), so the time a fault was injected on the host compares directly with them.
@@ -164,10 +165,19 @@ class Attempt:
     latency: float
     error: str | None
     line: LogLine
+    # Transfer mode only (None otherwise): planned, sent and echoed bytes, byte-exact.
+    transfer_bytes: int | None = None
+    bytes_sent: int | None = None
+    bytes_received: int | None = None
+    match: bool | None = None
 
     @property
     def ok(self) -> bool:
         return self.outcome == "ok"
+
+    @property
+    def transfer(self) -> bool:
+        return self.transfer_bytes is not None
 
     @property
     def start(self) -> float:
@@ -200,6 +210,24 @@ class Access:
 
 
 @dataclass(frozen=True, slots=True)
+class ReloadEvent:
+    """A proxy ``reload`` line: ``result`` ok (with the new config's SHA-256) or error
+    (with the offending ``key`` and the ``message``)."""
+
+    ts: float
+    result: str
+    sha256: str | None
+    key: str | None
+    message: str | None
+    open_connections: int | None
+    line: LogLine
+
+    @property
+    def ok(self) -> bool:
+        return self.result == "ok"
+
+
+@dataclass(frozen=True, slots=True)
 class HealthEvent:
     ts: float
     upstream_name: str
@@ -225,11 +253,16 @@ def _events(lines: Iterable[LogLine], event: str) -> Iterator[tuple[LogLine, dic
             yield line, rec
 
 
+def _int(value: object) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
 def attempts_of(lines: Iterable[LogLine]) -> list[Attempt]:
     found: list[Attempt] = []
     for line, rec in _events(lines, "attempt"):
         latency = _num(rec.get("latency_ms"))
         number = rec.get("attempt")
+        match = rec.get("match")
         found.append(
             Attempt(
                 client=_str(rec.get("client")) or line.source,
@@ -240,9 +273,28 @@ def attempts_of(lines: Iterable[LogLine]) -> list[Attempt]:
                 latency=(latency or 0.0) / 1000,
                 error=_str(rec.get("error")),
                 line=line,
+                transfer_bytes=_int(rec.get("transfer_bytes")),
+                bytes_sent=_int(rec.get("bytes_sent")),
+                bytes_received=_int(rec.get("bytes_received")),
+                match=match if isinstance(match, bool) else None,
             )
         )
     return found
+
+
+def reloads_of(lines: Iterable[LogLine]) -> list[ReloadEvent]:
+    return [
+        ReloadEvent(
+            ts=line.ts,
+            result=_str(rec.get("result")) or "?",
+            sha256=_str(rec.get("config_sha256")),
+            key=_str(rec.get("key")),
+            message=_str(rec.get("message")),
+            open_connections=_int(rec.get("open_connections")),
+            line=line,
+        )
+        for line, rec in _events(lines, "reload")
+    ]
 
 
 def access_of(lines: Iterable[LogLine]) -> list[Access]:

@@ -9,6 +9,7 @@ lines seen. :func:`run_scenario` wraps one scenario in a :class:`~labkit.run.Run
 
 from __future__ import annotations
 
+import json
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -20,7 +21,7 @@ from . import checks as ck
 from . import topology as topo
 from .checks import Check, check
 from .engine import Engine, EngineError
-from .logs import Access, Attempt, HealthEvent, LogLine, format_ts
+from .logs import Access, Attempt, HealthEvent, LogLine, ReloadEvent, format_ts, reloads_of
 from .progress import Progress
 from .report import write_report
 from .run import LabError, Run, TimelineEvent
@@ -29,6 +30,9 @@ MARGIN = 1.0  # seconds added to interval + timeout for "the health-check window
 STEADY_REPLIES = 3  # replies per upstream (and per client) before a fault is injected
 OBSERVE_ATTEMPTS = 5  # attempts per client observed after a fault was detected
 SLACK = 0.05  # seconds of timestamp slack (milliseconds in logs, clocks of one host)
+RULE_MARGIN = 0.5  # seconds around a reload in which a client attempt may follow either rules
+ACCESS_SLACK = 0.1  # the same for the proxy's own decisions (one clock, milliseconds)
+INVALID_KEY = "labkit_not_a_config_key"  # what makes the reload scenario's bad config bad
 
 
 @dataclass(slots=True)
@@ -102,12 +106,15 @@ def _evidence(items: Sequence[Attempt | Access | HealthEvent | LogLine]) -> list
     return lines
 
 
+def allowed_under(config: dict[str, Any], topology: topo.Topology) -> dict[str, set[str]]:
+    """Which upstreams each client of ``topology`` may reach under ``config``."""
+    upstreams = config.get("upstreams") or []
+    authorization = config.get("authorization") or {}
+    return {c.id: ck.allowed_upstreams(c.id, upstreams, authorization) for c in topology.clients}
+
+
 def allowed_map(run: Run) -> dict[str, set[str]]:
-    upstreams = run.config.get("upstreams") or []
-    authorization = run.config.get("authorization") or {}
-    return {
-        c.id: ck.allowed_upstreams(c.id, upstreams, authorization) for c in run.topology.clients
-    }
+    return allowed_under(run.config, run.topology)
 
 
 def wait_steady(run: Run, out: list[Check], clients: Sequence[str]) -> None:
@@ -392,6 +399,25 @@ def authz(run: Run, out: list[Check]) -> None:
                     _evidence(not_denied or proxy[:3]),
                 )
             )
+    _identity_check(run, out)
+
+
+def _identity_check(run: Run, out: list[Check]) -> None:
+    """Every upstream connection that carried a client's bytes names that client."""
+    lines = [
+        line for name in run.topology.upstream_names() for line in run.events(name, "connection")
+    ]
+    carried = [line for line in lines if (line.record or {}).get("outcome") != "empty"]
+    bad = ck.identity_problems(lines)
+    out.append(
+        check(
+            "upstreams learned each client's identity from the PROXY v2 header",
+            bool(carried) and not bad,
+            f"{len(carried)} upstream connections with payload, {len(bad)} without a "
+            "v2-proxy header naming the client that sent the message",
+            _evidence(bad or carried[:2]),
+        )
+    )
 
 
 def ratelimit(run: Run, out: list[Check]) -> None:
@@ -534,6 +560,458 @@ def mtls(run: Run, out: list[Check]) -> None:
     )
 
 
+def _describe_rules(allowed: set[str]) -> str:
+    return ", ".join(sorted(allowed)) if allowed else "denied"
+
+
+def _transfer_ids(run: Run, *, autostart: bool = True) -> list[str]:
+    return [c.id for c in run.topology.clients if c.transfer and c.autostart == autostart]
+
+
+TRANSFER_SETTLE = 0.5  # seconds for a transfer to be connected after its client said so
+
+
+def _young_transfers(run: Run, clients: Sequence[str], now: float) -> bool:
+    """Is every transfer client connected (for :data:`TRANSFER_SETTLE`) and less than
+    half-way through its current transfer? (Its transfers run back to back: the current
+    one began when the last one ended, or when the client started.)"""
+    for client in clients:
+        spec = run.topology.client(client)
+        ends = [a.end for a in run.attempts([client])]
+        started = run.events(client, "started")
+        if not started or (spec.count is not None and len(ends) >= spec.count):
+            return False  # not started yet, or done
+        began = ends[-1] if ends else started[0].ts
+        half = topo.parse_duration(spec.transfer_time or "0s") / 2
+        if not TRANSFER_SETTLE <= now - began <= half:
+            return False
+    return True
+
+
+def _first_reload(run: Run, after: float, *, ok: bool) -> ReloadEvent | None:
+    found = [r for r in reloads_of(run.lines("proxy")) if r.ts >= after - SLACK and r.ok is ok]
+    return found[0] if found else None
+
+
+def _json(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def reload(run: Run, out: list[Check]) -> None:
+    """Change the authorization in the running proxy's config file and reload it (POST
+    /reload through adminctl) while clients run -- some streaming long transfers to an
+    echo upstream. Open connections survive byte-exact; new ones follow the new rules.
+    Then an invalid config (SIGHUP) is refused and the rules in force stay."""
+    if not run.topology.proxy_reload:
+        raise LabError("the reload scenario needs a topology with proxy_reload")
+    run.start()
+    transfers = _transfer_ids(run)
+    replies = [c for c in run.client_names() if c not in transfers]
+    if not transfers or not replies:
+        raise LabError("the reload scenario needs transfer clients and request/reply clients")
+    old_config = run.config
+    new_config = topo.deep_merge(old_config, run.topology.proxy_reload)
+    old = allowed_under(old_config, run.topology)
+    new = allowed_under(new_config, run.topology)
+    # The file may change now: the proxy reads it only when told to.
+    new_sha = run.write_proxy_config(new_config, "the new authorization, not loaded yet")
+
+    def steady() -> bool | None:
+        attempts = run.attempts(replies)
+        if any(sum(1 for a in attempts if a.client == c) < STEADY_REPLIES for c in replies):
+            return None
+        return _young_transfers(run, transfers, time.time()) or None
+
+    run.wait_for(
+        f">= {STEADY_REPLIES} attempts per request/reply client under the old rules, every "
+        "transfer under way and less than half done",
+        steady,
+        timeout=30,
+        sources=[*replies, *transfers],
+    )
+
+    # Step 1: the new rules, through the admin API.
+    asked = time.time()
+    code, body = run.adminctl("reload")
+    run.mark("fault", "POST /reload (adminctl reload): new authorization", at=asked)
+    done = run.wait_for(
+        "the proxy to log 'reload' result ok",
+        lambda: _first_reload(run, asked, ok=True) or _first_reload(run, asked, ok=False),
+        timeout=10,
+        sources=["proxy"],
+    )
+    answer = _json(body)
+    out.append(
+        check(
+            "reload (POST /reload) applied the new config",
+            code == 0 and answer.get("result") == "ok" and done.ok and done.sha256 == new_sha,
+            f"adminctl exit {code}, result {answer.get('result')}; proxy logged reload "
+            f"{done.result} with config_sha256 {str(done.sha256)[:12]}... (written: "
+            f"{new_sha[:12]}...), {done.open_connections} connection(s) open",
+            [f"adminctl: {' '.join(body.split())}"[:300], done.line.evidence()],
+        )
+    )
+    if not done.ok:
+        return
+    at = done.ts
+    run.mark("phase", "reload applied (new rules for new connections)", at=at)
+
+    def observed(since: float) -> Callable[[], bool | None]:
+        def probe() -> bool | None:
+            attempts = run.attempts()
+            for client in replies:
+                later = [a for a in attempts if a.client == client and a.start > since]
+                if len(later) < OBSERVE_ATTEMPTS:
+                    return None
+            for client in transfers:
+                # The transfer open at the reload has ended (the next one is under way).
+                if not any(a.client == client and a.end > at for a in attempts):
+                    return None
+            return True
+
+        return probe
+
+    run.wait_for(
+        f"{OBSERVE_ATTEMPTS} attempts per request/reply client after the reload, and the "
+        "end of the transfers open at the reload",
+        observed(at + RULE_MARGIN),
+        timeout=30,
+    )
+
+    # Step 2: an invalid config, by SIGHUP.
+    bad_config = topo.deep_merge(new_config, {INVALID_KEY: True})
+    run.write_proxy_config(bad_config, f"invalid: unknown key {INVALID_KEY}")
+    hup = run.signal("proxy", "SIGHUP")
+    refused = run.wait_for(
+        "the proxy to log 'reload' result error",
+        lambda: _first_reload(run, hup, ok=False) or _first_reload(run, hup, ok=True),
+        timeout=10,
+        sources=["proxy"],
+    )
+    run.wait_for(
+        f"{OBSERVE_ATTEMPTS} attempts per client after the refused reload",
+        observed(refused.ts + RULE_MARGIN),
+        timeout=30,
+    )
+    run.write_proxy_config(new_config, "the valid config again (not reloaded)")
+    status_code, status_text = run.adminctl("status")
+    run.stop_clients()
+
+    # Verdicts, with every attempt logged.
+    attempts = run.attempts()
+    access = run.access()
+    moved = run.attempts(transfers)
+    open_then = ck.in_flight(moved, at)
+    missing = [c for c in transfers if not any(a.client == c for a in open_then)]
+    account = ck.account_transfers(open_then, access, SLACK)
+    out.append(
+        check(
+            "transfers open at the reload kept going and ended byte-exact",
+            account.intact and not missing,
+            f"{len(open_then)} transfer(s) in flight at the reload "
+            f"({ck.describe_counts(Counter(a.client for a in open_then))}); "
+            f"{len(account.broken)} not byte-exact, {len(account.unforwarded)} without a "
+            f"forwarded/eof access line carrying every byte"
+            + (f"; no transfer in flight for {', '.join(missing)}" if missing else ""),
+            account.evidence(access, SLACK) or _evidence(open_then[:2]),
+        )
+    )
+    every = ck.account_transfers(moved, access, SLACK)
+    across = ck.in_flight(moved, refused.ts)
+    begun = [a for a in moved if a.start > at]
+    no_new = [c for c in transfers if not any(a.client == c for a in begun)]
+    out.append(
+        check(
+            "every transfer ended byte-exact (those begun after the reload, and those "
+            "across the refused one, too)",
+            every.intact and not no_new,
+            f"{len(moved)} transfers: {len(begun)} begun after the reload, {len(across)} in "
+            f"flight at the refused reload; {len(every.broken)} not byte-exact, "
+            f"{len(every.unforwarded)} not forwarded whole"
+            + (f"; none begun after the reload for {', '.join(no_new)}" if no_new else ""),
+            every.evidence(access, SLACK),
+        )
+    )
+    change = ck.judge_rule_change(run.attempts(replies), old, new, at=at, margin=RULE_MARGIN)
+    for client in replies:
+        before = change.per_client(client, "before")
+        after = change.per_client(client, "after")
+        wrong = [a for a in change.wrong if a.client == client]
+        out.append(
+            check(
+                f"{client}: {_describe_rules(old[client])} before the reload, "
+                f"{_describe_rules(new[client])} after",
+                bool(before) and len(after) >= OBSERVE_ATTEMPTS and not wrong,
+                f"before: {len(before)} attempts ({_outcomes(before)}; {_names(before)}); "
+                f"after: {len(after)} ({_outcomes(after)}; {_names(after)}); "
+                f"{len(wrong)} against the rules of their time",
+                _evidence(wrong),
+            )
+        )
+    decisions = ck.judge_access_change(access, old, new, at=at, slack=ACCESS_SLACK)
+    out.append(
+        check(
+            "proxy decisions follow the old rules before the reload and the new ones after",
+            bool(decisions.before) and bool(decisions.after) and not decisions.wrong,
+            f"{len(decisions.before)} access lines before, {len(decisions.after)} after, "
+            f"{len(decisions.around)} within {ACCESS_SLACK:g}s of it; "
+            f"{len(decisions.wrong)} against the rules (after: "
+            f"{ck.describe_counts(Counter(a.decision for a in decisions.after))})",
+            _evidence(decisions.wrong),
+        )
+    )
+    key_named = refused.key == INVALID_KEY or INVALID_KEY in (refused.message or "")
+    later_ok = [r for r in reloads_of(run.lines("proxy")) if r.ok and r.ts > refused.ts]
+    out.append(
+        check(
+            "an invalid config (unknown key) is refused on SIGHUP",
+            not refused.ok and key_named and not later_ok,
+            f"reload {refused.result}: key {refused.key}, {refused.message}",
+            [refused.line.evidence()],
+        )
+    )
+    kept = ck.judge_rule_change(run.attempts(replies), new, new, at=refused.ts, margin=RULE_MARGIN)
+    status = _json(status_text)
+    config = status.get("config") or {}
+    last = config.get("last_reload") or {}
+    out.append(
+        check(
+            "after the refused reload the rules in force stay (traffic and /status)",
+            len(kept.after) >= OBSERVE_ATTEMPTS * len(replies)
+            and not [a for a in kept.wrong if a.start > refused.ts]
+            and status_code == 0
+            and config.get("sha256") == new_sha
+            and last.get("result") == "error",
+            f"{len(kept.after)} attempts after it, "
+            f"{len([a for a in kept.wrong if a.start > refused.ts])} against the new rules; "
+            f"/status: config sha256 {str(config.get('sha256'))[:12]}..., last_reload "
+            f"{last.get('result')}",
+            [
+                *_evidence([a for a in kept.wrong if a.start > refused.ts]),
+                f"adminctl status (exit {status_code}): {' '.join(status_text.split())}"[:300],
+            ],
+        )
+    )
+    _identity_check(run, out)
+    if attempts:
+        run.mark("phase", "clients stopped", at=max(a.end for a in attempts))
+
+
+def drain(run: Run, out: list[Check]) -> None:
+    """SIGTERM the proxy while long transfers stream to echo upstreams: it stops
+    listening at once (new connects refused, /ready 503), lets every transfer finish
+    byte-exact, and exits 0 (``drained``) before its drain window ends. Then, restarted
+    with a 2s window, a transfer longer than the window is cut (``drain_timeout``)."""
+    run.start()
+    grace = topo.drain_grace(run.config)
+    transfers = _transfer_ids(run)
+    late = _transfer_ids(run, autostart=False)
+    replies = [c for c in run.client_names() if c not in transfers]
+    if not transfers or not replies:
+        raise LabError("the drain scenario needs transfer clients and request/reply clients")
+    longest = max(
+        topo.parse_duration(run.topology.client(c).transfer_time or "0s") for c in transfers
+    )
+    if longest >= grace:
+        raise LabError(f"the transfers ({longest:g}s) must fit the drain window ({grace:g}s)")
+
+    def steady() -> bool | None:
+        attempts = run.attempts()
+        ok = all(
+            sum(1 for a in attempts if a.client == c and a.ok) >= STEADY_REPLIES for c in replies
+        )
+        return (ok and _young_transfers(run, transfers, time.time())) or None
+
+    run.wait_for(
+        f">= {STEADY_REPLIES} replies per request/reply client, every transfer under way "
+        "and less than half done",
+        steady,
+        timeout=30,
+        sources=run.client_names(),
+    )
+    signalled = run.signal("proxy", "SIGTERM", stops=True)
+    ready_code, ready_text = run.adminctl("ready")
+    ready_at = time.time()
+    draining = run.wait_for(
+        "the proxy to log 'draining'",
+        lambda: ck.event_after(run.lines("proxy"), "draining", signalled - SLACK),
+        timeout=5,
+        sources=["proxy"],
+    )
+
+    def tried_while_draining() -> bool | None:
+        attempts = run.attempts(replies)
+        later = [a for a in attempts if a.start > draining.ts + ACCESS_SLACK]
+        return (
+            all(sum(1 for a in later if a.client == c) >= STEADY_REPLIES for c in replies) or None
+        )
+
+    run.wait_for(
+        f"{STEADY_REPLIES} attempts per request/reply client while the proxy drains",
+        tried_while_draining,
+        timeout=5,
+        sources=replies,
+    )
+    # Stop them while the proxy still runs: once its container is gone, the name
+    # 'proxy' takes the engine's resolver ~10s to fail, and a client cannot exit
+    # while a lookup is under way.
+    run.stop_clients(names=replies)
+    code, exited = run.wait_exit("proxy", grace + 10)
+    run.poll()
+    stopped = ck.event_after(run.lines("proxy"), "stopped", signalled - SLACK)
+    run.wait_for(
+        "every transfer client to log its attempt",
+        lambda: all(run.attempts([c]) for c in transfers) or None,
+        timeout=15,
+        sources=transfers,
+    )
+    run.stop_clients(names=transfers)
+    access = run.access()
+
+    lag = draining.ts - signalled
+    opened = (draining.record or {}).get("open_connections")
+    out.append(
+        check(
+            "SIGTERM: the proxy starts draining at once",
+            lag < 1.0,
+            f"'draining' logged {lag:.3f}s after the signal with {opened} connection(s) open, "
+            f"grace {(draining.record or {}).get('grace_s')}s",
+            [draining.evidence()],
+        )
+    )
+    answer = _json(ready_text)
+    out.append(
+        check(
+            "/ready answers 503 (draining) while the proxy drains",
+            ready_code == 1
+            and answer.get("ready") is False
+            and answer.get("reason") == "draining"
+            and (exited is None or ready_at < exited),
+            f"adminctl ready exit {ready_code} {ready_at - signalled:.2f}s after the signal: "
+            f"{' '.join(ready_text.split())}",
+        )
+    )
+    until = stopped.ts if stopped is not None else (exited or time.time())
+    window = ck.started_between(
+        run.attempts(replies), draining.ts + ACCESS_SLACK, until - ACCESS_SLACK
+    )
+    not_refused = [a for a in window if a.outcome != "refused"]
+    late_accepts = ck.accepted_after(access, draining.ts, SLACK)
+    out.append(
+        check(
+            "the listener is closed while draining: new connections refused",
+            bool(window) and not not_refused and not late_accepts,
+            f"{len(window)} attempts started while draining: {_outcomes(window)}; "
+            f"{len(late_accepts)} connection(s) accepted by the proxy after 'draining'",
+            _evidence(not_refused) + _evidence(late_accepts),
+        )
+    )
+    moved = run.attempts(transfers)
+    open_then = ck.in_flight(moved, signalled)
+    account = ck.account_transfers(open_then, access, SLACK)
+    out.append(
+        check(
+            "every transfer in flight at SIGTERM completed byte-exact",
+            account.intact and len(open_then) == len(transfers),
+            f"{len(open_then)} of {len(transfers)} transfers in flight at the signal; "
+            f"{len(account.broken)} not byte-exact, {len(account.unforwarded)} not forwarded "
+            f"whole; ended {_outcomes(open_then)}",
+            account.evidence(access, SLACK) or _evidence(moved[:2]),
+        )
+    )
+    reason = (stopped.record or {}).get("reason") if stopped is not None else None
+    took = None if exited is None else exited - signalled
+    out.append(
+        check(
+            f"the proxy drained and exited 0 before its drain window ({grace:g}s)",
+            reason == "drained" and code == 0 and took is not None and took < grace,
+            f"stopped reason {reason}, exit code {code}, "
+            + (f"exited {took:.2f}s after SIGTERM" if took is not None else "exit time unknown"),
+            [stopped.evidence()] if stopped is not None else run.tail("proxy"),
+        )
+    )
+    if exited is not None:
+        run.mark("recover", "proxy exited (drained)", "proxy", at=exited)
+    if late:
+        _drain_cut(run, out, late)
+
+
+CUT_GRACE = "2s"  # the drain window of the cut-off phase
+
+
+def _drain_cut(run: Run, out: list[Check], late: list[str]) -> None:
+    """Restart the proxy with a short drain window; a transfer longer than that is cut
+    with access reason ``drain_timeout``, and the proxy still exits 0."""
+    grace = topo.parse_duration(CUT_GRACE)
+    config = topo.deep_merge(run.config, {"timeouts": {"drain": CUT_GRACE}})
+    run.write_proxy_config(config, f"timeouts.drain {CUT_GRACE} for the cut-off phase")
+    restarted = run.restart("proxy")
+    run.wait_for(
+        "the proxy to log 'listening' again",
+        lambda: ck.event_after(run.lines("proxy"), "listening", restarted - SLACK),
+        timeout=20,
+        sources=["proxy"],
+    )
+    allowed = set().union(*(allowed_map(run)[c] for c in late))
+    run.wait_for(
+        f"the proxy's health checks to mark {', '.join(sorted(allowed))} up",
+        lambda: all(ck.first_transition(run.health(), u, "up", restarted) for u in allowed) or None,
+        timeout=15,
+        sources=["proxy"],
+    )
+    run.start_clients(late)
+
+    def forwarding() -> bool | None:
+        code, text = run.adminctl("status")
+        count = (_json(text).get("connections") or {}).get("forwarding")
+        return (code == 0 and isinstance(count, int) and count >= len(late)) or None
+
+    run.wait_for(
+        f"{len(late)} transfer(s) forwarding (adminctl status)",
+        forwarding,
+        timeout=15,
+        sources=["proxy", *late],
+    )
+    signalled = run.signal("proxy", "SIGTERM", stops=True)
+    code, exited = run.wait_exit("proxy", grace + 10)
+    run.wait_for(
+        "the cut transfer(s) to be logged",
+        lambda: all(run.attempts([c]) for c in late) or None,
+        timeout=15,
+        sources=late,
+    )
+    run.stop_clients(names=late)
+    run.poll()
+    stopped = ck.event_after(run.lines("proxy"), "stopped", signalled - SLACK)
+    reason = (stopped.record or {}).get("reason") if stopped is not None else None
+    cut = run.attempts(late)
+    access = [a for a in run.access() if a.ts >= signalled - SLACK]
+    lines = [line for a in cut for line in ck.access_for(a, access, SLACK)]
+    took = None if exited is None else exited - signalled
+    out.append(
+        check(
+            f"a transfer longer than the drain window ({CUT_GRACE}) is cut at drain_timeout",
+            bool(cut)
+            and all(not a.ok and (a.bytes_received or 0) < (a.transfer_bytes or 0) for a in cut)
+            and len(lines) == len(cut)
+            and all(line.reason == "drain_timeout" for line in lines)
+            and reason == "drain_timeout"
+            and code == 0
+            and took is not None
+            and grace - SLACK <= took < grace + 3.0,
+            f"client: {_outcomes(cut)}; proxy: access reason "
+            f"{ck.describe_counts(Counter(line.reason for line in lines))}, stopped reason "
+            f"{reason}, exit code {code}, "
+            + (f"exited {took:.2f}s after SIGTERM" if took is not None else "exit time unknown"),
+            _evidence(cut) + _evidence(lines) + ([stopped.evidence()] if stopped else []),
+        )
+    )
+
+
 SCENARIOS: dict[str, Scenario] = {
     s.name: s
     for s in (
@@ -547,6 +1025,10 @@ SCENARIOS: dict[str, Scenario] = {
         Scenario(
             "partition", "partition", "disconnect an upstream's network, reconnect", partition
         ),
+        Scenario(
+            "reload", "reload", "change authorization and reload under load; bad config", reload
+        ),
+        Scenario("drain", "drain", "SIGTERM under long transfers: drain, then cut-off", drain),
     )
 }
 

@@ -11,13 +11,19 @@ and which extra (bad) certificates the run needs. Example::
     clients:
       - id: client.a
       - {id: client.nocert, no_cert: true, expect: peer_did_not_return_a_certificate}
+      - {id: client.t1, transfer_bytes: 4MiB, transfer_time: 4s, timeout: 10s}  # to an echo
+      - {id: client.late, autostart: false}   # started by the scenario, not by Run.start
     certs: {expired: [client.expired], other_ca: [client.otherca]}
     fault_target: u2
     proxy:                             # merged over lab/proxy.yaml (mappings deep, lists replaced)
       health_check: {interval: 500ms, timeout: 300ms}
+    proxy_reload:                      # the reload scenario: merged over the run's config
+      authorization: {default: deny}
 
 The proxy's ``upstreams`` list is always generated from the run (one entry per upstream,
-by address and name); every other key comes from ``lab/proxy.yaml`` plus ``proxy:``.
+by address, name and, if the upstream says, ``proxy_protocol``); every other key comes
+from ``lab/proxy.yaml`` plus ``proxy:``. Each upstream container is started with the
+PROXY protocol the proxy will speak to it (:func:`upstream_proxy_protocol`).
 """
 
 from __future__ import annotations
@@ -79,12 +85,16 @@ class UpstreamSpec:
     delay: str | None = None
     fault: str | None = None
     somaxconn: int | None = None  # net.core.somaxconn in the container (caps its backlog)
+    proxy_protocol: str | None = None  # none | v2; None: the proxy config's global setting
 
-    def environment(self) -> dict[str, str]:
+    def environment(self, proxy_protocol: str = "none") -> dict[str, str]:
+        """The container's environment; ``proxy_protocol`` is what the proxy will send
+        it (see :func:`upstream_proxy_protocol`)."""
         env = {
             "UPSTREAM_NAME": self.name,
             "UPSTREAM_LISTEN": f"0.0.0.0:{UPSTREAM_PORT}",
             "UPSTREAM_MODE": self.mode,
+            "UPSTREAM_PROXY_PROTOCOL": proxy_protocol,
         }
         if self.delay:
             env["UPSTREAM_DELAY"] = self.delay
@@ -107,6 +117,9 @@ class ClientSpec:
     timeout: str = "2s"
     seed: int | None = None
     expect: str | None = None  # mtls: the proxy's expected tls_failed reason
+    transfer_bytes: str | None = None  # transfer mode (an echo upstream): bytes per attempt
+    transfer_time: str | None = None  # transfer mode: pace each transfer over this long
+    autostart: bool = True  # started by Run.start (False: the scenario starts it)
 
     def command(self, proxy: str) -> list[str]:
         """The client container's arguments (after ``python3 -m client``)."""
@@ -123,6 +136,10 @@ class ClientSpec:
             args += ["--duration", self.duration]
         if self.seed is not None:
             args += ["--seed", str(self.seed)]
+        if self.transfer_bytes is not None:
+            args += ["--transfer-bytes", self.transfer_bytes]
+        if self.transfer_time is not None:
+            args += ["--transfer-time", self.transfer_time]
         if self.no_cert:
             args.append("--no-cert")
         elif self.cert_stem:
@@ -133,6 +150,10 @@ class ClientSpec:
     def finite(self) -> bool:
         """Does this client stop by itself (``--count`` or ``--duration``)?"""
         return self.count is not None or self.duration is not None
+
+    @property
+    def transfer(self) -> bool:
+        return self.transfer_bytes is not None
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,6 +166,7 @@ class Topology:
     expired: tuple[str, ...] = ()  # client certs to issue already expired
     other_ca: tuple[str, ...] = ()  # client certs to issue from a second, unknown CA
     fault_target: str | None = None
+    proxy_reload: Mapping[str, Any] = field(default_factory=dict)  # merged at the reload step
 
     def upstream_names(self) -> list[str]:
         return [u.name for u in self.upstreams]
@@ -177,8 +199,12 @@ _CLIENT_KEYS = {
     "timeout",
     "seed",
     "expect",
+    "transfer_bytes",
+    "transfer_time",
+    "autostart",
 }
-_UPSTREAM_KEYS = {"name", "mode", "delay", "fault", "somaxconn"}
+_UPSTREAM_KEYS = {"name", "mode", "delay", "fault", "somaxconn", "proxy_protocol"}
+PROXY_PROTOCOLS = ("none", "v2")
 _TOP_KEYS = {
     "description",
     "upstreams",
@@ -188,6 +214,7 @@ _TOP_KEYS = {
     "proxy",
     "certs",
     "fault_target",
+    "proxy_reload",
 }
 
 
@@ -210,6 +237,22 @@ def _duration_text(value: object, key: str) -> str:
     return value if isinstance(value, str) else f"{seconds:g}s"
 
 
+_SIZE = re.compile(r"^\s*\d+\s*(|b|k|kib|m|mib|g|gib)\s*$", re.IGNORECASE)
+
+
+def _size_text(value: object, key: str) -> str:
+    """A byte count for the client's ``--transfer-bytes``: ``4194304`` or ``'4MiB'``."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+        return str(value)
+    if (
+        isinstance(value, str)
+        and _SIZE.match(value)
+        and any(c != "0" for c in value if c.isdigit())
+    ):
+        return value.strip()
+    raise TopologyError(f"{key}: expected a size such as 65536, '512KiB' or '4MiB', got {value!r}")
+
+
 def _int(value: object, key: str, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise TopologyError(f"{key}: expected an integer >= {minimum}, got {value!r}")
@@ -221,12 +264,19 @@ def _parse_upstream(raw: object, defaults: Mapping[str, Any], key: str) -> Upstr
     item.update({"name": raw} if isinstance(raw, str) else _mapping(raw, key))
     _check_keys(item, _UPSTREAM_KEYS, key)
     somaxconn = item.get("somaxconn")
+    proxy_protocol = item.get("proxy_protocol")
+    if proxy_protocol is not None and proxy_protocol not in PROXY_PROTOCOLS:
+        raise TopologyError(
+            f"{key}.proxy_protocol: expected one of {', '.join(PROXY_PROTOCOLS)}, "
+            f"got {proxy_protocol!r}"
+        )
     return UpstreamSpec(
         name=_name(item.get("name"), f"{key}.name"),
         mode=str(item.get("mode", "reply")),
         delay=_duration_text(item["delay"], f"{key}.delay") if "delay" in item else None,
         fault=str(item["fault"]) if "fault" in item else None,
         somaxconn=None if somaxconn is None else _int(somaxconn, f"{key}.somaxconn", 0),
+        proxy_protocol=None if proxy_protocol is None else str(proxy_protocol),
     )
 
 
@@ -255,9 +305,24 @@ def _parse_client(raw: object, defaults: Mapping[str, Any], key: str) -> ClientS
         timeout=_duration_text(item.get("timeout", "2s"), f"{key}.timeout"),
         seed=_int(item["seed"], f"{key}.seed", 0) if "seed" in item else None,
         expect=str(item["expect"]) if "expect" in item else None,
+        transfer_bytes=_size_text(item["transfer_bytes"], f"{key}.transfer_bytes")
+        if "transfer_bytes" in item
+        else None,
+        transfer_time=_duration_text(item["transfer_time"], f"{key}.transfer_time")
+        if "transfer_time" in item
+        else None,
+        autostart=bool(item.get("autostart", True)),
     )
     if parse_duration(spec.interval_min) > parse_duration(spec.interval_max):
         raise TopologyError(f"{key}: interval_min is greater than interval_max")
+    if spec.transfer_time is not None:
+        if spec.transfer_bytes is None:
+            raise TopologyError(f"{key}: transfer_time needs transfer_bytes")
+        if parse_duration(spec.transfer_time) >= parse_duration(spec.timeout):
+            raise TopologyError(
+                f"{key}: timeout ({spec.timeout}) must be longer than transfer_time "
+                f"({spec.transfer_time}): it bounds the whole transfer"
+            )
     return spec
 
 
@@ -313,6 +378,7 @@ def parse_topology(raw: object, name: str) -> Topology:
         expired=_names(certs.get("expired"), f"{where}: certs.expired"),
         other_ca=_names(certs.get("other_ca"), f"{where}: certs.other_ca"),
         fault_target=None if target is None else str(target),
+        proxy_reload=_mapping(doc.get("proxy_reload"), f"{where}: proxy_reload"),
     )
 
 
@@ -366,9 +432,13 @@ def proxy_config(
     """The run's proxy config: the reference, the topology's overrides, and the run's
     upstreams (``addresses`` maps each upstream name to its ``ip:port``)."""
     config = deep_merge(reference, topology.proxy)
-    config["upstreams"] = [
-        {"address": addresses[u.name], "name": u.name} for u in topology.upstreams
-    ]
+    upstreams: list[dict[str, Any]] = []
+    for u in topology.upstreams:
+        entry: dict[str, Any] = {"address": addresses[u.name], "name": u.name}
+        if u.proxy_protocol is not None:
+            entry["proxy_protocol"] = u.proxy_protocol
+        upstreams.append(entry)
+    config["upstreams"] = upstreams
     config.setdefault("listen", f"0.0.0.0:{PROXY_PORT}")
     tls = dict(config.get("tls") or {})
     tls.setdefault("ca", f"{CERTS_DIR}/ca.pem")
@@ -376,6 +446,23 @@ def proxy_config(
     tls.setdefault("key", f"{CERTS_DIR}/server.key")
     config["tls"] = tls
     return config
+
+
+def upstream_proxy_protocol(config: Mapping[str, Any], name: str) -> str:
+    """What the proxy configured by ``config`` sends the upstream ``name`` first: its
+    entry's ``proxy_protocol``, else the global ``proxy_protocol``, else ``none``. The
+    upstream must expect exactly that (``UPSTREAM_PROXY_PROTOCOL``)."""
+    default = str(config.get("proxy_protocol") or "none")
+    for entry in config.get("upstreams") or []:
+        if isinstance(entry, Mapping) and entry.get("name") == name:
+            return str(entry.get("proxy_protocol") or default)
+    return default
+
+
+def drain_grace(config: Mapping[str, Any]) -> float:
+    """``timeouts.drain`` of a proxy config, with the proxy's default (30s)."""
+    timeouts = config.get("timeouts") or {}
+    return parse_duration(timeouts.get("drain", "30s"), "timeouts.drain")
 
 
 @dataclass(frozen=True, slots=True)

@@ -3,7 +3,8 @@
 Each scenario must pass and leave nothing labelled ``layer4lab.run=<its run id>``
 behind; an interrupted ``python lab.py scenario`` (SIGINT) must clean up as well.
 Without a reachable Docker engine these tests are skipped -- or fail when ``CI=true``.
-About a minute on a 2-core machine once the images exist.
+About a minute and a half on a 2-core machine once the images exist (reload and drain
+stream long transfers: about 15-20 s each).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from labkit.cli import render
 pytestmark = pytest.mark.e2e
 
 ROOT = Path(__file__).resolve().parents[2]
-ESSENTIAL = ["failover", "authz", "ratelimit", "mtls"]
+ESSENTIAL = ["failover", "authz", "ratelimit", "mtls", "reload", "drain"]
 
 
 def in_ci() -> bool:

@@ -29,10 +29,11 @@ from labkit.logs import (
     parse_record,
     parse_ts,
     peer_ip,
+    reloads_of,
     take_new_lines,
 )
-from labkit.run import check_prepared
-from labkit.scenarios import SCENARIOS, ScenarioResult
+from labkit.run import check_prepared, config_text
+from labkit.scenarios import SCENARIOS, ScenarioResult, allowed_under
 
 T0 = 1_800_000_000.0  # an epoch second; every synthetic line is relative to it
 
@@ -562,3 +563,288 @@ def test_parser_knows_every_scenario_and_all() -> None:
         assert parser().parse_args(["scenario", name]).name == name
     with pytest.raises(SystemExit):
         parser().parse_args(["scenario", "nope"])
+
+
+# --- PROXY protocol, transfer clients, reload and drain -----------------------------------
+
+
+def test_upstreams_expect_the_proxy_protocol_the_proxy_speaks() -> None:
+    layout = topo.parse_topology(
+        {"upstreams": ["u1", {"name": "u2", "proxy_protocol": "none"}, {"name": "e1"}]}, "t"
+    )
+    addresses = {"u1": "10.0.0.20:8000", "u2": "10.0.0.21:8000", "e1": "10.0.0.22:8000"}
+    config = topo.proxy_config(topo.load_reference_config(), layout, addresses)
+    assert config["proxy_protocol"] == "v2"  # lab/proxy.yaml
+    assert config["upstreams"][1] == {
+        "address": "10.0.0.21:8000",
+        "name": "u2",
+        "proxy_protocol": "none",
+    }
+    assert "proxy_protocol" not in config["upstreams"][0]
+    got = {name: topo.upstream_proxy_protocol(config, name) for name in addresses}
+    assert got == {"u1": "v2", "u2": "none", "e1": "v2"}
+    assert topo.upstream_proxy_protocol({"upstreams": []}, "u1") == "none"
+    none = topo.deep_merge(config, {"proxy_protocol": "none"})
+    assert topo.upstream_proxy_protocol(none, "u1") == "none"
+    env = layout.upstreams[0].environment(got["u1"])
+    assert env["UPSTREAM_PROXY_PROTOCOL"] == "v2"
+    assert layout.upstreams[0].environment()["UPSTREAM_PROXY_PROTOCOL"] == "none"
+    parsed = parse_config(config, Path("/certs"))
+    assert [u.proxy_protocol for u in parsed.upstreams] == ["v2", "none", "v2"]
+
+
+def test_transfer_clients_and_autostart() -> None:
+    layout = topo.parse_topology(
+        {
+            "upstreams": [{"name": "e1", "mode": "echo"}],
+            "clients": [
+                {"id": "client.t", "transfer_bytes": "4MiB", "transfer_time": "4s", "timeout": 9},
+                {"id": "client.n", "transfer_bytes": 65536, "autostart": False},
+            ],
+            "proxy_reload": {"authorization": {"default": "deny"}},
+        },
+        "t",
+    )
+    paced, plain = layout.clients
+    command = paced.command("proxy:8443")
+    assert command[command.index("--transfer-bytes") + 1] == "4MiB"
+    assert command[command.index("--transfer-time") + 1] == "4s"
+    assert command[command.index("--timeout") + 1] == "9s"
+    assert (paced.transfer, paced.autostart, plain.autostart) == (True, True, False)
+    assert "--transfer-time" not in plain.command("p:1")
+    assert plain.command("p:1")[-2:] == ["--transfer-bytes", "65536"]
+    assert layout.proxy_reload == {"authorization": {"default": "deny"}}
+
+
+@pytest.mark.parametrize(
+    ("client", "message"),
+    [
+        ({"id": "c", "transfer_bytes": "lots"}, "transfer_bytes"),
+        ({"id": "c", "transfer_bytes": 0}, "transfer_bytes"),
+        ({"id": "c", "transfer_time": "2s"}, "needs transfer_bytes"),
+        ({"id": "c", "transfer_bytes": "1MiB", "transfer_time": "2s"}, "longer than"),
+        ({"id": "c", "colour": "red"}, "unknown key"),
+    ],
+)
+def test_bad_transfer_clients(client: dict[str, Any], message: str) -> None:
+    with pytest.raises(topo.TopologyError, match=message):
+        topo.parse_topology({"upstreams": ["u1"], "clients": [client]}, "t")
+
+
+def test_bad_upstream_proxy_protocol() -> None:
+    with pytest.raises(topo.TopologyError, match="proxy_protocol"):
+        topo.parse_topology({"upstreams": [{"name": "u1", "proxy_protocol": "v1"}]}, "t")
+
+
+def test_reload_topology_changes_rules_and_stays_valid() -> None:
+    layout = topo.load_topology("reload")
+    names = layout.upstream_names()
+    upstreams = {n: f"10.0.0.{20 + i}:8000" for i, n in enumerate(names)}
+    old = topo.proxy_config(topo.load_reference_config(), layout, upstreams)
+    new = topo.deep_merge(old, layout.proxy_reload)
+    parse_config(new, Path("/certs"))  # the new config is one the proxy accepts
+    before, after = allowed_under(old, layout), allowed_under(new, layout)
+    assert (before["client.a"], after["client.a"]) == ({"u1"}, {"u3"})
+    assert (before["client.b"], after["client.b"]) == ({"u1", "u2"}, set())
+    assert (before["client.c"], after["client.c"]) == (set(), {"u2"})
+    transfers = [c for c in layout.clients if c.transfer]
+    assert transfers
+    assert all(before[c.id] == after[c.id] == {"e1"} for c in transfers)
+    modes = {u.name: u.mode for u in layout.upstreams}
+    assert modes["e1"] == "echo"
+
+
+def test_drain_topology_transfers_fit_the_window() -> None:
+    layout = topo.load_topology("drain")
+    config = topo.deep_merge(topo.load_reference_config(), layout.proxy)
+    grace = topo.drain_grace(config)
+    assert grace == 10.0
+    assert topo.drain_grace({}) == 30.0
+    early = [c for c in layout.clients if c.transfer and c.autostart]
+    late = [c for c in layout.clients if not c.autostart]
+    assert len(early) == 4
+    assert all(topo.parse_duration(c.transfer_time or "0") < grace for c in early)
+    assert all(c.count == 1 for c in early + late)
+    assert [c.id for c in late] == ["client.long"]
+    assert topo.parse_duration(late[0].transfer_time or "0") > 2 * grace
+
+
+def transfer_line(
+    client: str, end: float, latency_s: float, *, ok: bool = True, size: int = 4096
+) -> LogLine:
+    return line(
+        client,
+        end,
+        event="attempt",
+        client=client,
+        attempt=1,
+        outcome="ok" if ok else "truncated",
+        upstream=None,
+        latency_ms=latency_s * 1000,
+        error=None if ok else "cut",
+        transfer_bytes=size,
+        bytes_sent=size,
+        bytes_received=size if ok else size // 2,
+        match=ok,
+    )
+
+
+def test_transfer_attempts_and_reload_lines_parse() -> None:
+    (plain,) = attempts_of([attempt_line("client.a", T0)])
+    assert (plain.transfer, plain.transfer_bytes, plain.match) == (False, None, None)
+    (moved,) = attempts_of([transfer_line("client.t1", T0 + 5, 4.0)])
+    assert moved.transfer
+    assert (moved.transfer_bytes, moved.bytes_sent, moved.bytes_received) == (4096, 4096, 4096)
+    assert moved.match is True
+    assert moved.start == pytest.approx(T0 + 1)
+    ok, error = reloads_of(
+        [
+            line("proxy", T0, event="reload", result="ok", config_sha256="ab", open_connections=2),
+            line("proxy", T0 + 1, event="reload", result="error", key="x", message="x: unknown"),
+            line("proxy", T0 + 2, event="listening"),
+        ]
+    )
+    assert (ok.ok, ok.sha256, ok.open_connections, ok.key) == (True, "ab", 2, None)
+    assert (error.ok, error.key, error.message, error.sha256) == (False, "x", "x: unknown", None)
+
+
+def test_rule_change_judges_each_attempt_by_when_it_started() -> None:
+    old = {"client.a": {"u1"}, "client.b": {"u1"}, "client.c": set(), "client.t": {"e1"}}
+    new = {"client.a": {"u3"}, "client.b": set(), "client.c": {"u2"}, "client.t": {"e1"}}
+    at = T0 + 10
+    attempts = attempts_of(
+        [
+            attempt_line("client.a", T0 + 5, upstream="u1"),  # before: old rules
+            attempt_line("client.a", at + 0.1, upstream="u1"),  # around: either
+            attempt_line("client.a", at + 2, upstream="u3"),  # after: new rules
+            attempt_line("client.a", at + 3, upstream="u1"),  # after, old rules: wrong
+            attempt_line("client.b", T0 + 5, upstream="u1"),
+            attempt_line("client.b", at + 2, outcome="rejected"),
+            attempt_line("client.c", T0 + 5, outcome="rejected"),
+            attempt_line("client.c", at + 0.2, outcome="rejected"),
+            attempt_line("client.c", at + 2, outcome="rejected"),  # should be served: wrong
+            attempt_line("client.z", at + 2, outcome="error"),  # not judged
+            transfer_line("client.t", at + 2, 4.0),  # transfers are judged elsewhere
+        ]
+    )
+    change = ck.judge_rule_change(attempts, old, new, at=at, margin=0.5)
+    assert len(change.before) == 3
+    assert len(change.around) == 2
+    assert len(change.after) == 4
+    assert [(a.client, a.end) for a in change.wrong] == [
+        ("client.a", at + 3),
+        ("client.c", at + 2),
+    ]
+    assert len(change.per_client("client.a", "after")) == 2
+    assert ck.follows_rules(attempts[0], {"u1", "u2"})
+    assert not ck.follows_rules(attempts[0], set())
+
+
+def test_access_change_uses_the_proxys_admission_time() -> None:
+    old = {"client.a": {"u1"}, "client.b": {"u1"}}
+    new = {"client.a": {"u3"}, "client.b": set()}
+    at = T0 + 10
+    # admitted_at = end - duration + handshake = end - 0.010 + 0.002
+    access = access_of(
+        [
+            access_line("client.a", at - 1, upstream="u1"),
+            access_line("client.b", at - 1, upstream="u1"),
+            access_line("client.a", at + 0.05, upstream="u1"),  # within the slack: either
+            access_line("client.a", at + 1, upstream="u3"),
+            access_line("client.b", at + 1, "denied", None, reason="no_allowed_upstream"),
+            access_line("client.b", at + 2, upstream="u1"),  # forwarded after: wrong
+            access_line("client.b", at + 3, "tls_failed", None, handshake_ms=None),  # wrong
+            access_line(None, at + 3, "tls_failed", None, handshake_ms=None),  # not judged
+            access_line("client.z", at + 3, upstream="u9"),  # not judged
+        ]
+    )
+    change = ck.judge_access_change(access, old, new, at=at, slack=0.1)
+    assert (len(change.before), len(change.around), len(change.after)) == (2, 1, 3)
+    assert [(a.client, a.decision) for a in change.wrong] == [
+        ("client.b", "forwarded"),
+        ("client.b", "tls_failed"),
+    ]
+
+
+def test_transfers_are_accounted_with_their_access_lines() -> None:
+    size = 4096
+    good = transfer_line("client.t1", T0 + 5, 4.0, size=size)
+    cut = transfer_line("client.t2", T0 + 5, 4.0, ok=False, size=size)
+    lonely = transfer_line("client.t3", T0 + 5, 4.0, size=size)
+    attempts = attempts_of([good, cut, lonely])
+    forwarded = [
+        line(
+            "proxy",
+            T0 + 4.99,
+            event="access",
+            client=client,
+            peer="10.0.0.5:1",
+            decision="forwarded",
+            reason=reason,
+            upstream_name="e1",
+            duration_ms=3900.0,
+            handshake_ms=2.0,
+            bytes_up=size,
+            bytes_down=down,
+        )
+        for client, reason, down in (("client.t1", "eof", size), ("client.t2", "drain_timeout", 9))
+    ]
+    access = access_of(forwarded)
+    account = ck.account_transfers(attempts, access, 0.05)
+    assert [a.client for a in account.broken] == ["client.t2"]
+    assert [a.client for a in account.unforwarded] == ["client.t2", "client.t3"]
+    assert not account.intact
+    assert len(account.evidence(access, 0.05)) == 3  # t2, its access line, t3
+    assert ck.account_transfers(attempts[:1], access, 0.05).intact
+    assert not ck.account_transfers([], access, 0.05).intact
+    assert ck.in_flight(attempts, T0 + 2) == attempts
+    assert ck.in_flight(attempts, T0 + 6) == []
+    assert ck.transfer_intact(attempts[0])
+    assert not ck.transfer_intact(attempts_of([attempt_line("client.a", T0)])[0])
+
+
+def test_drain_helpers() -> None:
+    attempts = attempts_of(
+        [
+            attempt_line("client.a", T0 + 1, latency_ms=5.0),
+            attempt_line("client.a", T0 + 3, outcome="refused", latency_ms=1.0),
+            attempt_line("client.a", T0 + 9, outcome="timeout", latency_ms=2000.0),
+        ]
+    )
+    assert [a.outcome for a in ck.started_between(attempts, T0 + 2, T0 + 5)] == ["refused"]
+    access = access_of([access_line("client.a", T0 + 1), access_line("client.a", T0 + 4)])
+    assert [a.ts for a in ck.accepted_after(access, T0 + 2, 0.05)] == [T0 + 4]
+    lines = [
+        line("proxy", T0, event="stopped", reason="forced"),
+        line("proxy", T0 + 2, event="draining", open_connections=4, grace_s=10.0),
+        line("proxy", T0 + 5, event="stopped", reason="drained"),
+    ]
+    found = ck.event_after(lines, "stopped", T0 + 1)
+    assert found is not None
+    assert (found.record or {})["reason"] == "drained"
+    assert ck.event_after(lines, "draining", T0 + 3) is None
+
+
+def test_upstream_connection_lines_must_name_the_client() -> None:
+    def conn(**fields: Any) -> LogLine:
+        record = {"outcome": "replied", "proxy_protocol": "v2-proxy", "identity": "client.a"}
+        return line("u1", T0, event="connection", **(record | fields))
+
+    good = [
+        conn(message="Hello from client.a"),
+        conn(message=None, outcome="echoed"),  # echo mode has no message
+        conn(outcome="empty", proxy_protocol="v2-local", identity=None),  # a health check
+    ]
+    bad = [
+        conn(message="Hello from client.b"),
+        conn(message="Hello from client.a", proxy_protocol=None, identity=None),
+        conn(message=None, identity=None),
+    ]
+    assert ck.identity_problems(good) == []
+    assert ck.identity_problems(good + bad) == bad
+
+
+def test_config_text_names_the_run() -> None:
+    text = config_text("reload-abc", {"listen": "0.0.0.0:8443", "upstreams": []})
+    assert text.splitlines()[0] == "# generated by labkit for run reload-abc"
+    assert "listen: 0.0.0.0:8443" in text
