@@ -569,12 +569,15 @@ def _transfer_ids(run: Run, *, autostart: bool = True) -> list[str]:
 
 
 TRANSFER_SETTLE = 0.5  # seconds for a transfer to be connected after its client said so
+TRANSFER_LEFT = 1.5  # seconds a transfer must still have to run when the fault comes
 
 
-def _young_transfers(run: Run, clients: Sequence[str], now: float) -> bool:
-    """Is every transfer client connected (for :data:`TRANSFER_SETTLE`) and less than
-    half-way through its current transfer? (Its transfers run back to back: the current
-    one began when the last one ended, or when the client started.)"""
+def _transfers_in_flight(run: Run, clients: Sequence[str], now: float) -> bool:
+    """Is every transfer client connected (for :data:`TRANSFER_SETTLE`) with at least
+    :data:`TRANSFER_LEFT` of its current transfer still to run? (Transfers run back to
+    back: the current one began when the last one ended, or when the client started.)
+    Clients start one after another, so "every one less than half done" could become
+    impossible on a slow machine; a fixed margin before the end cannot."""
     for client in clients:
         spec = run.topology.client(client)
         ends = [a.end for a in run.attempts([client])]
@@ -582,8 +585,8 @@ def _young_transfers(run: Run, clients: Sequence[str], now: float) -> bool:
         if not started or (spec.count is not None and len(ends) >= spec.count):
             return False  # not started yet, or done
         began = ends[-1] if ends else started[0].ts
-        half = topo.parse_duration(spec.transfer_time or "0s") / 2
-        if not TRANSFER_SETTLE <= now - began <= half:
+        planned = topo.parse_duration(spec.transfer_time or "0s")
+        if not TRANSFER_SETTLE <= now - began <= planned - TRANSFER_LEFT:
             return False
     return True
 
@@ -624,11 +627,11 @@ def reload(run: Run, out: list[Check]) -> None:
         attempts = run.attempts(replies)
         if any(sum(1 for a in attempts if a.client == c) < STEADY_REPLIES for c in replies):
             return None
-        return _young_transfers(run, transfers, time.time()) or None
+        return _transfers_in_flight(run, transfers, time.time()) or None
 
     run.wait_for(
         f">= {STEADY_REPLIES} attempts per request/reply client under the old rules, every "
-        "transfer under way and less than half done",
+        f"transfer under way with >= {TRANSFER_LEFT:g}s to go",
         steady,
         timeout=30,
         sources=[*replies, *transfers],
@@ -824,11 +827,11 @@ def drain(run: Run, out: list[Check]) -> None:
         ok = all(
             sum(1 for a in attempts if a.client == c and a.ok) >= STEADY_REPLIES for c in replies
         )
-        return (ok and _young_transfers(run, transfers, time.time())) or None
+        return (ok and _transfers_in_flight(run, transfers, time.time())) or None
 
     run.wait_for(
         f">= {STEADY_REPLIES} replies per request/reply client, every transfer under way "
-        "and less than half done",
+        f"with >= {TRANSFER_LEFT:g}s to go",
         steady,
         timeout=30,
         sources=run.client_names(),
