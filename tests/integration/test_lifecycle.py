@@ -168,6 +168,55 @@ def test_slow_reader_bounds_proxy_buffers_and_still_gets_every_byte(lab: Lab) ->
     assert line["bytes_down"] == len(blob)
 
 
+def test_slow_upstream_pauses_the_client_and_still_gets_every_byte(lab: Lab) -> None:
+    """Flow control the other way: while the upstream does not read, the proxy stops
+    reading the client. The decrypted chunks it hands to the upstream transport (without
+    a copy, see ClientConnection._send_up) all arrive intact and in order."""
+    (upstream,) = lab.start_upstreams(["record"])
+    lab.start_proxy()
+    proxy = lab.proxy
+    assert proxy is not None
+    blob = os.urandom(32 << 20)
+
+    def upstream_reading(on: bool) -> int:
+        carrying = [c for c in upstream.conns if c.nbytes]  # not the health probes
+        for conn in carrying:
+            assert conn.transport is not None
+            if on:
+                conn.transport.resume_reading()
+            else:
+                conn.transport.pause_reading()
+        return len(carrying)
+
+    def client_paused() -> bool:
+        (conn,) = proxy.connections
+        assert isinstance(conn, ClientConnection)
+        return conn.client_paused
+
+    async def main() -> None:
+        client = await open_client(lab)
+        await client.send(b"x")
+        await await_condition(
+            "the upstream stopping reading",
+            lambda: lab.up_loop.call(lambda: upstream_reading(False)) == 1,
+        )
+        sending = asyncio.create_task(client.send(blob))
+        await await_condition(
+            "the proxy pausing the client", lambda: lab.proxy_loop.call(client_paused)
+        )
+        lab.up_loop.call(lambda: upstream_reading(True))
+        await sending
+        await client.close_notify()
+        assert await client.recv_all() == b""
+        await client.aclose()
+
+    uvloop.run(main())
+    (line,) = lab.logs.wait_for("access")
+    assert line["bytes_up"] == len(blob) + 1
+    (received,) = lab.up_loop.call(lambda: list(upstream.stats.received))
+    assert hashlib.sha256(received).digest() == hashlib.sha256(b"x" + blob).digest()
+
+
 def test_upstream_resetting_right_after_accept_leaves_nothing_behind(lab: Lab) -> None:
     """A reset that lands before the dial completes is a failed dial (a clean refusal and
     a passive mark-down); one that lands after must abort the client. Either way no

@@ -43,6 +43,7 @@ from .router import Admission, Rejected, Router
 from .tls import certificate_facts, server_context
 
 READ_SIZE = 256 * 1024
+MAX_RECORD = 16 * 1024  # the most plaintext one TLS record can carry
 LINGER = 1.0  # seconds a refused client gets to read our goodbye before we close
 HIGH_WATER = 256 * 1024
 LOW_WATER = 64 * 1024
@@ -66,7 +67,7 @@ class TlsCore(Protocol):
     """The C object under ``ssl.SSLObject`` (its ``_sslobj``). The per-chunk paths call
     it directly: ``SSLObject``'s methods only add a Python frame around each call."""
 
-    def read(self, size: int, buffer: bytearray, /) -> int: ...
+    def read(self, size: int, buffer: memoryview, /) -> int: ...
     def write(self, data: bytes, /) -> int: ...
     def pending(self) -> int: ...
 
@@ -417,37 +418,69 @@ class ClientConnection(asyncio.Protocol):
     # --- forwarding -----------------------------------------------------------------
 
     def _pump_from_client(self) -> None:
-        """Decrypt what the client sent and pass it to the upstream."""
-        upstream = self.upstream_transport
-        assert upstream is not None
+        """Decrypt what the client sent and pass it to the upstream.
+
+        The records decrypted from one chunk are gathered in one buffer and go upstream
+        in one write: one system call for many records, not one per record."""
         tls = self.tls_core
         incoming = self.incoming
         buffer = self.proxy.read_buffer
+        filled = 0  # decrypted bytes in buffer, not yet written
+        ended = False
+        failed: ssl.SSLError | None = None
         while True:
             try:
-                # Into one reused buffer: a fresh READ_SIZE bytes object per read costs
-                # an allocation and page faults, whatever the record size.
-                size = tls.read(READ_SIZE, buffer)
+                # The first record goes to the buffer itself (slicing it allocates).
+                size = tls.read(READ_SIZE - filled, buffer[filled:] if filled else buffer)
             except ssl.SSLWantReadError:
                 break
             except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
-                self._on_client_eof()
+                ended = True
                 break
             except ssl.SSLError as exc:
-                self._flush_tls()
-                self._finish(
-                    "forwarded", f"client_tls_error: {describe_tls_error(exc)}", abort_upstream=True
-                )
-                return
-            if not size:
-                self._on_client_eof()
+                failed = exc
                 break
-            self.bytes_up += size
-            upstream.write(buffer[:size])  # a copy: the buffer is reused by the next read
+            if not size:
+                ended = True
+                break
+            filled += size
             if not incoming.pending and not tls.pending() and not incoming.eof:
                 break  # nothing left to decrypt: another read could only raise WantRead
+            if filled > READ_SIZE - MAX_RECORD:  # no room for another whole record
+                buffer = self._send_up(buffer, filled)
+                filled = 0
+        if filled:
+            self._send_up(buffer, filled)
+        if failed is not None:
+            self._flush_tls()
+            self._finish(
+                "forwarded", f"client_tls_error: {describe_tls_error(failed)}", abort_upstream=True
+            )
+            return
+        if ended:
+            self._on_client_eof()
         if self.outgoing.pending:
             self._flush_tls()  # e.g. key-update responses
+
+    def _send_up(self, buffer: memoryview, size: int) -> memoryview:
+        """Write ``buffer[:size]`` upstream, without a copy when it can be sent at once.
+        Returns the buffer for the next reads: the same one, or a new one if the
+        transport still holds this one.
+
+        The transport keeps what it cannot send yet by reference, not as a copy. So
+        behind bytes it already holds, it gets a copy; and if a write from the buffer
+        cannot all be sent, the buffer is left to it. That way a transport holds at most
+        one buffer, and what it holds beyond stays bounded by flow control."""
+        upstream = self.upstream_transport
+        assert upstream is not None
+        self.bytes_up += size
+        if upstream.get_write_buffer_size():
+            upstream.write(buffer[:size].tobytes())
+            return buffer
+        upstream.write(buffer[:size])
+        if upstream.get_write_buffer_size():
+            buffer = self.proxy.read_buffer = memoryview(bytearray(READ_SIZE))
+        return buffer
 
     def _on_client_eof(self) -> None:
         if self.client_eof:
@@ -611,7 +644,9 @@ class Proxy:
         self.stats = Stats()
         self.connections: set[ClientConnection] = set()
         self.lingering: set[ClientConnection] = set()  # refused, reading our goodbye
-        self.read_buffer = bytearray(READ_SIZE)  # decrypted client bytes, one read at a time
+        # Decrypted client bytes, one chunk at a time: reused while the upstream
+        # transports send what they are given at once (see ClientConnection._send_up).
+        self.read_buffer = memoryview(bytearray(READ_SIZE))
         self.ids = itertools.count(1)
         self.loop = asyncio.get_running_loop()
         self.server: asyncio.Server | None = None
