@@ -24,7 +24,12 @@ class Progress:
     def say(self, message: str) -> None:
         if self.quiet:
             return
-        print(f"[{self.elapsed():6.1f}s] {self.prefix}{message}", file=self.stream, flush=True)
+        try:
+            print(f"[{self.elapsed():6.1f}s] {self.prefix}{message}", file=self.stream, flush=True)
+        except (BrokenPipeError, ValueError):
+            # The reader went away (``| head``) or the stream is closed. Progress is a
+            # courtesy: it must never stop a run from cleaning up after itself.
+            self.quiet = True
 
     @contextmanager
     def step(self, what: str) -> Iterator[None]:
