@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -72,6 +73,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"{len(config.upstreams)} upstream(s), balancer {config.balancer}"
         )
         return 0
+    # libuv resolves names on a pool of worker threads (4 by default). Lookups are
+    # single-flight per upstream name (see resolver.py); a bigger pool leaves room for
+    # several names whose resolver hangs at once. Must be set before the loop starts.
+    os.environ.setdefault("UV_THREADPOOL_SIZE", "16")
     try:
         uvloop.run(serve(config, log, args.config, digest))
     except OSError as exc:  # e.g. the listen or admin address is in use

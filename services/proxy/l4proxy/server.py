@@ -34,11 +34,12 @@ from typing import Any, Protocol, cast
 
 from . import proxyproto
 from .admin import AdminServer
-from .config import Config, ConfigError, Upstream, check_files, read_config, restart_needed
+from .config import Address, Config, ConfigError, Upstream, check_files, read_config, restart_needed
 from .health import Health, Transition
 from .identity import IdentityCache, NoIdentity
 from .logs import JsonLog, utc_timestamp
 from .metrics import Stats
+from .resolver import Resolver
 from .router import Admission, Rejected, Router
 from .tls import certificate_facts, server_context
 
@@ -367,8 +368,10 @@ class ClientConnection(asyncio.Protocol):
             self.attempts += 1
             try:
                 async with asyncio.timeout(timeout):
+                    # The address the health checks resolved: no DNS on the dial path.
+                    host = self.proxy.resolver.cached(upstream.address) or upstream.address.host
                     transport, side = await self.loop.create_connection(
-                        UpstreamSide, upstream.address.host, upstream.address.port
+                        UpstreamSide, host, upstream.address.port
                     )
             except OSError as exc:  # TimeoutError is an OSError
                 reason = describe_os_error(exc)
@@ -661,6 +664,8 @@ class Proxy:
         self.held: list[tuple[asyncio.Transport, bytes]] = []  # see write_soon
         self.held_bytes = 0
         self.loop = asyncio.get_running_loop()
+        self.resolver = Resolver(self.loop)
+        self.resolver.changed = self._log_resolved
         self.server: asyncio.Server | None = None
         self.admin: AdminServer | None = None
         self.health_tasks: dict[str, asyncio.Task[None]] = {}  # by upstream key
@@ -853,6 +858,7 @@ class Proxy:
         for conn in list(self.lingering):
             if conn.transport is not None:
                 conn.transport.close()
+        self.resolver.cancel()
         tasks = [*self.tasks, *self.health_tasks.values()]
         for task in tasks:
             task.cancel()
@@ -914,8 +920,9 @@ class Proxy:
         LOCAL header for an upstream that expects one (it says: no client behind this)."""
         try:
             async with asyncio.timeout(self.config.health_check.timeout):
+                host = await self.resolver.resolve(upstream.address)
                 transport, _ = await self.loop.create_connection(
-                    asyncio.Protocol, upstream.address.host, upstream.address.port
+                    asyncio.Protocol, host, upstream.address.port
                 )
         except OSError as exc:
             return False, describe_os_error(exc)
@@ -953,6 +960,9 @@ class Proxy:
             self.router.limiter.cleanup(self.loop.time())
 
     # --- logging ----------------------------------------------------------------------------
+
+    def _log_resolved(self, address: Address, ip: str | None) -> None:
+        self.log.emit("resolve", upstream=str(address), address=ip)
 
     def log_transition(self, upstream: Upstream, transition: Transition, *, passive: bool) -> None:
         self.log.emit(

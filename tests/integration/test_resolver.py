@@ -1,0 +1,144 @@
+"""Upstream names: dials never wait for DNS, and a hanging resolver cannot starve them.
+
+The first group drives :class:`l4proxy.resolver.Resolver` with a scripted lookup on a
+real event loop; the second runs the proxy with an upstream named ``localhost`` and then
+makes every lookup hang, as Docker's resolver does for a stopped container's name.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+import pytest
+import uvloop
+
+from l4proxy.config import Address
+from l4proxy.resolver import Resolver
+from tests.support.harness import Lab
+from tests.support.loops import wait_for
+from tests.support.tlsclient import End, client_context, exchange
+
+NAME = Address("upstream.test", 8000)
+
+
+class ScriptedLookup:
+    """A lookup that answers from a queue the test fills (or never, to hang)."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.answers: asyncio.Queue[str | BaseException] = asyncio.Queue()
+        self.started = asyncio.Event()
+
+    async def __call__(self, host: str, port: int) -> str:
+        self.calls += 1
+        self.started.set()
+        answer = await self.answers.get()
+        if isinstance(answer, BaseException):
+            raise answer
+        return answer
+
+
+def test_one_lookup_at_a_time_and_the_cache_answers_while_it_hangs() -> None:
+    async def main() -> None:
+        lookup = ScriptedLookup()
+        resolver = Resolver(asyncio.get_running_loop(), lookup)
+        assert resolver.refresh(NAME) is resolver.refresh(NAME)  # one lookup in flight
+        first = asyncio.ensure_future(resolver.resolve(NAME))
+        second = asyncio.ensure_future(resolver.resolve(NAME))
+        await lookup.started.wait()  # the lookup is in flight; both callers wait on it
+        lookup.answers.put_nowait("10.0.0.7")
+        assert await first == await second == "10.0.0.7"
+        assert lookup.calls == 1  # both waited for that same lookup
+        assert resolver.cached(NAME) == "10.0.0.7"
+        # Now the resolver hangs: answers come from the cache, one lookup stays pending.
+        for _ in range(5):
+            assert await asyncio.wait_for(resolver.resolve(NAME), 1) == "10.0.0.7"
+        assert lookup.calls == 2
+        lookup.answers.put_nowait("10.0.0.8")  # the pending lookup ends: a new address
+        await resolver.pending[NAME]
+        assert resolver.cached(NAME) == "10.0.0.8"
+        resolver.cancel()
+
+    uvloop.run(main())
+
+
+@pytest.mark.parametrize(
+    ("error", "kept"),
+    [
+        (socket.gaierror(socket.EAI_NONAME, "Name or service not known"), False),
+        (socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution"), True),
+    ],
+)
+def test_a_name_that_is_gone_drops_its_address_a_temporary_failure_keeps_it(
+    error: socket.gaierror, kept: bool
+) -> None:
+    async def main() -> tuple[str | None, list[tuple[Address, str | None]]]:
+        lookup = ScriptedLookup()
+        resolver = Resolver(asyncio.get_running_loop(), lookup)
+        changes: list[tuple[Address, str | None]] = []
+        resolver.changed = lambda address, ip: changes.append((address, ip))
+        lookup.answers.put_nowait("10.0.0.7")
+        await resolver.resolve(NAME)
+        lookup.answers.put_nowait(error)
+        with pytest.raises(socket.gaierror):
+            await resolver.refresh(NAME)
+        return resolver.cached(NAME), changes
+
+    cached, changes = uvloop.run(main())
+    assert cached == ("10.0.0.7" if kept else None)
+    assert changes == [(NAME, "10.0.0.7")] + ([] if kept else [(NAME, None)])
+
+
+def test_ip_literals_are_never_looked_up() -> None:
+    async def main() -> None:
+        lookup = ScriptedLookup()
+        resolver = Resolver(asyncio.get_running_loop(), lookup)
+        assert await resolver.resolve(Address("::1", 1)) == "::1"
+        assert resolver.cached(Address("127.0.0.1", 1)) == "127.0.0.1"
+        assert lookup.calls == 0
+
+    uvloop.run(main())
+
+
+def test_a_hanging_resolver_does_not_stop_clients_or_checks(
+    lab: Lab, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The defect this prevents: with names resolved on every dial, one upstream whose
+    name hangs in DNS filled libuv's worker threads, every dial to the healthy upstreams
+    timed out, and they were all marked down: a total outage.
+
+    The upstream is named ``upstream.invalid`` (a name no real resolver answers, RFC
+    6761): the scripted lookup answers 127.0.0.1 once, then hangs. Clients reaching the
+    upstream prove that dials use the address from the cache and never ask DNS."""
+    lookups: list[str] = []
+
+    async def scripted(_self: Resolver, host: str, port: int) -> str:
+        lookups.append(host)
+        if len(lookups) == 1:
+            return "127.0.0.1"
+        await asyncio.Event().wait()  # hangs until the proxy stops (cancelled)
+        raise AssertionError("unreachable")
+
+    monkeypatch.setattr(Resolver, "_getaddrinfo", scripted)
+    (upstream,) = lab.start_upstreams(["reply"])
+    named = f"upstream.invalid:{upstream.port}"
+    proxy = lab.start_proxy(lab.config([named]))
+    (resolved,) = lab.logs.wait_for("resolve", upstream=named)
+    assert resolved["address"] == "127.0.0.1"
+    checks_before = lab.proxy_loop.call(lambda: proxy.stats.checks[named].ok)
+
+    async def clients() -> list[tuple[bytes, End | None]]:
+        ctx = client_context(lab.certs, "client.b")
+        return [await exchange(lab.address, ctx) for _ in range(5)]
+
+    results = uvloop.run(clients())
+    assert all(data == b"Reply from upstream u1" for data, _ in results), results
+    wait_for(
+        "three more passing checks while the lookup hangs",
+        lambda: lab.proxy_loop.call(lambda: proxy.stats.checks[named].ok) >= checks_before + 3,
+    )
+    assert lookups == ["upstream.invalid", "upstream.invalid"]  # one hanging, not one per check
+    assert lab.health() == ["up"]
+    assert lab.logs.events("health", new="down") == []
+    assert lab.logs.events("access", decision="forwarded") != []
