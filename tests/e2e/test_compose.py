@@ -8,6 +8,7 @@ Nothing sleeps for a fixed time: the test polls the clients' JSON logs with a de
 
 from __future__ import annotations
 
+import datetime as dt
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -87,6 +88,53 @@ def certs_listing(lab: ComposeProject) -> dict[str, str]:
     return dict(line.split(" ", 1) for line in proc.stdout.splitlines())
 
 
+def utc_now() -> str:
+    """Now in the logs' ``ts`` format, so timestamps compare as strings."""
+    return dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def attempts_since(lab: ComposeProject, services: tuple[str, ...], since: str) -> Counter[str]:
+    return Counter(
+        str(a.get("outcome"))
+        for service in services
+        for a in lab.attempts(service)
+        if str(a.get("ts", "")) > since
+    )
+
+
+def survive_a_stopped_upstream(lab: ComposeProject) -> Counter[str]:
+    """``docker compose stop upstream2``, then every client attempt must still succeed.
+
+    Upstreams are reached by name here: a stopped container's name hangs in Docker's
+    resolver for ~10 s per lookup, which once starved every dial (see resolver.py)."""
+    watched = ("client-a", "client-b", "client-d", "client-e")
+    lab.compose("stop", "upstream2")
+    stopped = utc_now()
+    deadline = time.monotonic() + DEADLINE
+    while True:
+        outcomes = attempts_since(lab, watched, stopped)
+        if outcomes.total() - outcomes["ok"]:
+            pytest.fail(
+                f"attempts failed after upstream2 stopped: {dict(outcomes)}\n" + lab.diagnostics(),
+                pytrace=False,
+            )
+        if outcomes["ok"] >= 100:  # ~15 s of traffic from four clients: past DNS timeouts
+            return outcomes
+        if time.monotonic() > deadline:
+            pytest.fail(f"too little traffic after the stop: {dict(outcomes)}", pytrace=False)
+        time.sleep(POLL)
+
+
+def identities_at(lab: ComposeProject, service: str) -> set[str]:
+    """Identities an upstream learned from PROXY v2 headers, checked against the message."""
+    found = set()
+    for record in lab.records(service):
+        if record.get("event") == "connection" and record.get("proxy_protocol") == "v2-proxy":
+            assert record["message"] == f"Hello from {record['identity']}", record
+            found.add(str(record["identity"]))
+    return found
+
+
 def test_lab_routes_clients_and_leaves_nothing(compose: ComposeProject) -> None:
     lab = compose
     try:
@@ -106,6 +154,12 @@ def test_lab_routes_clients_and_leaves_nothing(compose: ComposeProject) -> None:
             "/certs/server.key": "600 10001:10001",
             "/certs/client.b.key": "600 10001:10001",
         }
+
+        # The upstreams learn each client's identity from the proxy (PROXY v2).
+        assert identities_at(lab, "upstream3") >= {"client.c"}
+
+        # An upstream container stops: nobody notices but the proxy.
+        survive_a_stopped_upstream(lab)
 
         # certgen is idempotent: a re-run keeps every file.
         rerun = json_lines(lab.compose("run", "--rm", "--no-deps", "certgen").stdout)
