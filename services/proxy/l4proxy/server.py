@@ -91,7 +91,11 @@ def describe_tls_error(exc: ssl.SSLError) -> str:
     if isinstance(exc, ssl.SSLCertVerificationError):
         return f"certificate: {exc.verify_message}"
     reason = getattr(exc, "reason", None)
-    return str(reason).lower() if reason else type(exc).__name__
+    if reason:
+        return str(reason).lower()
+    # No OpenSSL reason code (e.g. a failure inside certificate parsing): the message.
+    detail = exc.strerror or (str(exc.args[1]) if len(exc.args) > 1 else "")
+    return f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__
 
 
 def _peer(transport: asyncio.BaseTransport) -> str:
@@ -389,10 +393,16 @@ class ClientConnection(asyncio.Protocol):
         if self.state is not State.DIALING:  # cannot happen: closing cancels this task
             transport.close()
             return
-        self.upstream_transport = transport
         if upstream.proxy_protocol == "v2":
+            try:
+                header = self._proxy_header()
+            except ValueError as exc:  # an identity too long for a TLV (tens of KiB)
+                transport.close()
+                self._reject("dial_failed", f"proxy_protocol: {exc}")
+                return
             # Before any client byte: the header is the first thing the upstream reads.
-            transport.write(self._proxy_header())
+            transport.write(header)
+        self.upstream_transport = transport
         self.state = State.FORWARDING
         self.last_activity = self.loop.time()
         side.attach(self)  # may replay an early EOF or reset, which can end the connection
