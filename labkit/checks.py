@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from .logs import Access, Attempt, HealthEvent, LogLine
+
+_Item = TypeVar("_Item")
 
 EVIDENCE_LIMIT = 12
 
@@ -285,26 +287,16 @@ def judge_rule_change(
     """Client attempts of the clients in ``old``/``new`` (request/reply ones) against
     the rules in force when each started: ``old`` before ``at - margin``, ``new`` after
     ``at + margin``, either in between."""
-    before: list[Attempt] = []
-    around: list[Attempt] = []
-    after: list[Attempt] = []
-    wrong: list[Attempt] = []
-    for attempt in attempts:
-        if attempt.client not in old or attempt.client not in new or attempt.transfer:
-            continue
-        was, now = old[attempt.client], new[attempt.client]
-        if attempt.start < at - margin:
-            before.append(attempt)
-            ok = follows_rules(attempt, was)
-        elif attempt.start > at + margin:
-            after.append(attempt)
-            ok = follows_rules(attempt, now)
-        else:
-            around.append(attempt)
-            ok = follows_rules(attempt, was) or follows_rules(attempt, now)
-        if not ok:
-            wrong.append(attempt)
-    return RuleChange(before, around, after, wrong)
+    return _sort_by_rule_change(
+        [a for a in attempts if not a.transfer],
+        old,
+        new,
+        at=at,
+        margin=margin,
+        client=lambda a: a.client,
+        when=lambda a: a.start,
+        follows=follows_rules,
+    )
 
 
 def judge_access_change(
@@ -318,29 +310,56 @@ def judge_access_change(
     """The proxy's decisions for the clients in ``old``/``new`` against the rules in
     force when each was taken (its admission time, on the proxy's own clock like
     ``at``). A line without an admission time (the handshake failed) is wrong."""
-    before: list[Access] = []
-    around: list[Access] = []
-    after: list[Access] = []
-    wrong: list[Access] = []
-    for line in access:
-        if line.client is None or line.client not in old or line.client not in new:
+    return _sort_by_rule_change(
+        access,
+        old,
+        new,
+        at=at,
+        margin=slack,
+        client=lambda line: line.client,
+        when=lambda line: line.admitted_at,
+        follows=access_follows,
+    )
+
+
+def _sort_by_rule_change(
+    items: Iterable[_Item],
+    old: Mapping[str, set[str]],
+    new: Mapping[str, set[str]],
+    *,
+    at: float,
+    margin: float,
+    client: Callable[[_Item], str | None],
+    when: Callable[[_Item], float | None],
+    follows: Callable[[_Item, set[str]], bool],
+) -> RuleChange:
+    """Items of the clients in both ``old`` and ``new``, sorted by when they happened
+    relative to ``at`` and checked against the rules of their period (either rules
+    within ``margin``). An item with no time is wrong."""
+    before: list[_Item] = []
+    around: list[_Item] = []
+    after: list[_Item] = []
+    wrong: list[_Item] = []
+    for item in items:
+        name = client(item)
+        if name is None or name not in old or name not in new:
             continue
-        was, now = old[line.client], new[line.client]
-        decided = line.admitted_at
-        if decided is None:
-            wrong.append(line)
+        was, now = old[name], new[name]
+        moment = when(item)
+        if moment is None:
+            wrong.append(item)
             continue
-        if decided < at - slack:
-            before.append(line)
-            ok = access_follows(line, was)
-        elif decided > at + slack:
-            after.append(line)
-            ok = access_follows(line, now)
+        if moment < at - margin:
+            before.append(item)
+            ok = follows(item, was)
+        elif moment > at + margin:
+            after.append(item)
+            ok = follows(item, now)
         else:
-            around.append(line)
-            ok = access_follows(line, was) or access_follows(line, now)
+            around.append(item)
+            ok = follows(item, was) or follows(item, now)
         if not ok:
-            wrong.append(line)
+            wrong.append(item)
     return RuleChange(before, around, after, wrong)
 
 

@@ -99,14 +99,20 @@ class Served:
     idle: asyncio.Event = field(default_factory=asyncio.Event)
 
 
-@contextlib.asynccontextmanager
-async def tls_server(certs: Path, behaviour: Literal["reply", "close"]) -> AsyncIterator[Served]:
-    """TLS with CERT_REQUIRED against ca.pem; ``reply`` answers each connection with
-    ``Reply from upstream u-test`` after the first bytes, ``close`` closes at once."""
+def mtls_server_context(certs: Path) -> ssl.SSLContext:
+    """A server context that requires a client certificate signed by ``ca.pem``."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.load_cert_chain(certs / "server.pem", certs / "server.key")
     ctx.load_verify_locations(certs / "ca.pem")
     ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx
+
+
+@contextlib.asynccontextmanager
+async def tls_server(certs: Path, behaviour: Literal["reply", "close"]) -> AsyncIterator[Served]:
+    """TLS with CERT_REQUIRED against ca.pem; ``reply`` answers each connection with
+    ``Reply from upstream u-test`` after the first bytes, ``close`` closes at once."""
+    ctx = mtls_server_context(certs)
     served = Served()
     served.idle.set()
 
@@ -377,10 +383,7 @@ async def tls_echo_server(
     :data:`TRUNCATE_AFTER` bytes, ``hold`` reads and never answers. TLS over memory BIOs
     (the client's :class:`TlsStream`, server side): asyncio's TLS transport stops
     writing when the peer's close_notify arrives, which would cut the echo short."""
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.load_cert_chain(certs / "server.pem", certs / "server.key")
-    ctx.load_verify_locations(certs / "ca.pem")
-    ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx = mtls_server_context(certs)
     served = Served()
     served.idle.set()
 
