@@ -15,6 +15,7 @@ from l4proxy.config import parse_config
 from l4proxy.ratelimit import TokenBucket
 from labkit import checks as ck
 from labkit import topology as topo
+from labkit.certs import check_prepared
 from labkit.checks import Check
 from labkit.cli import parser, render
 from labkit.logs import (
@@ -33,7 +34,7 @@ from labkit.logs import (
     take_new_lines,
 )
 from labkit.progress import Progress
-from labkit.run import check_prepared, config_text
+from labkit.run import config_text
 from labkit.scenarios import SCENARIOS, ScenarioResult, allowed_under
 
 T0 = 1_800_000_000.0  # an epoch second; every synthetic line is relative to it
