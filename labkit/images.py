@@ -22,6 +22,7 @@ DOCKERFILES: dict[str, str] = {
     "certgen": "certgen/Dockerfile",
 }
 BASE_SCRIPT = ROOT / "scripts" / "build-base-image"
+COMPOSE_SCRIPT = ROOT / "scripts" / "ensure-compose"
 
 
 class ImageError(RuntimeError):
@@ -68,3 +69,17 @@ def ensure_images(engine: Engine, progress: Progress, *, rebuild: bool = False) 
             )
         built.append(tag)
     return built
+
+
+def ensure_compose(progress: Progress) -> None:
+    """Make ``docker compose`` (the v2 plugin) available: ``scripts/ensure-compose``
+    installs it from Debian's package when it is missing (idempotent, about a second
+    when present)."""
+    with progress.step(f"{COMPOSE_SCRIPT.relative_to(ROOT)}"):
+        proc = subprocess.run(  # noqa: S603
+            [str(COMPOSE_SCRIPT)], cwd=ROOT, check=False, capture_output=True, text=True
+        )
+        if proc.returncode != 0:
+            raise ImageError(
+                f"{COMPOSE_SCRIPT} exited {proc.returncode}: {proc.stderr.strip()[-2000:]}"
+            )
