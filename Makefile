@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat requirements.txt requirements-dev.txt | cksum | cut -d' ' -f1)
 
-.PHONY: setup lint test unit integration e2e certs up down bench bench-quick clean
+.PHONY: setup lint test unit integration e2e lab-tests certs up down bench bench-quick clean
 
 # A virtual environment with the pinned requirements (re-made when they change).
 $(STAMP): requirements.txt requirements-dev.txt
@@ -33,8 +33,13 @@ integration: setup
 test: lint
 	$(BIN)/python -m pytest -q
 
+# The testcontainers tier alone (builds missing images; never pulls).
 e2e: setup
 	$(BIN)/python -m pytest tests/e2e -q
+
+# The lab driver's scenarios (lab.py through labkit) alone.
+lab-tests: setup
+	$(BIN)/python -m pytest tests/lab -q
 
 # The lab: build every image offline (compose plugin and base image included), then
 # start certgen, the proxy, three upstreams and five clients in the background.

@@ -1,4 +1,4 @@
-"""The lab's essential scenarios against real containers, through labkit's Python API.
+"""The lab driver tier: the essential scenarios against real containers, through labkit.
 
 Each scenario must pass and leave nothing labelled ``layer4lab.run=<its run id>``
 behind; an interrupted ``python lab.py scenario`` (SIGINT) must clean up as well.
@@ -25,7 +25,7 @@ import pytest
 from labkit import LABEL_RUN, Engine, EngineUnavailable, Progress, ensure_images, run_scenario
 from labkit.cli import render
 
-pytestmark = pytest.mark.e2e
+pytestmark = pytest.mark.lab
 
 ROOT = Path(__file__).resolve().parents[2]
 ESSENTIAL = ["failover", "authz", "ratelimit", "mtls", "reload", "drain"]

@@ -1,0 +1,108 @@
+"""The compose lab itself (compose.yaml) under testcontainers' DockerCompose, as a
+project of its own (``l4tc-<session>-<n>``): a developer's running ``layer4lab`` is
+never touched. Replies are read from the clients' logs (``get_logs``), the proxy's
+status through ``exec_in_container``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+
+import pytest
+
+from labkit import checks as ck
+from labkit import topology as topo
+from labkit.engine import Engine
+from labkit.logs import Attempt
+from labkit.testing import LabCompose, compose_lab, wait_until
+from labkit.testing.session import COMPOSE_PROJECT, Session
+
+pytestmark = pytest.mark.e2e
+
+WATCHED = ("client-a", "client-b", "client-c")
+STEADY = ("client-a", "client-b", "client-d", "client-e")  # allowed on u1 or u3 too
+ENOUGH = 3  # ok replies per watched client
+
+
+def identity(service: str) -> str:
+    return "client." + service.removeprefix("client-")
+
+
+def replies_of_every_watched_client(lab: LabCompose) -> dict[str, list[Attempt]] | None:
+    found = {s: lab.attempts(s) for s in WATCHED}
+    return found if all(len([a for a in found[s] if a.ok]) >= ENOUGH for s in WATCHED) else None
+
+
+def attempts_since(lab: LabCompose, services: tuple[str, ...], since: float) -> list[Attempt]:
+    return [a for s in services for a in lab.attempts(s) if a.start > since]
+
+
+def test_the_compose_lab_routes_by_the_reference_rules(
+    compose_plugin: None, lab_session: Session
+) -> None:
+    reference = topo.load_reference_config()
+    with compose_lab(session=lab_session) as lab:
+        assert lab.project.startswith(f"l4tc-{lab_session.id}-")
+        assert {c.Project for c in lab.get_containers()} == {lab.project}
+
+        found = wait_until(
+            f"{ENOUGH} replies for each of {', '.join(WATCHED)}",
+            lambda: replies_of_every_watched_client(lab),
+            timeout=60,
+            evidence=lambda: str({s: ck.outcome_counts(lab.attempts(s)) for s in WATCHED}),
+            poll=0.5,
+        )
+        for service, attempts in found.items():
+            allowed = ck.allowed_upstreams(
+                identity(service), reference["upstreams"], reference["authorization"]
+            )
+            ok = [a for a in attempts if a.ok]
+            assert {a.upstream for a in ok} <= allowed, (service, Counter(a.upstream for a in ok))
+
+        stdout, _, code = lab.adminctl("status")
+        assert code == 0
+        status = json.loads(stdout)
+        assert status["state"] == "serving"
+        health = {u["name"]: u["health"] for u in status["upstreams"]}
+        assert health == {"u1": "up", "u2": "up", "u3": "up"}
+
+        # Upstreams learn each client's identity from the proxy (PROXY v2).
+        lines = lab.records("upstream3")
+        assert not ck.identity_problems(lines), [x.text for x in ck.identity_problems(lines)]
+
+        # Keys are readable by the services' uid only; certificates world-readable.
+        files = ("/certs/ca.pem", "/certs/server.pem", "/certs/server.key")
+        stdout, _, _ = lab.exec_in_container(["stat", "-c", "%n %a %u", *files], "proxy")
+        assert dict(line.split(" ", 1) for line in stdout.splitlines()) == {
+            "/certs/ca.pem": "644 10001",
+            "/certs/server.pem": "644 10001",
+            "/certs/server.key": "600 10001",
+        }
+
+        # An upstream container stops: nobody notices but the proxy. (Docker's resolver
+        # hangs ~10 s on a stopped container's name; that once starved every dial.)
+        upstream2 = lab.get_container("upstream2")
+        assert upstream2.ID is not None
+        engine = Engine.connect()
+        try:
+            stopped = time.time()
+            engine.kill(upstream2.ID, "SIGTERM")
+            assert engine.wait(upstream2.ID, 15) == 0
+        finally:
+            engine.close()
+
+        def a_hundred_after_the_stop() -> list[Attempt] | None:
+            after = attempts_since(lab, STEADY, stopped)
+            failed = [a for a in after if not a.ok]
+            assert not failed, [a.line.text for a in failed]
+            return after if len(after) >= 100 else None
+
+        wait_until("100 attempts after the stop", a_hundred_after_the_stop, timeout=60, poll=1)
+    # `down --volumes` left nothing of the project.
+    engine = Engine.connect()
+    try:
+        assert engine.labelled(f"{COMPOSE_PROJECT}={lab.project}") == []
+    finally:
+        engine.close()
