@@ -31,6 +31,7 @@ from upstream import config as up_config
 from upstream import decide as up_decide
 from upstream import logs as up_logs
 from upstream import server as up_server
+from upstream import trust as up_trust
 
 UPSTREAM_DIR = Path(__file__).resolve().parents[2] / "services" / "upstream"
 NAME = "u-test"
@@ -503,7 +504,16 @@ def test_v2_local_health_checks_are_empty_and_throttled() -> None:
         logs = Capture()
         async with running(logs, proxy_protocol="v2", empty_log_interval=60.0) as server:
             for _ in range(3):
-                assert await exchange(server.address, pp2_header(None), eof=True) == b""
+                reader, writer = await asyncio.open_connection(*server.address)
+                try:
+                    with contextlib.suppress(ConnectionError):  # reset: what it deserves
+                        writer.write(pp2_header(None))
+                        writer.write_eof()
+                        await writer.drain()
+                    assert await read_until_closed(reader) == b""
+                finally:
+                    with contextlib.suppress(OSError):  # ENOTCONN after the reset
+                        await close(writer)
             assert await server.wait_no_connections(WAIT)
             (record,) = logs.events("connection")
         assert (record["outcome"], record["proxy_protocol"]) == ("empty", "v2-local")
@@ -596,6 +606,71 @@ def test_v2_malformed_tlv_is_rejected_with_its_reason() -> None:
     run(main())
 
 
+@pytest.mark.parametrize(
+    ("trusted", "served"),
+    [
+        (["127.0.0.0/8"], True),  # a CIDR holding the peer
+        (["127.0.0.1"], True),  # the peer's address
+        (["localhost"], True),  # a name, looked up when the peer matches nothing
+        (["192.0.2.1", "no-such-host.invalid"], False),  # neither is the peer
+    ],
+)
+def test_v2_headers_are_believed_only_from_trusted_proxies(
+    trusted: list[str], served: bool
+) -> None:
+    spec = up_trust.parse_trusted(trusted)
+
+    async def main() -> None:
+        logs = Capture()
+        async with running(logs, proxy_protocol="v2", trusted_proxies=spec) as server:
+            assert logs.events("listening")[0]["trusted_proxies"] == spec.describe()
+            reader, writer = await asyncio.open_connection(*server.address)
+            try:
+                # A header naming somebody else: only a trusted proxy may say that.
+                writer.write(pp2_header(identity="client.b") + b"Hello from client.b\n")
+                await writer.drain()
+                got = await read_until_closed(reader)
+            finally:
+                await close(writer)
+            (record,) = await logs.wait_for("connection")
+        if served:
+            assert got == REPLY
+            assert (record["outcome"], record["identity"]) == ("replied", "client.b")
+        else:
+            assert got == b""
+            assert record["outcome"] == "untrusted_proxy"
+            assert record["reason"].startswith("peer 127.0.0.1 is not a trusted proxy")
+            assert (record["identity"], record["bytes_in"], record["bytes_out"]) == (None, 0, 0)
+
+    run(main())
+
+
+def test_an_untrusted_peer_is_cut_before_its_bytes_are_read() -> None:
+    """Even a LOCAL header (a health check) from an untrusted peer is refused, and a
+    name that does not resolve costs one look-up per second, not one per connection."""
+    spec = up_trust.parse_trusted(["no-such-host.invalid"])
+
+    async def main() -> None:
+        logs = Capture()
+        async with running(logs, proxy_protocol="v2", trusted_proxies=spec) as server:
+            for _ in range(3):
+                reader, writer = await asyncio.open_connection(*server.address)
+                try:
+                    with contextlib.suppress(ConnectionError):  # reset: what it deserves
+                        writer.write(pp2_header(None))
+                        writer.write_eof()
+                        await writer.drain()
+                    assert await read_until_closed(reader) == b""
+                finally:
+                    with contextlib.suppress(OSError):  # ENOTCONN after the reset
+                        await close(writer)
+            records = await logs.wait_for("connection", count=3, outcome="untrusted_proxy")
+            assert server.trust.resolved_at is not None
+        assert all(r["header_bytes"] == 0 for r in records)
+
+    run(main())
+
+
 def test_mode_none_passes_a_header_through_as_payload() -> None:
     data = pp2_header() + b"ping"
 
@@ -671,6 +746,18 @@ def test_bad_configuration_exits_2_without_traceback(capsys: pytest.CaptureFixtu
 
 
 # --- pure decisions --------------------------------------------------------------------------
+
+
+def test_trusted_proxies_from_the_command_line_or_the_environment() -> None:
+    env = {"UPSTREAM_PROXY_PROTOCOL": "v2", "UPSTREAM_TRUSTED_PROXIES": "proxy, 10.0.0.0/24"}
+    config = up_config.load_config([], env)
+    assert config.trusted_proxies.describe() == ["10.0.0.0/24", "proxy"]
+    config = up_config.load_config(["--trusted-proxy", "10.1.2.3"], env)
+    assert config.trusted_proxies.describe() == ["10.1.2.3/32"]
+    with pytest.raises(up_config.ConfigError, match="only with --proxy-protocol v2"):
+        up_config.load_config(["--trusted-proxy", "proxy"], {})
+    with pytest.raises(up_config.ConfigError, match="expected an address, a CIDR or a host"):
+        up_config.load_config(["--proxy-protocol", "v2", "--trusted-proxy", "bad name!"], {})
 
 
 def test_configuration_precedence_and_parsing() -> None:

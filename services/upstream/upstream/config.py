@@ -14,6 +14,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal, cast, get_args
 
+from .trust import TrustError, TrustSpec, parse_trusted
+
 Mode = Literal["reply", "echo", "sink"]
 Fault = Literal["none", "close", "reset"]
 ProxyProtocol = Literal["none", "v2"]
@@ -32,6 +34,8 @@ ENV_MODE = "UPSTREAM_MODE"
 ENV_DELAY = "UPSTREAM_DELAY"
 ENV_FAULT = "UPSTREAM_FAULT"
 ENV_PROXY_PROTOCOL = "UPSTREAM_PROXY_PROTOCOL"
+ENV_TRUSTED_PROXIES = "UPSTREAM_TRUSTED_PROXIES"
+NO_TRUST_LIST = TrustSpec()
 
 
 class ConfigError(ValueError):
@@ -49,6 +53,7 @@ class Config:
     empty_log_interval: float = DEFAULT_EMPTY_LOG_INTERVAL  # 0 logs every empty connection
     idle_timeout: float = DEFAULT_IDLE_TIMEOUT  # 0 disables it
     proxy_protocol: ProxyProtocol = "none"  # v2: every connection starts with a PROXY v2 header
+    trusted_proxies: TrustSpec = NO_TRUST_LIST  # empty: a header is believed from anyone
 
     @property
     def listen(self) -> str:
@@ -144,6 +149,19 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
         ),
     )
     parser.add_argument(
+        "--trusted-proxy",
+        dest="trusted_proxies",
+        action="append",
+        default=None,
+        metavar="ADDR|CIDR|NAME",
+        help=(
+            "with --proxy-protocol v2: serve only connections from this peer (repeatable; "
+            "names are looked up when a peer matches nothing); anyone else is cut off "
+            f"with outcome untrusted_proxy (env {ENV_TRUSTED_PROXIES}, comma-separated; "
+            "default: anyone)"
+        ),
+    )
+    parser.add_argument(
         "--empty-log-interval",
         default=str(DEFAULT_EMPTY_LOG_INTERVAL),
         help="log empty connections at most once per this interval (0 = all; default 1s)",
@@ -177,6 +195,18 @@ def load_config(argv: Sequence[str] | None, environ: Mapping[str, str]) -> Confi
             str(args.proxy_protocol), PROXY_PROTOCOLS, f"--proxy-protocol/{ENV_PROXY_PROTOCOL}"
         ),
     )
+    entries = args.trusted_proxies
+    if entries is None:
+        entries = environ.get(ENV_TRUSTED_PROXIES, "").replace(",", " ").split()
+    try:
+        trusted = parse_trusted(entries)
+    except TrustError as exc:
+        raise ConfigError(f"--trusted-proxy/{ENV_TRUSTED_PROXIES}: {exc}") from exc
+    if trusted.enabled and proxy_protocol != "v2":
+        raise ConfigError(
+            f"--trusted-proxy/{ENV_TRUSTED_PROXIES}: only with --proxy-protocol v2 "
+            "(without PROXY headers there is nothing to trust)"
+        )
     return Config(
         host=host,
         port=port,
@@ -187,4 +217,5 @@ def load_config(argv: Sequence[str] | None, environ: Mapping[str, str]) -> Confi
         empty_log_interval=parse_duration(str(args.empty_log_interval), "--empty-log-interval"),
         idle_timeout=parse_duration(str(args.idle_timeout), "--idle-timeout"),
         proxy_protocol=proxy_protocol,
+        trusted_proxies=trusted,
     )

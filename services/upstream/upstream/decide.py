@@ -20,6 +20,7 @@ Outcome = Literal[
     "sunk",
     "empty",
     "proxy_protocol_error",
+    "untrusted_proxy",
     "fault_close",
     "fault_reset",
     "client_reset",
@@ -29,7 +30,9 @@ Outcome = Literal[
 OUTCOMES: tuple[Outcome, ...] = get_args(Outcome)
 
 # What the server itself did to end (or answer) a connection, if anything.
-Action = Literal["replied", "fault_close", "fault_reset", "idle_timeout", "shutdown"]
+Action = Literal[
+    "replied", "untrusted_proxy", "fault_close", "fault_reset", "idle_timeout", "shutdown"
+]
 
 
 def reply_bytes(name: str) -> bytes:
@@ -74,7 +77,8 @@ def final_outcome(
     ``bytes_in`` counts payload bytes only (not a PROXY protocol header);
     ``proxy_protocol_failed``: the expected PROXY header was invalid or incomplete.
 
-    1. Something the server did decides first: a fault, the idle timeout, a shutdown.
+    1. Something the server did decides first: refusing a peer not trusted to send PROXY
+       headers, a fault, the idle timeout, a shutdown.
     2. A bad or incomplete PROXY protocol header is ``proxy_protocol_error``.
     3. A peer that sent no payload at all (a health check, by FIN or RST, possibly after
        a PROXY header) is ``empty``.

@@ -21,6 +21,9 @@ Each connection moves through phases::
   client speaking first without one) aborts the connection at once
   (``proxy_protocol_error``); a header and then nothing (a ``LOCAL`` health check from
   the proxy) is ``empty``.
+* With ``--trusted-proxy`` a connection from any other peer is aborted before a byte is
+  read (``untrusted_proxy``); a peer that matches nothing while the trusted names'
+  addresses are older than a second waits (reading paused) for one fresh look-up.
 
 All decisions live in :mod:`upstream.decide`; this module only moves bytes and arms timers.
 """
@@ -51,10 +54,12 @@ from .decide import (
 )
 from .logs import JsonLog
 from .proxyproto import Complete, Header, HeaderReader, NeedMore
+from .trust import TrustedPeers
 
 LINGER = 2.0  # reply mode: how long to wait for the peer's EOF after our reply and FIN
 SHUTDOWN_GRACE = 2.0  # how long stop() lets open connections finish before aborting them
 BACKLOG = 1024
+RESOLVE_TIMEOUT = 2.0  # one look-up of a --trusted-proxy name
 
 Phase = Literal["reading", "waiting", "responding", "draining"]
 Clock = Callable[[], float]
@@ -86,6 +91,12 @@ class Connection(asyncio.Protocol):
         self.header_reader = HeaderReader() if self.config.proxy_protocol == "v2" else None
         self.proxy_header: Header | None = None
         self.proxy_error: str | None = None  # why the PROXY header was rejected
+        self.refusal: str | None = None  # why the peer was not served (untrusted_proxy)
+        # --trusted-proxy: bytes (and EOF) that arrived before the peer was judged.
+        self.trust_pending = False
+        self.held_before_trust = bytearray()
+        self.eof_before_trust = False
+        self.peer_ip = ""
         self.message = bytearray()  # reply mode: the message so far (at most MESSAGE_CAP)
         self.held = bytearray()  # echo mode: bytes received while waiting for the delay
         self.peer_eof = False
@@ -99,13 +110,24 @@ class Connection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it.
         self.transport = cast(asyncio.Transport, transport)
-        self.peer = format_peer(self.transport.get_extra_info("peername"))
+        peername = self.transport.get_extra_info("peername")
+        self.peer = format_peer(peername)
+        self.peer_ip = str(peername[0]) if isinstance(peername, tuple) and peername else ""
         self.server.connection_started(self)
+        if self.header_reader is not None and self.server.trust.enabled:
+            self._check_trust(may_resolve=True)
         if self.config.idle_timeout > 0:
             self._arm("idle", self.config.idle_timeout, self._on_idle)
 
     def data_received(self, data: bytes) -> None:
         self.last_activity = self.clock()
+        if self.trust_pending:
+            # uvloop starts reading after connection_made even if it paused reading
+            # there: hold what comes until the peer is judged, and pause now.
+            self.held_before_trust += data
+            if self.transport is not None:
+                self.transport.pause_reading()
+            return
         if self.header_reader is not None:
             data = self._strip_prefix(data)
             if not data:
@@ -114,6 +136,9 @@ class Connection(asyncio.Protocol):
         self._on_payload(data)
 
     def eof_received(self) -> bool:
+        if self.trust_pending:
+            self.eof_before_trust = True
+            return True
         self.peer_eof = True
         if self.phase == "reading":
             if self.bytes_in == 0:
@@ -149,6 +174,33 @@ class Connection(asyncio.Protocol):
             proxy_protocol_failed=self.proxy_error is not None,
         )
         self.server.connection_done(self, outcome, self.clock())
+
+    def _check_trust(self, *, may_resolve: bool) -> None:
+        """May this peer send PROXY headers? Serve, refuse, or look the names up first."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        trust = self.server.trust
+        verdict = trust.verdict(self.peer_ip, self.clock(), may_resolve=may_resolve)
+        if verdict == "trusted":
+            self.trust_pending = False
+            self._resume("trust")
+            held, self.held_before_trust = bytes(self.held_before_trust), bytearray()
+            if held:
+                self.data_received(held)
+            if self.eof_before_trust and not transport.is_closing():
+                self.eof_received()
+        elif verdict == "resolve":
+            self.trust_pending = True
+            self._pause("trust")
+            self.server.refresh_trust().add_done_callback(
+                lambda _done: self._check_trust(may_resolve=False)
+            )
+        else:
+            self.action = "untrusted_proxy"
+            trusted = ", ".join(trust.spec.describe())
+            self.refusal = f"peer {self.peer_ip} is not a trusted proxy ({trusted})"
+            transport.abort()
 
     # --- the read path ---------------------------------------------------------------
 
@@ -367,6 +419,8 @@ class UpstreamServer:
         self._server: asyncio.Server | None = None
         self._no_connections = asyncio.Event()
         self._no_connections.set()
+        self.trust = TrustedPeers(config.trusted_proxies)
+        self._resolving: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         cfg = self.config
@@ -383,7 +437,36 @@ class UpstreamServer:
             fault=cfg.fault,
             delay_ms=round(cfg.delay * 1000, 3),
             proxy_protocol=cfg.proxy_protocol,
+            trusted_proxies=cfg.trusted_proxies.describe() or None,
         )
+
+    def refresh_trust(self) -> asyncio.Task[None]:
+        """Look the trusted names up again (one look-up in flight at a time)."""
+        if self._resolving is None or self._resolving.done():
+            self._resolving = self.loop.create_task(
+                self._resolve_trusted(), name="resolve-trusted-proxies"
+            )
+        return self._resolving
+
+    async def _resolve_trusted(self) -> None:
+        async def addresses_of(name: str) -> list[str]:
+            try:
+                async with asyncio.timeout(RESOLVE_TIMEOUT):
+                    infos = await self.loop.getaddrinfo(name, None, type=socket.SOCK_STREAM)
+            except (OSError, TimeoutError):
+                return []  # gone or not there yet: trusted by nobody's address
+            return [str(info[4][0]) for info in infos]
+
+        names = self.trust.spec.names
+        found = await asyncio.gather(*(addresses_of(name) for name in names))
+        before = self.trust.resolved
+        self.trust.update([a for addresses in found for a in addresses], self.clock())
+        if self.trust.resolved != before:
+            self.log.emit(
+                "trust",
+                names=list(names),
+                addresses=sorted(str(a) for a in self.trust.resolved),
+            )
 
     def connection_started(self, conn: Connection) -> None:
         self.accepted += 1
@@ -413,7 +496,13 @@ class UpstreamServer:
             bytes_out=conn.bytes_out,
             message=conn.message_for_log(),
             outcome=outcome,
-            reason=conn.proxy_error if outcome == "proxy_protocol_error" else None,
+            reason=(
+                conn.proxy_error
+                if outcome == "proxy_protocol_error"
+                else conn.refusal
+                if outcome == "untrusted_proxy"
+                else None
+            ),
             duration_ms=round((now - conn.started) * 1000, 3),
             suppressed=suppressed,
         )
@@ -433,6 +522,8 @@ class UpstreamServer:
         if server is None:
             return
         server.close()
+        if self._resolving is not None:
+            self._resolving.cancel()
         if not await self.wait_no_connections(grace):
             for conn in list(self.connections):
                 conn.shutdown()

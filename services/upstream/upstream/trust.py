@@ -1,0 +1,109 @@
+"""Which peers may send PROXY protocol headers (``--trusted-proxy``), pure.
+
+A PROXY header carries the client's address and identity; an upstream that believes it
+from anyone lets anyone claim to be anyone. With ``--trusted-proxy`` entries (CIDRs,
+addresses or host names) only connections from those peers are served; the rest end at
+once with the outcome ``untrusted_proxy``.
+
+Names are resolved by the shell (:mod:`upstream.server`) when a peer matches nothing
+and the last resolution is older than ``refresh_interval``: the proxy usually starts
+after its upstreams, so its name cannot be looked up at start-up. Time comes in as a
+parameter.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+Verdict = Literal["trusted", "untrusted", "resolve"]
+
+REFRESH_INTERVAL = 1.0  # seconds between two look-ups of the trusted names
+_HOSTNAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9_]([A-Za-z0-9_-]{0,62})(\.[A-Za-z0-9_-]{1,63})*$")
+
+
+class TrustError(ValueError):
+    """A ``--trusted-proxy`` entry is neither an address, a CIDR nor a host name."""
+
+
+@dataclass(frozen=True, slots=True)
+class TrustSpec:
+    networks: tuple[Network, ...] = ()
+    names: tuple[str, ...] = ()
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.networks or self.names)
+
+    def describe(self) -> list[str]:
+        return [str(n) for n in self.networks] + list(self.names)
+
+
+def parse_trusted(entries: Sequence[str]) -> TrustSpec:
+    """``["10.0.0.0/24", "10.1.2.3", "proxy"]`` -> a :class:`TrustSpec`."""
+    networks: list[Network] = []
+    names: list[str] = []
+    for raw in entries:
+        entry = raw.strip()
+        if not entry:
+            continue
+        try:
+            networks.append(ipaddress.ip_network(entry, strict=False))
+            continue
+        except ValueError:
+            pass
+        if not _HOSTNAME.match(entry) or entry.replace(".", "").isdigit():
+            raise TrustError(f"expected an address, a CIDR or a host name, got {raw!r}")
+        names.append(entry.lower())
+    return TrustSpec(tuple(networks), tuple(dict.fromkeys(names)))
+
+
+def peer_address(text: str) -> Address | None:
+    """The peer's IP (an IPv4-mapped IPv6 address becomes IPv4), or None."""
+    try:
+        address = ipaddress.ip_address(text.split("%", 1)[0])
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
+@dataclass
+class TrustedPeers:
+    """The trusted peers and what their names resolved to last."""
+
+    spec: TrustSpec
+    refresh_interval: float = REFRESH_INTERVAL
+    resolved: frozenset[Address] = field(default_factory=frozenset)
+    resolved_at: float | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.spec.enabled
+
+    def verdict(self, peer: str, now: float, *, may_resolve: bool = True) -> Verdict:
+        """``trusted``, ``untrusted``, or ``resolve``: look the names up again, then ask
+        again with ``may_resolve=False``."""
+        address = peer_address(peer)
+        if address is None:
+            return "untrusted"
+        if any(address in network for network in self.spec.networks):
+            return "trusted"
+        if address in self.resolved:
+            return "trusted"
+        stale = self.resolved_at is None or now - self.resolved_at >= self.refresh_interval
+        if may_resolve and self.spec.names and stale:
+            return "resolve"
+        return "untrusted"
+
+    def update(self, addresses: Iterable[str], now: float) -> None:
+        """What the names resolve to now (every name's addresses together)."""
+        found = {peer_address(a) for a in addresses}
+        self.resolved = frozenset(a for a in found if a is not None)
+        self.resolved_at = now
