@@ -699,6 +699,78 @@ def generate(
     return {"created": created, "kept": kept}
 
 
+# ------------------------------------------------------------------- bundles and owner
+
+
+def write_bundle(out: Path, directory: Path, stem: str) -> list[str]:
+    """Copy what one service needs into ``directory``: ``ca.pem``, ``<stem>.pem`` and
+    ``<stem>.key`` (0600), never the CA's key. Files already there with the same bytes
+    and mode are kept; the names written are returned."""
+    directory = Path(directory)
+    _ensure_dir(directory)
+    written: list[str] = []
+    for name, mode in (
+        ("ca.pem", CERT_MODE),
+        (f"{stem}.pem", CERT_MODE),
+        (f"{stem}.key", KEY_MODE),
+    ):
+        try:
+            data = (out / name).read_bytes()
+        except OSError as exc:
+            raise CertgenError(f"bundle {directory}: cannot read {out / name}: {exc}") from exc
+        target = directory / name
+        with contextlib.suppress(OSError):
+            if target.read_bytes() == data and target.stat().st_mode & 0o777 == mode:
+                continue
+        _atomic_write(target, data, mode)
+        written.append(name)
+    return written
+
+
+def parse_bundle(text: str) -> tuple[Path, str]:
+    """``DIR=STEM`` (``/bundles/proxy=server``, ``/bundles/client-a=client.a``)."""
+    directory, sep, stem = text.partition("=")
+    if not sep or not directory or not stem:
+        raise _UsageError(f"--bundle: expected DIR=STEM, got {text!r}")
+    return Path(directory), stem if stem == "server" else validate_name(stem)
+
+
+def _bundles(texts: Sequence[str], clients: Sequence[str]) -> list[tuple[Path, str]]:
+    bundles = [parse_bundle(text) for text in texts]
+    unknown = [stem for _, stem in bundles if stem != "server" and stem not in clients]
+    if unknown:
+        raise _UsageError(f"--bundle: {', '.join(unknown)} is not among the clients issued")
+    return bundles
+
+
+def parse_owner(text: str) -> tuple[int, int]:
+    """``UID:GID`` -> (uid, gid)."""
+    uid, sep, gid = text.partition(":")
+    if not sep or not uid.isdigit() or not gid.isdigit():
+        raise _UsageError(f"--owner: expected UID:GID, got {text!r}")
+    return int(uid), int(gid)
+
+
+def become_owner(directories: Sequence[Path], uid: int, gid: int) -> bool:
+    """Started as root (to own freshly made volumes): give ``directories`` to uid:gid,
+    then drop to that uid and gid for good, before any key is made or read. Not root:
+    nothing to do (False)."""
+    if os.geteuid() != 0:
+        return False
+    # Load everything that is loaded lazily (OpenSSL's bindings) while the code is still
+    # readable: after the drop, an interpreter under a root-only home could not.
+    make_client(make_ca(), "warm.up")
+    for directory in directories:
+        directory.mkdir(parents=True, exist_ok=True)
+        os.chown(directory, uid, gid)
+    os.setgroups([])
+    os.setgid(gid)
+    os.setuid(uid)
+    if os.geteuid() != uid or os.getegid() != gid:  # pragma: no cover - defensive
+        raise CertgenError(f"could not drop privileges to {uid}:{gid}")
+    return True
+
+
 # ---------------------------------------------------------------------------------- CLI
 
 
@@ -740,6 +812,25 @@ def _parser() -> _Parser:
             f"default ({', '.join(DEFAULT_SERVER_NAMES)}); the first one becomes the CN"
         ),
     )
+    parser.add_argument(
+        "--bundle",
+        dest="bundles",
+        action="append",
+        default=[],
+        metavar="DIR=STEM",
+        help=(
+            "also copy ca.pem, STEM.pem and STEM.key (0600) into DIR, for one service "
+            "(STEM: server or a client name; repeatable). The CA key is never copied"
+        ),
+    )
+    parser.add_argument(
+        "--owner",
+        metavar="UID:GID",
+        help=(
+            "when started as root: give --out and every bundle folder to UID:GID, then "
+            "drop to UID:GID before doing anything else (for fresh volumes)"
+        ),
+    )
     return parser
 
 
@@ -751,7 +842,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         out: Path = args.out
         clients = DEFAULT_CLIENTS if args.clients is None else read_clients_file(args.clients)
         server_names: Sequence[str] = args.server_names or DEFAULT_SERVER_NAMES
+        bundles = _bundles(args.bundles, clients)
+        if args.owner is not None:
+            uid, gid = parse_owner(args.owner)
+            become_owner([out, *(directory for directory, _ in bundles)], uid, gid)
         result = generate(out, clients, server_names=server_names)
+        written = {str(d): write_bundle(out, d, stem) for d, stem in bundles}
     except _UsageError as exc:
         sys.stderr.write(parser.format_usage())
         sys.stderr.write(f"certgen: error: {exc}\n")
@@ -763,7 +859,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         where = f" ({exc.filename})" if exc.filename else ""
         sys.stderr.write(f"certgen: error: {exc.strerror or exc}{where}\n")
         return 1
-    summary = {"out": str(out), "created": result["created"], "kept": result["kept"]}
+    summary: dict[str, object] = {
+        "out": str(out),
+        "created": result["created"],
+        "kept": result["kept"],
+    }
+    if bundles:
+        summary["bundles"] = written
     sys.stdout.write(json.dumps(summary) + "\n")
     return 0
 

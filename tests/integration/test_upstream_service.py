@@ -618,7 +618,9 @@ def test_v2_malformed_tlv_is_rejected_with_its_reason() -> None:
 def test_v2_headers_are_believed_only_from_trusted_proxies(
     trusted: list[str], served: bool
 ) -> None:
-    spec = up_trust.parse_trusted(trusted)
+    # Loopback peers are trusted by default (the container's own health check); these
+    # tests connect over loopback, so that exemption is off here.
+    spec = up_trust.parse_trusted(trusted, loopback=False)
 
     async def main() -> None:
         logs = Capture()
@@ -648,7 +650,7 @@ def test_v2_headers_are_believed_only_from_trusted_proxies(
 def test_an_untrusted_peer_is_cut_before_its_bytes_are_read() -> None:
     """Even a LOCAL header (a health check) from an untrusted peer is refused, and a
     name that does not resolve costs one look-up per second, not one per connection."""
-    spec = up_trust.parse_trusted(["no-such-host.invalid"])
+    spec = up_trust.parse_trusted(["no-such-host.invalid"], loopback=False)
 
     async def main() -> None:
         logs = Capture()

@@ -5,10 +5,12 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import shutil
 import ssl
 import stat
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -571,6 +573,72 @@ def test_script_runs_standalone(tmp_path: Path) -> None:
     assert bad.returncode == 2
     assert "Traceback" not in bad.stderr
     assert "server name 'a b'" in bad.stderr
+
+
+# --------------------------------------------------------------------- bundles and owner
+
+
+def test_bundles_hold_one_service_material_and_never_the_ca_key(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out, proxy, client = tmp_path / "ca", tmp_path / "proxy", tmp_path / "client-a"
+    argv = ["--out", str(out), "--bundle", f"{proxy}=server", "--bundle", f"{client}=client.a"]
+    assert certgen.main(argv) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["bundles"] == {
+        str(proxy): ["ca.pem", "server.pem", "server.key"],
+        str(client): ["ca.pem", "client.a.pem", "client.a.key"],
+    }
+    assert sorted(p.name for p in client.iterdir()) == ["ca.pem", "client.a.key", "client.a.pem"]
+    assert stat.S_IMODE((client / "client.a.key").stat().st_mode) == 0o600
+    assert stat.S_IMODE((client / "ca.pem").stat().st_mode) == 0o644
+    assert (client / "client.a.key").read_bytes() == (out / "client.a.key").read_bytes()
+    assert not list(tmp_path.glob("*/ca.key"))[1:]  # only the CA's own folder has it
+    # A re-run keeps everything: nothing re-issued, nothing rewritten.
+    assert certgen.main(argv) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert again["created"] == []
+    assert again["bundles"] == {str(proxy): [], str(client): []}
+
+
+@pytest.mark.parametrize(
+    ("argv", "match"),
+    [
+        (["--bundle", "{tmp}/x=client.z"], "client.z is not among the clients issued"),
+        (["--bundle", "no-equals-sign"], "expected DIR=STEM"),
+        (["--owner", "10001"], "expected UID:GID"),
+    ],
+)
+def test_bad_bundle_or_owner_is_a_usage_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str], match: str
+) -> None:
+    args = ["--out", str(tmp_path / "ca"), *(a.format(tmp=tmp_path) for a in argv)]
+    assert certgen.main(args) == 2
+    assert match in capsys.readouterr().err
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="--owner drops privileges only when run as root")
+def test_owner_gives_fresh_folders_away_and_drops_root() -> None:
+    """As the compose lab runs it: root only to own the (root-made) volume folders,
+    then everything is made as 10001. A separate process: the drop is for good."""
+    base = Path(tempfile.mkdtemp(prefix="certgen-owner-"))  # pytest's tmp is root-only
+    try:
+        base.chmod(0o755)
+        out, bundle = base / "ca", base / "proxy"
+        bundle.mkdir()  # root-owned, as a fresh volume's folder is
+        argv = ["--out", str(out), "--owner", "10001:10001", "--bundle", f"{bundle}=server"]
+        done = subprocess.run(
+            [sys.executable, str(CERTGEN_SCRIPT), *argv],
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=60,
+        )
+        assert done.returncode == 0, done.stderr
+        made = [out, bundle, *out.iterdir(), *bundle.iterdir()]
+        assert {(p.stat().st_uid, p.stat().st_gid) for p in made} == {(10001, 10001)}
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
 
 
 # --------------------------------------------------------------------- real TLS handshake

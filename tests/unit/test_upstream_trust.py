@@ -54,3 +54,10 @@ def test_network_membership_matches_ipaddress(address: ipaddress.IPv4Address, bi
     peers = TrustedPeers(parse_trusted([str(network)]))
     assert peers.verdict(str(address), now=0.0) == "trusted"
     assert peer_address(str(address)) == address
+
+
+def test_loopback_peers_are_trusted_unless_told_otherwise() -> None:
+    assert TrustedPeers(parse_trusted(["192.0.2.1"])).verdict("127.0.0.1", 0.0) == "trusted"
+    assert TrustedPeers(parse_trusted(["192.0.2.1"])).verdict("::1", 0.0) == "trusted"
+    strict = TrustedPeers(parse_trusted(["192.0.2.1"], loopback=False))
+    assert strict.verdict("127.0.0.1", 0.0) == "untrusted"

@@ -3,7 +3,8 @@
 A PROXY header carries the client's address and identity; an upstream that believes it
 from anyone lets anyone claim to be anyone. With ``--trusted-proxy`` entries (CIDRs,
 addresses or host names) only connections from those peers are served; the rest end at
-once with the outcome ``untrusted_proxy``.
+once with the outcome ``untrusted_proxy``. Loopback peers (the upstream's own host or
+container, e.g. its health check) are always trusted.
 
 Names are resolved by the shell (:mod:`upstream.server`) when a peer matches nothing
 and the last resolution is older than ``refresh_interval``: the proxy usually starts
@@ -35,6 +36,7 @@ class TrustError(ValueError):
 class TrustSpec:
     networks: tuple[Network, ...] = ()
     names: tuple[str, ...] = ()
+    loopback: bool = True  # the host's (container's) own loopback, e.g. its health check
 
     @property
     def enabled(self) -> bool:
@@ -44,7 +46,7 @@ class TrustSpec:
         return [str(n) for n in self.networks] + list(self.names)
 
 
-def parse_trusted(entries: Sequence[str]) -> TrustSpec:
+def parse_trusted(entries: Sequence[str], *, loopback: bool = True) -> TrustSpec:
     """``["10.0.0.0/24", "10.1.2.3", "proxy"]`` -> a :class:`TrustSpec`."""
     networks: list[Network] = []
     names: list[str] = []
@@ -60,7 +62,7 @@ def parse_trusted(entries: Sequence[str]) -> TrustSpec:
         if not _HOSTNAME.match(entry) or entry.replace(".", "").isdigit():
             raise TrustError(f"expected an address, a CIDR or a host name, got {raw!r}")
         names.append(entry.lower())
-    return TrustSpec(tuple(networks), tuple(dict.fromkeys(names)))
+    return TrustSpec(tuple(networks), tuple(dict.fromkeys(names)), loopback)
 
 
 def peer_address(text: str) -> Address | None:
@@ -93,6 +95,8 @@ class TrustedPeers:
         address = peer_address(peer)
         if address is None:
             return "untrusted"
+        if address.is_loopback and self.spec.loopback:
+            return "trusted"
         if any(address in network for network in self.spec.networks):
             return "trusted"
         if address in self.resolved:
