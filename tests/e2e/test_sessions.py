@@ -90,9 +90,11 @@ def test_a_killed_session_is_removed_by_the_next_one(
         assert container in left, "the killed session's upstream should still be there"
         assert {item.kind for item in left.values()} >= {"container", "network", "volume"}
 
-        nxt = spawn.Process(target=_next_session, args=(report,))
+        # A queue of its own: the killed child may have died holding the first one's lock.
+        second: Queue[Any] = spawn.Queue()
+        nxt = spawn.Process(target=_next_session, args=(second,))
         nxt.start()
-        _, reaped, said = _reported(report, "beginning the next session")
+        _, reaped, said = _reported(second, "beginning the next session")
         nxt.join(30)
         assert nxt.exitcode == 0
         assert set(left) <= set(reaped), (left, reaped)
