@@ -1,13 +1,29 @@
-"""Scripts run inside the certgen image (uid 10001, no network) through its Python API.
+"""Certificate material for the lab's containers, least privilege.
 
-Both drivers of the lab use them: :mod:`labkit.run` prepares a run's volume (certificates
-plus the proxy config), :mod:`labkit.testing` issues certificates inside a certgen
-container and takes out only what the services need. ``LAB_SPEC`` (JSON) says what:
-``dir``, ``clients`` (issued from the CA), ``expired`` (issued already expired),
-``other_ca`` (issued by a second, unknown CA) and, for a run, ``config``.
+certgen runs in a container of its own (uid 10001, no network) with :data:`ISSUE_SCRIPT`:
+it issues what ``LAB_SPEC`` (JSON) asks for -- ``dir``, ``clients`` (issued from the
+CA), ``expired`` (issued already expired), ``other_ca`` (issued by a second, unknown
+CA) -- and copies every file but the CA's key to :data:`EXPORT_DIR`, which the driver
+reads back (:func:`files_of_archive`). The CA key never leaves that container.
+
+:class:`Certificates` then says what each service gets, copied into its container before
+it starts (:func:`owned_tar`: owned by the services' uid, keys 0600): the proxy its pair
+and the CA certificate, a client its own pair and the CA certificate, an upstream
+nothing. Both drivers use this: :mod:`labkit.run` and :mod:`labkit.testing`.
 """
 
 from __future__ import annotations
+
+import io
+import tarfile
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+SERVICE_UID = 10001  # every lab image runs as this uid/gid
+CERTS_DIR = "/certs"  # where each container finds its material
+EXPORT_DIR = "/tmp/export"  # noqa: S108 -- inside certgen's own container, not the host
 
 _ISSUE = r"""
 import json, os
@@ -29,12 +45,6 @@ if spec["other_ca"]:
         certgen.write_issued(out, name, certgen.load_issued(other, name))
 """
 
-_CONFIG = r"""
-config = out / "proxy.yaml"
-config.write_text(spec["config"], encoding="utf-8")
-config.chmod(0o644)
-"""
-
 _SUMMARY = r"""
 files = {
     p.name: {"mode": oct(p.stat().st_mode & 0o777), "uid": p.stat().st_uid}
@@ -43,11 +53,29 @@ files = {
 print(json.dumps({"event": "prepared", "created": result["created"], "files": files}))
 """
 
-# Certificates only: what labkit.testing's certgen container runs.
-ISSUE_SCRIPT = _ISSUE + _SUMMARY
+_EXPORT = r"""
+import shutil
+export = Path(spec["export"])
+export.mkdir(mode=0o700)
+for p in sorted(out.iterdir()):
+    if p.is_file() and p.name != "ca.key":
+        shutil.copy2(p, export / p.name)
+"""
 
-# Certificates, then the run's proxy config: what labkit.run runs on a run's volume.
-PREPARE_SCRIPT = _ISSUE + _CONFIG + _SUMMARY
+ISSUE_SCRIPT = _ISSUE + _SUMMARY + _EXPORT
+
+
+def issue_spec(
+    clients: list[str], expired: list[str] | None = None, other_ca: list[str] | None = None
+) -> dict[str, object]:
+    """The ``LAB_SPEC`` for :data:`ISSUE_SCRIPT`."""
+    return {
+        "dir": CERTS_DIR,
+        "export": EXPORT_DIR,
+        "clients": clients,
+        "expired": expired or [],
+        "other_ca": other_ca or [],
+    }
 
 
 def check_prepared(files: dict[str, dict[str, object]], uid: int = 10001) -> list[str]:
@@ -59,3 +87,64 @@ def check_prepared(files: dict[str, dict[str, object]], uid: int = 10001) -> lis
         if info.get("uid") != uid:
             problems.append(f"{name} is owned by uid {info.get('uid')}, expected {uid}")
     return problems
+
+
+def owned_tar(files: Mapping[str, tuple[bytes, int]], uid: int = SERVICE_UID) -> bytes:
+    """A tar of ``{absolute path: (bytes, mode)}``, every file owned by ``uid``, for the
+    engine's put-archive (extracted at ``/``)."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        for path, (data, mode) in files.items():
+            info = tarfile.TarInfo(name=path.lstrip("/"))
+            info.size, info.mode, info.mtime = len(data), mode, int(time.time())
+            info.uid = info.gid = uid
+            tar.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+def files_of_archive(archive: bytes) -> dict[str, bytes]:
+    """The regular files of a tar (as the engine's get-archive returns), by base name."""
+    found: dict[str, bytes] = {}
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        for member in tar.getmembers():
+            extracted = tar.extractfile(member) if member.isfile() else None
+            if extracted is not None:
+                found[Path(member.name).name] = extracted.read()
+    return found
+
+
+@dataclass(frozen=True)
+class Certificates:
+    """Issued files by name (``ca.pem``, ``server.key``, ``client.a.pem``, ...), in memory.
+    ``ca.key`` is never among them."""
+
+    files: Mapping[str, bytes]
+
+    def __post_init__(self) -> None:
+        if "ca.key" in self.files:
+            raise ValueError("the CA's key must not leave certgen's container")
+
+    def _get(self, name: str) -> bytes:
+        try:
+            return self.files[name]
+        except KeyError:
+            raise KeyError(
+                f"no {name} among the issued certificates ({', '.join(sorted(self.files))})"
+            ) from None
+
+    def pair(self, stem: str) -> dict[str, tuple[bytes, int]]:
+        """``<stem>.pem`` (0644) and ``<stem>.key`` (0600) under /certs."""
+        return {
+            f"{CERTS_DIR}/{stem}.pem": (self._get(f"{stem}.pem"), 0o644),
+            f"{CERTS_DIR}/{stem}.key": (self._get(f"{stem}.key"), 0o600),
+        }
+
+    def ca(self) -> dict[str, tuple[bytes, int]]:
+        return {f"{CERTS_DIR}/ca.pem": (self._get("ca.pem"), 0o644)}
+
+    def for_proxy(self) -> dict[str, tuple[bytes, int]]:
+        return {**self.ca(), **self.pair("server")}
+
+    def for_client(self, stem: str | None) -> dict[str, tuple[bytes, int]]:
+        """The CA certificate, plus the pair ``stem`` unless None (no certificate)."""
+        return {**self.ca(), **(self.pair(stem) if stem is not None else {})}

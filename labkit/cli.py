@@ -2,6 +2,7 @@
 
     python lab.py list                          scenarios and topologies
     python lab.py scenario NAME|all [--keep] [--json] [--report DIR] [--rebuild]
+    python lab.py scenario isolation --compose [--project NAME]   against `make up`
     python lab.py up [--topology NAME]          start a topology and leave it running
     python lab.py down [--run ID]               remove what `up` started
     python lab.py clean                         remove everything any run labelled
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import TextIO
 
 from . import topology as topo
+from .compose_isolation import isolation_on_compose
 from .engine import Engine, EngineError, EngineUnavailable
 from .images import ImageError, ensure_images
 from .progress import Progress
@@ -58,6 +60,17 @@ def parser() -> argparse.ArgumentParser:
         "--report", type=Path, metavar="DIR", help="write a report per scenario into DIR"
     )
     sc.add_argument("--rebuild", action="store_true", help="rebuild the service images first")
+    sc.add_argument(
+        "--compose",
+        action="store_true",
+        help="isolation only: probe the running compose lab (make up) instead of a new run",
+    )
+    sc.add_argument(
+        "--project",
+        default="layer4lab",
+        metavar="NAME",
+        help="the compose project for --compose (default layer4lab)",
+    )
     up = sub.add_parser("up", help="start a topology and leave it running")
     up.add_argument(
         "--topology", default="default", help="a file in lab/topologies (default: default)"
@@ -119,6 +132,15 @@ def cmd_list() -> int:
 
 
 def cmd_scenario(args: argparse.Namespace, engine: Engine, progress: Progress) -> int:
+    if args.compose:
+        if args.name != "isolation":
+            print("lab.py: --compose runs the isolation scenario only", file=sys.stderr)
+            return EXIT_USAGE
+        result = isolation_on_compose(engine, args.project, progress)
+        render(result, sys.stderr if args.json else sys.stdout)
+        if args.json:
+            print(json.dumps(result.to_json(), indent=2))
+        return 0 if result.passed else EXIT_FAILED
     names = list(SCENARIOS) if args.name == "all" else [args.name]
     for name in names:  # fail before starting anything if a topology is broken
         topo.load_topology(SCENARIOS[name].topology)
@@ -167,8 +189,8 @@ def cmd_up(args: argparse.Namespace, engine: Engine, progress: Progress) -> int:
         run.close()
         raise
     print(
-        f"run {run.id} is up on network {run.network} "
-        f"({topo.PROXY_CONFIG_PATH} in volume {run.volume}):"
+        f"run {run.id} is up: clients on {run.front}, upstreams on {run.back}, the proxy "
+        f"on both (its config: {topo.PROXY_CONFIG_PATH} in its container):"
     )
     for member in run.members.values():
         print(

@@ -302,6 +302,18 @@ class Engine:
         text = bytes(output or b"").decode("utf-8", errors="replace")
         return (-1 if code is None else int(code)), text
 
+    def put_archive(self, container: str, data: bytes) -> None:
+        """Extract a tar at ``/`` in a container (created or running)."""
+        with _api(f"copying files into {container[:12]}"):
+            if not self._api.put_archive(container, "/", data):
+                raise EngineError(f"copying files into {container[:12]}: refused")
+
+    def get_archive(self, container: str, path: str) -> bytes:
+        """``path`` of a container (running or exited) as a tar."""
+        with _api(f"copying {path} out of {container[:12]}"):
+            stream, _ = self._api.get_archive(container, path)
+            return b"".join(stream)
+
     def remove_container(self, container: str) -> None:
         with _api(f"removing container {container[:12]}"):
             self._api.remove_container(container, force=True, v=True)
@@ -310,6 +322,13 @@ class Engine:
         with _api(f"inspecting {container[:12]}"):
             attrs = self._api.inspect_container(container)
         return dict(attrs.get("State") or {})
+
+    def addresses(self, container: str) -> dict[str, str]:
+        """The container's IPv4 address on each network it is attached to."""
+        with _api(f"inspecting {container[:12]}"):
+            attrs = self._api.inspect_container(container)
+        networks = (attrs.get("NetworkSettings") or {}).get("Networks") or {}
+        return {str(name): str(n.get("IPAddress") or "") for name, n in networks.items()}
 
     def logs(self, container: str, since: float | None) -> str:
         """stdout and stderr, each line prefixed with the engine's timestamp."""

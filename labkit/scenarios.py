@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from . import checks as ck
+from . import isolation as iso
 from . import topology as topo
 from .checks import Check, check
 from .engine import Engine, EngineError
@@ -1015,6 +1016,52 @@ def _drain_cut(run: Run, out: list[Check], late: list[str]) -> None:
     )
 
 
+def isolation(run: Run, out: list[Check]) -> None:
+    """From inside every client: no upstream name resolves, no upstream address answers
+    (so no forged PROXY header arrives), no private key is readable but its own. From
+    inside an upstream: a forged header to another upstream is refused. The proxy holds
+    its own key, never the CA's. And the same clients are still served through the proxy."""
+    names = run.topology.upstream_names()
+    if len(names) < 2:
+        raise LabError("isolation needs two upstreams (one forges a header to the other)")
+    run.start()
+    assert run.addresses is not None
+    clients = run.client_names()
+    addresses = [f"{ip}:{topo.UPSTREAM_PORT}" for ip in run.addresses.upstreams.values()]
+    probed = run.mark("phase", "probes from inside the containers")
+    holders = {c: iso.Holder(c, c, run.topology.client(c).cert_file_stem) for c in clients}
+    out.extend(iso.probe_clients(run.exec, holders, names, addresses))
+    out.append(iso.probe_proxy(run.exec, "proxy"))
+    forger, victim = names[0], names[1]
+    forged = iso.forged_identity(run.topology_client_ids(), "")
+    victim_address = f"{run.addresses.upstreams[victim]}:{topo.UPSTREAM_PORT}"
+    run.exec(forger, iso.probe_command([], [victim_address], forge=forged, keys=False))
+    forger_ip = run.addresses.upstreams[forger]
+
+    def from_forger() -> list[dict[str, Any]] | None:
+        records = [line.record for line in run.events(victim, "connection") if line.record]
+        mine = [r for r in records if str(r.get("peer", "")).startswith(f"{forger_ip}:")]
+        return records if mine else None
+
+    records = run.wait_for(
+        f"{victim} to log the connection from {forger}", from_forger, timeout=10, sources=[victim]
+    )
+    out.append(iso.judge_forgery(forger_ip, forged, victim, records))
+
+    def served() -> list[Attempt] | None:
+        after = [a for a in run.attempts(clients) if a.ok and a.start > probed]
+        return after if all(any(a.client == c for a in after) for c in clients) else None
+
+    found = run.wait_for("a reply for every client after the probes", served, timeout=20)
+    out.append(
+        check(
+            "every probing client is still served through the proxy",
+            True,
+            f"{len(found)} replies after the probes: {_names(found)}",
+        )
+    )
+
+
 SCENARIOS: dict[str, Scenario] = {
     s.name: s
     for s in (
@@ -1032,6 +1079,12 @@ SCENARIOS: dict[str, Scenario] = {
             "reload", "reload", "change authorization and reload under load; bad config", reload
         ),
         Scenario("drain", "drain", "SIGTERM under long transfers: drain, then cut-off", drain),
+        Scenario(
+            "isolation",
+            "isolation",
+            "clients cannot reach upstreams, forge headers or read others' keys",
+            isolation,
+        ),
     )
 }
 

@@ -42,8 +42,8 @@ ROOT = Path(__file__).resolve().parent.parent
 TOPOLOGY_DIR = ROOT / "lab" / "topologies"
 REFERENCE_PROXY_CONFIG = ROOT / "lab" / "proxy.yaml"
 
-CERTS_DIR = "/certs"  # where the run's volume is mounted in every container
-PROXY_CONFIG_PATH = f"{CERTS_DIR}/proxy.yaml"  # the run's proxy config, in the volume
+CERTS_DIR = "/certs"  # where each container finds its own certificate material
+PROXY_CONFIG_PATH = "/etc/l4proxy/config.yaml"  # the run's proxy config, in the proxy only
 PROXY_PORT = 8443
 UPSTREAM_PORT = 8000
 
@@ -87,15 +87,20 @@ class UpstreamSpec:
     somaxconn: int | None = None  # net.core.somaxconn in the container (caps its backlog)
     proxy_protocol: str | None = None  # none | v2; None: the proxy config's global setting
 
-    def environment(self, proxy_protocol: str = "none") -> dict[str, str]:
+    def environment(
+        self, proxy_protocol: str = "none", trusted_proxy: str | None = None
+    ) -> dict[str, str]:
         """The container's environment; ``proxy_protocol`` is what the proxy will send
-        it (see :func:`upstream_proxy_protocol`)."""
+        it (see :func:`upstream_proxy_protocol`), and with ``v2`` only ``trusted_proxy``
+        (the proxy's address or name) may send it headers."""
         env = {
             "UPSTREAM_NAME": self.name,
             "UPSTREAM_LISTEN": f"0.0.0.0:{UPSTREAM_PORT}",
             "UPSTREAM_MODE": self.mode,
             "UPSTREAM_PROXY_PROTOCOL": proxy_protocol,
         }
+        if proxy_protocol == "v2" and trusted_proxy:
+            env["UPSTREAM_TRUSTED_PROXIES"] = trusted_proxy
         if self.delay:
             env["UPSTREAM_DELAY"] = self.delay
         if self.fault:
@@ -145,6 +150,11 @@ class ClientSpec:
         elif self.cert_stem:
             args += ["--cert-stem", self.cert_stem]
         return args
+
+    @property
+    def cert_file_stem(self) -> str | None:
+        """The pair this client presents (None: no certificate at all)."""
+        return None if self.no_cert else (self.cert_stem or self.id)
 
     @property
     def finite(self) -> bool:
@@ -507,34 +517,48 @@ def rate_limit(config: Mapping[str, Any]) -> tuple[bool, float, int]:
 
 @dataclass(frozen=True, slots=True)
 class Addresses:
-    """Static addresses on the run's network: the proxy, each upstream, each client.
+    """Static addresses on a run's two networks: *front* (clients and the proxy) and
+    *back* (the proxy and the upstreams). No client shares a network with an upstream.
 
     Upstreams are addressed by IP in the proxy config so that no DNS lookup is ever
     made for them: on an internal network the engine's resolver takes ~10 s to give
     up on the name of a stopped or disconnected container, and it would try outside."""
 
-    subnet: str
-    gateway: str
-    proxy: str
+    front: str  # subnet
+    back: str  # subnet
+    proxy_front: str
+    proxy_back: str
     upstreams: dict[str, str]
     clients: dict[str, str]
 
 
-def assign_addresses(subnet: str, upstreams: Sequence[str], clients: Sequence[str]) -> Addresses:
-    """Fixed host numbers: gateway .1, proxy .10, upstreams from .20, clients from .100."""
+def _hosts(subnet: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
     net = ipaddress.ip_network(subnet, strict=False)
     if net.num_addresses < 256:
         raise ValueError(f"subnet {subnet} is too small for a lab run (need a /24 or larger)")
+    return net
+
+
+def gateway(subnet: str) -> str:
+    """Host .1 of a subnet: the network's gateway."""
+    return str(_hosts(subnet).network_address + 1)
+
+
+def assign_addresses(
+    front: str, back: str, upstreams: Sequence[str], clients: Sequence[str]
+) -> Addresses:
+    """Fixed host numbers: gateway .1 and the proxy .10 on both networks; upstreams from
+    .20 on the back one, clients from .100 on the front one."""
+    front_net, back_net = _hosts(front), _hosts(back)
     if len(upstreams) > 70 or len(clients) > 150:
         raise ValueError("at most 70 upstreams and 150 clients per run")
-
-    def host(n: int) -> str:
-        return str(net.network_address + n)
-
     return Addresses(
-        subnet=str(net),
-        gateway=host(1),
-        proxy=host(10),
-        upstreams={name: host(20 + i) for i, name in enumerate(upstreams)},
-        clients={name: host(100 + i) for i, name in enumerate(clients)},
+        front=str(front_net),
+        back=str(back_net),
+        proxy_front=str(front_net.network_address + 10),
+        proxy_back=str(back_net.network_address + 10),
+        upstreams={
+            name: str(back_net.network_address + 20 + i) for i, name in enumerate(upstreams)
+        },
+        clients={name: str(front_net.network_address + 100 + i) for i, name in enumerate(clients)},
     )

@@ -23,10 +23,10 @@ the compose lab under ``DockerCompose``.
 
 from __future__ import annotations
 
+from ..certs import Certificates
 from .compose import LabCompose, compose_lab
 from .containers import (
     CertgenContainer,
-    Certificates,
     ClientContainer,
     ImageMissing,
     LabContainer,

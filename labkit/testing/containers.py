@@ -17,14 +17,12 @@ Readiness is a wait strategy: a log line for upstreams and clients, ``adminctl r
 
 from __future__ import annotations
 
-import io
 import json
 import re
 import secrets
-import tarfile
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, ClassVar, Self, TypeVar
 
@@ -35,7 +33,16 @@ from testcontainers.core.network import Network
 from testcontainers.core.transferable import Transferable
 from testcontainers.core.wait_strategies import ExecWaitStrategy, LogMessageWaitStrategy
 
-from ..certs import ISSUE_SCRIPT, check_prepared
+from ..certs import (
+    EXPORT_DIR,
+    ISSUE_SCRIPT,
+    SERVICE_UID,
+    Certificates,
+    check_prepared,
+    files_of_archive,
+    issue_spec,
+    owned_tar,
+)
 from ..images import image
 from ..logs import (
     Access,
@@ -50,7 +57,6 @@ from ..logs import (
     take_new_lines,
 )
 from ..topology import (
-    CERTS_DIR,
     PROXY_PORT,
     UPSTREAM_PORT,
     ClientSpec,
@@ -62,7 +68,6 @@ from .session import Session, current_session
 
 T = TypeVar("T")
 
-SERVICE_UID = 10001  # every lab image runs as this uid/gid
 CONFIG_PATH = "/etc/l4proxy/config.yaml"
 POLL = 0.1
 DEFAULT_CLIENTS = ("client.a", "client.b", "client.c", "client.d", "client.e")
@@ -80,64 +85,6 @@ def require_image(client: Any, ref: str) -> None:
             f"{ref} is not on this Docker engine and the lab never pulls: build the images "
             "with scripts/setup (or labkit.ensure_images)"
         ) from None
-
-
-def owned_tar(files: Mapping[str, tuple[bytes, int]], uid: int = SERVICE_UID) -> bytes:
-    """A tar of ``{absolute path: (bytes, mode)}``, every file owned by ``uid``."""
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w") as tar:
-        for path, (data, mode) in files.items():
-            info = tarfile.TarInfo(name=path.lstrip("/"))
-            info.size, info.mode, info.mtime = len(data), mode, int(time.time())
-            info.uid = info.gid = uid
-            tar.addfile(info, io.BytesIO(data))
-    return buffer.getvalue()
-
-
-# --- certificates -------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Certificates:
-    """Issued files by name (``ca.pem``, ``server.key``, ``client.a.pem``, ...), in memory.
-    ``ca.key`` is never among them."""
-
-    files: Mapping[str, bytes]
-
-    def _get(self, name: str) -> bytes:
-        try:
-            return self.files[name]
-        except KeyError:
-            raise KeyError(
-                f"no {name} among the issued certificates ({', '.join(sorted(self.files))})"
-            ) from None
-
-    def pair(self, stem: str) -> dict[str, tuple[bytes, int]]:
-        """``<stem>.pem`` (0644) and ``<stem>.key`` (0600) under /certs."""
-        return {
-            f"{CERTS_DIR}/{stem}.pem": (self._get(f"{stem}.pem"), 0o644),
-            f"{CERTS_DIR}/{stem}.key": (self._get(f"{stem}.key"), 0o600),
-        }
-
-    def ca(self) -> dict[str, tuple[bytes, int]]:
-        return {f"{CERTS_DIR}/ca.pem": (self._get("ca.pem"), 0o644)}
-
-    def for_proxy(self) -> dict[str, tuple[bytes, int]]:
-        return {**self.ca(), **self.pair("server")}
-
-    def for_client(self, stem: str | None) -> dict[str, tuple[bytes, int]]:
-        """The CA certificate, plus the pair ``stem`` unless None (no certificate)."""
-        return {**self.ca(), **(self.pair(stem) if stem is not None else {})}
-
-
-def _members(archive: bytes) -> dict[str, bytes]:
-    found: dict[str, bytes] = {}
-    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
-        for member in tar.getmembers():
-            extracted = tar.extractfile(member) if member.isfile() else None
-            if extracted is not None:
-                found[Path(member.name).name] = extracted.read()
-    return found
 
 
 # --- the base: labels, files, logs, faults --------------------------------------------
@@ -354,12 +301,7 @@ class CertgenContainer(LabContainer):
         return self
 
     def _prepare(self) -> None:
-        spec = {
-            "dir": CERTS_DIR,
-            "clients": self._clients,
-            "expired": self._expired,
-            "other_ca": self._other_ca,
-        }
+        spec = issue_spec(self._clients, self._expired, self._other_ca)
         self.with_env("LAB_SPEC", json.dumps(spec)).with_command([])
 
     def start(self) -> Self:
@@ -373,10 +315,9 @@ class CertgenContainer(LabContainer):
             raise RuntimeError(
                 "certgen's files have the wrong modes or owner: " + "; ".join(problems)
             )
-        stream, _ = self.get_wrapped_container().get_archive(CERTS_DIR)
-        files = _members(b"".join(stream))
-        files.pop("ca.key", None)  # the CA's key stays in certgen's container
-        self._certificates = Certificates(files)
+        # Everything but the CA's key, which stays in certgen's container.
+        stream, _ = self.get_wrapped_container().get_archive(EXPORT_DIR)
+        self._certificates = Certificates(files_of_archive(b"".join(stream)))
         return self
 
     @property
@@ -420,6 +361,7 @@ class UpstreamContainer(LabContainer):
         super().__init__(name, network=network, session=session)
         self.spec = UpstreamSpec(name, mode=mode)
         self.proxy_protocol = "none"
+        self.trusted: tuple[str, ...] = ()
         self.waiting_for(_log_event("listening", 30))
 
     def with_mode(self, mode: str) -> Self:
@@ -441,6 +383,12 @@ class UpstreamContainer(LabContainer):
         self.proxy_protocol = version
         return self
 
+    def with_trusted_proxy(self, *peers: str) -> Self:
+        """Believe PROXY headers only from these peers (names, addresses, CIDRs; e.g.
+        ``proxy``); anyone else is cut off (``untrusted_proxy``). Needs v2."""
+        self.trusted = peers
+        return self
+
     def with_backlog(self, somaxconn: int) -> Self:
         """Cap the listen backlog (``net.core.somaxconn``): a paused upstream then fails
         health checks once its queue is full."""
@@ -448,7 +396,7 @@ class UpstreamContainer(LabContainer):
         return self
 
     def _prepare(self) -> None:
-        self.env.update(self.spec.environment(self.proxy_protocol))
+        self.env.update(self.spec.environment(self.proxy_protocol, ",".join(self.trusted)))
         if self.spec.somaxconn is not None:
             sysctls = {"net.core.somaxconn": str(self.spec.somaxconn)}
             self._kwargs = {**self._kwargs, "sysctls": sysctls}
@@ -493,9 +441,13 @@ def proxy_config(
 class ProxyContainer(LabContainer):
     """The proxy with a config (a mapping, or a file's path) at
     ``/etc/l4proxy/config.yaml`` and the server's certificate, key and the CA
-    certificate under /certs. Reachable on the network as ``proxy:8443``. Ready when
+    certificate under /certs. Reachable on ``network`` as ``proxy:8443``. Ready when
     ``python3 -m l4proxy.adminctl ready`` succeeds: ``/ready`` answers 200 (listening,
-    not draining, at least one upstream up)."""
+    not draining, at least one upstream up).
+
+    With ``upstream_network`` the lab is segmented as it should be: the proxy starts on
+    that (back) network, where its upstreams are, and joins ``network`` (front, its
+    clients') once ready; no client shares a network with an upstream."""
 
     service = "proxy"
     ready_event = "listening"
@@ -506,10 +458,13 @@ class ProxyContainer(LabContainer):
         config: Mapping[str, Any] | Path,
         *,
         network: Network | None = None,
+        upstream_network: Network | None = None,
         name: str = "proxy",
         session: Session | None = None,
     ) -> None:
-        super().__init__(name, network=network, session=session)
+        first = upstream_network if upstream_network is not None else network
+        super().__init__(name, network=first, session=session)
+        self.front = network if upstream_network is not None else None
         self.certificates = certificates
         self.config: Mapping[str, Any] | Path = config
         self.with_command(["--config", CONFIG_PATH])
@@ -518,6 +473,12 @@ class ProxyContainer(LabContainer):
 
     def with_config(self, config: Mapping[str, Any] | Path) -> Self:
         self.config = config
+        return self
+
+    def start(self) -> Self:
+        super().start()
+        if self.front is not None:
+            self.front.connect(self.container_id, [self.lab_name])
         return self
 
     @staticmethod
@@ -639,8 +600,7 @@ class ClientContainer(LabContainer):
         return self
 
     def _prepare(self) -> None:
-        stem = None if self.spec.no_cert else (self.spec.cert_stem or self.spec.id)
-        self.with_files(self.certificates.for_client(stem))
+        self.with_files(self.certificates.for_client(self.spec.cert_file_stem))
         self.with_command(self.spec.command(self.proxy))
 
     def attempts(self) -> list[Attempt]:

@@ -10,7 +10,9 @@ Fixtures (all session-scoped):
   of killed sessions removed (and reported), everything of this one removed at the end.
   Without a Docker engine the tests that use it are skipped, or fail when ``CI=true``;
 * ``lab_images`` -- the lab's images exist (missing ones are built, never pulled);
-* ``lab_network`` -- a :class:`~labkit.testing.containers.LabNetwork`;
+* ``lab_network`` and ``lab_upstream_network`` -- two
+  :class:`~labkit.testing.containers.LabNetwork`: the front one (clients and the
+  proxy) and the back one (the proxy and the upstreams);
 * ``lab_certificates`` -- :class:`~labkit.testing.containers.Certificates` for
   client.a..client.e.
 """
@@ -22,10 +24,11 @@ from collections.abc import Iterator
 
 import pytest
 
+from ..certs import Certificates
 from ..engine import Engine, EngineUnavailable
 from ..images import ensure_images
 from ..progress import Progress
-from .containers import Certificates, LabNetwork, issue_certificates
+from .containers import LabNetwork, issue_certificates
 from .session import Session, current_session, describe_reaped
 
 
@@ -66,7 +69,13 @@ def lab_images(lab_session: Session) -> None:
 
 @pytest.fixture(scope="session")
 def lab_network(lab_images: None, lab_session: Session) -> Iterator[LabNetwork]:
-    with LabNetwork(session=lab_session) as network:
+    with LabNetwork("front", session=lab_session) as network:
+        yield network
+
+
+@pytest.fixture(scope="session")
+def lab_upstream_network(lab_images: None, lab_session: Session) -> Iterator[LabNetwork]:
+    with LabNetwork("back", session=lab_session) as network:
         yield network
 
 

@@ -1,7 +1,9 @@
 """Admission end to end: authorization, PROXY v2 identities, rate limit and mTLS refusal,
 on one topology started through testcontainers: the reference proxy config
 (``lab/proxy.yaml``) in front of three upstreams, plus one rule denying client.x
-everywhere. Expectations are computed from that config, not written out by hand.
+everywhere. Segmented as the lab is: clients and the proxy on the front network, the
+proxy and the upstreams on the back one, and the upstreams trust only the proxy.
+Expectations are computed from that config, not written out by hand.
 """
 
 from __future__ import annotations
@@ -52,12 +54,16 @@ class Lab:
 
 
 @pytest.fixture(scope="module")
-def lab(lab_network: LabNetwork, certificates: Certificates) -> Iterator[Lab]:
+def lab(
+    lab_network: LabNetwork, lab_upstream_network: LabNetwork, certificates: Certificates
+) -> Iterator[Lab]:
     reference = topo.load_reference_config()
     rules = [*reference["authorization"]["rules"]]
     rules.append({"client": DENIED_EVERYWHERE, "action": "deny", "upstream": "*"})
     upstreams = [
-        UpstreamContainer(name, network=lab_network).with_proxy_protocol("v2")
+        UpstreamContainer(name, network=lab_upstream_network)
+        .with_proxy_protocol("v2")
+        .with_trusted_proxy("proxy")
         for name in ("u1", "u2", "u3")
     ]
     for upstream in upstreams:
@@ -67,7 +73,10 @@ def lab(lab_network: LabNetwork, certificates: Certificates) -> Iterator[Lab]:
             upstreams,
             {"authorization": {"rules": rules}, "health_check": {"interval": "1s"}},
         )
-        with ProxyContainer(certificates, config, network=lab_network) as proxy:
+        proxy = ProxyContainer(
+            certificates, config, network=lab_network, upstream_network=lab_upstream_network
+        )
+        with proxy:
             yield Lab(lab_network, certificates, upstreams, proxy, config)
     finally:
         for upstream in upstreams:

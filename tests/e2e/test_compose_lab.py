@@ -14,8 +14,10 @@ import pytest
 
 from labkit import checks as ck
 from labkit import topology as topo
+from labkit.compose_isolation import isolation_on_compose
 from labkit.engine import Engine
 from labkit.logs import Attempt
+from labkit.progress import Progress
 from labkit.testing import LabCompose, compose_lab, wait_until
 from labkit.testing.session import COMPOSE_PROJECT, Session
 
@@ -80,6 +82,17 @@ def test_the_compose_lab_routes_by_the_reference_rules(
             "/certs/server.pem": "644 10001",
             "/certs/server.key": "600 10001",
         }
+
+        # The lab cannot be walked around: clients reach no upstream, forge no header,
+        # read no key but their own; the proxy holds no CA key (lab.py's probes).
+        engine = Engine.connect()
+        try:
+            isolation = isolation_on_compose(engine, lab.project, Progress(quiet=True))
+        finally:
+            engine.close()
+        failed = [f"{c.name}: {c.detail}" for c in isolation.checks if not c.passed]
+        assert isolation.passed, failed or isolation.error
+        assert len(isolation.checks) == 5 * 3 + 3  # five clients, the proxy, forgery, served
 
         # An upstream container stops: nobody notices but the proxy. (Docker's resolver
         # hangs ~10 s on a stopped container's name; that once starved every dial.)

@@ -31,10 +31,12 @@ SLACK = 0.05  # seconds: the logs' millisecond timestamps, the engine's clock
 
 @pytest.fixture
 def steady(
-    lab_network: LabNetwork, certificates: Certificates
+    lab_network: LabNetwork, lab_upstream_network: LabNetwork, certificates: Certificates
 ) -> Iterator[tuple[list[UpstreamContainer], ProxyContainer, list[ClientContainer]]]:
     upstreams = [
-        UpstreamContainer(name, network=lab_network).with_proxy_protocol("v2")
+        UpstreamContainer(name, network=lab_upstream_network)
+        .with_proxy_protocol("v2")
+        .with_trusted_proxy("proxy")
         for name in ("u1", "u2", "u3")
     ]
     config = proxy_config(
@@ -45,7 +47,9 @@ def steady(
             "rate_limit": {"enabled": False},
         },
     )
-    proxy = ProxyContainer(certificates, config, network=lab_network)
+    proxy = ProxyContainer(
+        certificates, config, network=lab_network, upstream_network=lab_upstream_network
+    )
     clients = [
         ClientContainer(c, certificates, network=lab_network)
         .with_interval("100ms", "300ms")

@@ -28,7 +28,7 @@ from labkit.cli import render
 pytestmark = pytest.mark.lab
 
 ROOT = Path(__file__).resolve().parents[2]
-ESSENTIAL = ["failover", "authz", "ratelimit", "mtls", "reload", "drain"]
+ESSENTIAL = ["failover", "authz", "ratelimit", "mtls", "reload", "drain", "isolation"]
 
 
 def in_ci() -> bool:

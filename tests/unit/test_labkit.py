@@ -400,7 +400,10 @@ def test_check_caps_its_evidence() -> None:
 def test_every_shipped_topology_yields_a_valid_proxy_config(name: str) -> None:
     layout = topo.load_topology(name)
     addresses = topo.assign_addresses(
-        "192.168.80.0/20", layout.upstream_names(), [c.id for c in layout.clients]
+        "192.168.80.0/20",
+        "192.168.96.0/20",
+        layout.upstream_names(),
+        [c.id for c in layout.clients],
     )
     upstreams = {n: f"{ip}:{topo.UPSTREAM_PORT}" for n, ip in addresses.upstreams.items()}
     config = topo.proxy_config(topo.load_reference_config(), layout, upstreams)
@@ -519,13 +522,14 @@ def test_durations() -> None:
             topo.parse_duration(bad)
 
 
-def test_addresses_are_fixed_host_numbers_of_the_subnet() -> None:
-    got = topo.assign_addresses("172.30.0.0/16", ["u1", "u2"], ["client.a"])
-    assert (got.gateway, got.proxy) == ("172.30.0.1", "172.30.0.10")
-    assert got.upstreams == {"u1": "172.30.0.20", "u2": "172.30.0.21"}
-    assert got.clients == {"client.a": "172.30.0.100"}
+def test_addresses_are_fixed_host_numbers_on_two_networks() -> None:
+    got = topo.assign_addresses("172.30.0.0/16", "172.31.0.0/24", ["u1", "u2"], ["client.a"])
+    assert (got.proxy_front, got.proxy_back) == ("172.30.0.10", "172.31.0.10")
+    assert (topo.gateway(got.front), topo.gateway(got.back)) == ("172.30.0.1", "172.31.0.1")
+    assert got.upstreams == {"u1": "172.31.0.20", "u2": "172.31.0.21"}  # back only
+    assert got.clients == {"client.a": "172.30.0.100"}  # front only
     with pytest.raises(ValueError, match="too small"):
-        topo.assign_addresses("10.0.0.0/28", ["u1"], [])
+        topo.assign_addresses("10.0.0.0/24", "10.0.1.0/28", ["u1"], [])
 
 
 def test_prepared_volume_keys_must_be_0600_and_owned_by_the_service_user() -> None:

@@ -13,9 +13,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from labkit.certs import Certificates, owned_tar
 from labkit.engine import Labelled
 from labkit.testing.compose import json_lines
-from labkit.testing.containers import Certificates, owned_tar
 from labkit.testing.session import (
     LABEL_HOST,
     LABEL_PID,

@@ -1,0 +1,141 @@
+"""``python lab.py scenario isolation --compose``: the isolation probes against a running
+compose lab (``make up``; project ``layer4lab`` unless told otherwise).
+
+Nothing is started or removed here: the lab is the user's. Containers are found by
+compose's labels; upstreams are the hosts of the proxy's own config (read inside the
+proxy container), probed by name and by every address their containers have.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import yaml
+
+from . import isolation as iso
+from .checks import Check, check
+from .engine import Engine
+from .logs import LogLine, TailState, attempts_of, take_new_lines
+from .progress import Progress
+from .run import LabError
+from .scenarios import ScenarioResult
+from .topology import PROXY_CONFIG_PATH
+
+PROJECT_LABEL = "com.docker.compose.project"
+SERVICE_LABEL = "com.docker.compose.service"
+T = TypeVar("T")
+
+
+def _services(engine: Engine, project: str) -> dict[str, str]:
+    """Running service name -> container id."""
+    found = {
+        item.labels.get(SERVICE_LABEL, item.name): item.id
+        for item in engine.labelled(f"{PROJECT_LABEL}={project}")
+        if item.kind == "container" and item.state == "running"
+    }
+    if not found:
+        raise LabError(
+            f"no running container of compose project {project!r}: start the lab with "
+            "`make up` (or name the project with --project)"
+        )
+    return found
+
+
+def _lines(engine: Engine, container: str, source: str, since: float | None) -> list[LogLine]:
+    return take_new_lines(engine.logs(container, since), source, TailState())
+
+
+def _poll(what: str, probe: Callable[[], T | None], timeout: float) -> T:
+    deadline = time.monotonic() + timeout
+    while (value := probe()) is None:
+        if time.monotonic() > deadline:
+            raise LabError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(0.5)
+    return value
+
+
+def isolation_on_compose(engine: Engine, project: str, progress: Progress) -> ScenarioResult:
+    started = time.time()
+    clock = time.monotonic()
+    result = ScenarioResult("isolation", f"compose:{project}", project, started)
+    out: list[Check] = []
+    try:
+        _probe_everything(engine, project, progress, out)
+    except LabError as exc:
+        result.error = str(exc)
+        out.append(check("scenario ran to completion", False, str(exc), exc.evidence))
+    result.checks = out
+    result.duration = time.monotonic() - clock
+    return result
+
+
+def _probe_everything(engine: Engine, project: str, progress: Progress, out: list[Check]) -> None:
+    services = _services(engine, project)
+    if "proxy" not in services:
+        raise LabError(f"compose project {project!r} has no running proxy service")
+    code, text = engine.exec_run(services["proxy"], ["cat", PROXY_CONFIG_PATH])
+    if code != 0:
+        raise LabError(f"cannot read the proxy's config: {text.strip()}")
+    config: dict[str, Any] = yaml.safe_load(text) or {}
+    targets = [str(u["address"] if isinstance(u, dict) else u) for u in config["upstreams"]]
+    hosts = [t.rpartition(":")[0] for t in targets]
+    port = targets[0].rpartition(":")[2]
+    upstreams = {h: services[h] for h in hosts if h in services}
+    if len(upstreams) < 2:
+        raise LabError(f"isolation needs two running upstreams; found {sorted(upstreams)}")
+    ips = {h: engine.addresses(c) for h, c in upstreams.items()}
+    addresses = targets + [f"{ip}:{port}" for nets in ips.values() for ip in nets.values() if ip]
+    clients = {name: c for name, c in services.items() if name.startswith("client")}
+    holders: dict[str, iso.Holder] = {}
+    for name, container in sorted(clients.items()):
+        lines = _lines(engine, container, name, None)
+        started = [line.record for line in lines if line.event == "started" and line.record]
+        record = started[-1] if started else {}
+        stem = record.get("cert")
+        holders[name] = iso.Holder(
+            container, str(record.get("client", name)), str(stem) if stem else None
+        )
+    ids = [holder.identity for holder in holders.values()]
+    progress.say(f"probing from {', '.join(clients)} (upstream look-ups take ~10 s)")
+    probed = time.time()
+    out.extend(iso.probe_clients(engine.exec_run, holders, hosts, addresses))
+    out.append(iso.probe_proxy(engine.exec_run, services["proxy"]))
+
+    forger, victim = hosts[0], hosts[1]
+    shared = set(ips[forger]) & set(ips[victim])
+    forger_ip = next(ips[forger][n] for n in sorted(shared)) if shared else ""
+    forged = iso.forged_identity(ids, "")
+    at = time.time()
+    engine.exec_run(
+        upstreams[forger], iso.probe_command([], [targets[1]], forge=forged, keys=False)
+    )
+
+    def victim_lines() -> list[dict[str, Any]] | None:
+        lines = _lines(engine, upstreams[victim], victim, at - 1)
+        records = [ln.record for ln in lines if ln.event == "connection" and ln.record]
+        mine = [r for r in records if str(r.get("peer", "")).startswith(f"{forger_ip}:")]
+        return records if mine else None
+
+    out.append(
+        iso.judge_forgery(
+            forger_ip, forged, victim, _poll(f"{victim}'s log of the forgery", victim_lines, 10)
+        )
+    )
+
+    def served() -> list[str] | None:
+        ok = [
+            name
+            for name, container in clients.items()
+            if any(a.ok for a in attempts_of(_lines(engine, container, name, probed)))
+        ]
+        return ok if len(ok) == len(clients) else None
+
+    out.append(
+        check(
+            "every probing client is still served through the proxy",
+            True,
+            f"replies after the probes for {', '.join(_poll('replies', served, 20))}",
+        )
+    )

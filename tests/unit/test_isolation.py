@@ -1,0 +1,102 @@
+"""The isolation scenario's verdicts (pure): probe results and log records in, checks out."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from labkit.isolation import (
+    Probe,
+    forged_identity,
+    judge_client,
+    judge_forgery,
+    judge_holder,
+    probe_command,
+)
+
+UPSTREAMS = ["u1", "u2"]
+
+
+def probe(
+    resolve: dict[str, list[str] | None] | None = None,
+    connect: dict[str, dict[str, object]] | None = None,
+    keys: tuple[str, ...] = ("/certs/client.a.key",),
+) -> Probe:
+    output = json.dumps(
+        {
+            "resolve": resolve if resolve is not None else {"u1": None, "u2": None},
+            "connect": connect
+            if connect is not None
+            else {"10.0.1.20:8000": {"connected": False, "error": "TimeoutError: timed out"}},
+            "keys": {k: "(the PEM text the probe read)" for k in keys},
+            "unreadable": [],
+        }
+    )
+    return Probe.parse("client.a", "some noise\n" + output + "\n")
+
+
+def test_an_isolated_client_passes() -> None:
+    checks = judge_client(probe(), "/certs/client.a.key", UPSTREAMS)
+    assert [c.passed for c in checks] == [True, True, True]
+
+
+def test_a_resolving_name_an_answering_upstream_or_another_key_fail() -> None:
+    resolved = judge_client(probe(resolve={"u1": ["10.0.1.20"]}), "/certs/client.a.key", UPSTREAMS)
+    assert [c.passed for c in resolved] == [False, True, True]
+    assert "10.0.1.20" in resolved[0].detail
+    reached = {"10.0.1.20:8000": {"connected": True, "reply": "Reply from upstream u1"}}
+    connected = judge_client(probe(connect=reached), "/certs/client.a.key", UPSTREAMS)
+    assert [c.passed for c in connected] == [True, False, True]
+    keys = ("/certs/client.a.key", "/certs/ca.key")
+    leaked = judge_client(probe(keys=keys), "/certs/client.a.key", UPSTREAMS)
+    assert [c.passed for c in leaked] == [True, True, False]
+    assert "/certs/ca.key" in leaked[2].detail
+
+
+def test_a_client_without_a_certificate_may_read_no_key_at_all() -> None:
+    assert judge_client(probe(keys=()), None, UPSTREAMS)[2].passed
+    assert not judge_client(probe(), None, UPSTREAMS)[2].passed
+    # ... and a client whose own key is missing is wrong too.
+    assert not judge_client(probe(keys=()), "/certs/client.a.key", UPSTREAMS)[2].passed
+
+
+def test_the_proxy_may_hold_its_key_but_never_the_ca_key() -> None:
+    own = {"/certs/server.key"}
+    assert judge_holder(probe(keys=("/certs/server.key",)), own, "own key only").passed
+    assert not judge_holder(probe(keys=("/certs/server.key", "/x/ca.key")), own, "x").passed
+
+
+def test_a_probe_without_output_is_an_error_naming_the_container() -> None:
+    with pytest.raises(ValueError, match=r"the probe in client\.a printed no result"):
+        Probe.parse("client.a", "Traceback ...\n")
+
+
+def record(peer: str, outcome: str, identity: str | None = None) -> dict[str, object]:
+    return {"event": "connection", "peer": peer, "outcome": outcome, "identity": identity}
+
+
+def test_a_forged_header_must_be_refused_and_never_believed() -> None:
+    refused = [record("10.0.1.20:4000", "untrusted_proxy"), record("10.0.1.10:5", "replied", "c")]
+    assert judge_forgery("10.0.1.20", "client.b", "u2", refused).passed
+    believed = [record("10.0.1.20:4000", "replied", "client.b")]
+    assert not judge_forgery("10.0.1.20", "client.b", "u2", believed).passed
+    # Nothing arrived from the forger: the probe did not happen, which proves nothing.
+    assert not judge_forgery("10.0.1.20", "client.b", "u2", refused[1:]).passed
+
+
+def test_forged_identities_are_another_clients() -> None:
+    assert forged_identity(["client.a", "client.b"], "client.a") == "client.b"
+    assert forged_identity(["client.a"], "client.a") == "client.forged"
+
+
+def test_the_probe_command_carries_its_spec() -> None:
+    command = probe_command(["u1"], ["u1:8000"], forge="client.b", keys=False)
+    assert command[:2] == ["python3", "-c"]
+    assert json.loads(command[3]) == {
+        "names": ["u1"],
+        "addresses": ["u1:8000"],
+        "forge": "client.b",
+        "keys": False,
+        "timeout": 1.5,
+    }
