@@ -138,6 +138,20 @@ async def exchange(address: tuple[str, int], data: bytes, *, eof: bool = False) 
         await close(writer)
 
 
+async def exchange_expecting_reset(address: tuple[str, int], data: bytes) -> bytes:
+    """Send ``data`` and FIN, read to the end; the peer may answer with a reset."""
+    reader, writer = await asyncio.open_connection(*address)
+    try:
+        with contextlib.suppress(ConnectionError):
+            writer.write(data)
+            writer.write_eof()
+            await writer.drain()
+        return await read_until_closed(reader)
+    finally:
+        with contextlib.suppress(OSError):  # ENOTCONN after the reset
+            await close(writer)
+
+
 def set_linger_zero(writer: asyncio.StreamWriter) -> None:
     sock = writer.get_extra_info("socket")
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
@@ -504,16 +518,7 @@ def test_v2_local_health_checks_are_empty_and_throttled() -> None:
         logs = Capture()
         async with running(logs, proxy_protocol="v2", empty_log_interval=60.0) as server:
             for _ in range(3):
-                reader, writer = await asyncio.open_connection(*server.address)
-                try:
-                    with contextlib.suppress(ConnectionError):  # reset: what it deserves
-                        writer.write(pp2_header(None))
-                        writer.write_eof()
-                        await writer.drain()
-                    assert await read_until_closed(reader) == b""
-                finally:
-                    with contextlib.suppress(OSError):  # ENOTCONN after the reset
-                        await close(writer)
+                assert await exchange(server.address, pp2_header(None), eof=True) == b""
             assert await server.wait_no_connections(WAIT)
             (record,) = logs.events("connection")
         assert (record["outcome"], record["proxy_protocol"]) == ("empty", "v2-local")
@@ -656,16 +661,7 @@ def test_an_untrusted_peer_is_cut_before_its_bytes_are_read() -> None:
         logs = Capture()
         async with running(logs, proxy_protocol="v2", trusted_proxies=spec) as server:
             for _ in range(3):
-                reader, writer = await asyncio.open_connection(*server.address)
-                try:
-                    with contextlib.suppress(ConnectionError):  # reset: what it deserves
-                        writer.write(pp2_header(None))
-                        writer.write_eof()
-                        await writer.drain()
-                    assert await read_until_closed(reader) == b""
-                finally:
-                    with contextlib.suppress(OSError):  # ENOTCONN after the reset
-                        await close(writer)
+                assert await exchange_expecting_reset(server.address, pp2_header(None)) == b""
             records = await logs.wait_for("connection", count=3, outcome="untrusted_proxy")
             assert server.trust.resolved_at is not None
         assert all(r["header_bytes"] == 0 for r in records)
