@@ -11,8 +11,9 @@ from __future__ import annotations
 from .engine import Engine, EngineError, EngineUnavailable
 from .images import ensure_images
 from .progress import Progress
+from .result import ScenarioResult
 from .run import LABEL_RUN, LabError, Run, remove_labelled
-from .scenarios import SCENARIOS, ScenarioResult, run_scenario
+from .scenarios import SCENARIOS, run_scenario
 
 __all__ = [
     "LABEL_RUN",

@@ -26,6 +26,7 @@ from .compose_isolation import isolation_on_compose
 from .engine import Engine, EngineError, EngineUnavailable
 from .images import ImageError, ensure_images
 from .progress import Progress
+from .result import ScenarioResult
 from .run import (
     LABEL_MODE,
     LABEL_RUN,
@@ -35,7 +36,7 @@ from .run import (
     remove_labelled,
     terminate_as_interrupt,
 )
-from .scenarios import SCENARIOS, ScenarioResult, run_scenario
+from .scenarios import SCENARIOS, run_scenario
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2

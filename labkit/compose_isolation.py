@@ -19,8 +19,8 @@ from .checks import Check, check
 from .engine import Engine
 from .logs import LogLine, TailState, attempts_of, take_new_lines
 from .progress import Progress
+from .result import ScenarioResult
 from .run import LabError
-from .scenarios import ScenarioResult
 from .topology import PROXY_CONFIG_PATH
 
 PROJECT_LABEL = "com.docker.compose.project"

@@ -13,14 +13,12 @@ from __future__ import annotations
 import importlib
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import yaml
 
 from .checks import replies_per_bin
-
-if TYPE_CHECKING:
-    from .scenarios import ScenarioResult
+from .result import ScenarioResult
 
 BIN_WIDTH = 0.5  # seconds per bar of the chart
 FAULT_COLOURS = {"fault": "tab:red", "recover": "tab:green"}
@@ -91,14 +89,13 @@ def write_chart(result: ScenarioResult, path: Path, *, origin: float) -> tuple[P
                     va="bottom",
                     ha="right",
                 )
-            elif event.kind == "health" and "unknown" not in event.detail:
-                colour = "tab:red" if "-> down" in event.detail else "tab:green"
+            elif event.kind == "health" and event.state in ("up", "down"):
+                colour = "tab:red" if event.state == "down" else "tab:green"
                 ax.axvline(x, color=colour, linestyle=":", linewidth=1.0)
-                state = "down" if "-> down" in event.detail else "up"
                 ax.text(
                     x,
                     top * 1.45,
-                    f" {event.upstream} {state}",
+                    f" {event.upstream} {event.state}",
                     color=colour,
                     fontsize=7,
                     va="top",

@@ -185,6 +185,7 @@ class TimelineEvent:
     kind: str  # phase | fault | recover | health | first_reply | last_reply
     detail: str
     upstream: str | None = None
+    state: str | None = None  # health: the state entered (unknown, up, down)
 
     def to_json(self, origin: float) -> dict[str, Any]:
         return {
@@ -192,6 +193,7 @@ class TimelineEvent:
             "ts": format_ts(self.at),
             "kind": self.kind,
             "upstream": self.upstream,
+            "state": self.state,
             "detail": self.detail,
         }
 

@@ -13,7 +13,7 @@ import json
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +22,10 @@ from . import isolation as iso
 from . import topology as topo
 from .checks import Check, check
 from .engine import Engine, EngineError
-from .logs import Access, Attempt, HealthEvent, LogLine, ReloadEvent, format_ts, reloads_of
+from .logs import Access, Attempt, HealthEvent, LogLine, ReloadEvent, reloads_of
 from .progress import Progress
 from .report import write_report
+from .result import ScenarioResult
 from .run import LabError, Run, TimelineEvent
 
 MARGIN = 1.0  # seconds added to interval + timeout for "the health-check window"
@@ -34,47 +35,6 @@ SLACK = 0.05  # seconds of timestamp slack (milliseconds in logs, clocks of one 
 RULE_MARGIN = 0.5  # seconds around a reload in which a client attempt may follow either rules
 ACCESS_SLACK = 0.1  # the same for the proxy's own decisions (one clock, milliseconds)
 INVALID_KEY = "labkit_not_a_config_key"  # what makes the reload scenario's bad config bad
-
-
-@dataclass(slots=True)
-class ScenarioResult:
-    scenario: str
-    topology: str
-    run_id: str
-    started: float
-    duration: float = 0.0
-    checks: list[Check] = field(default_factory=list)
-    error: str | None = None
-    interrupted: bool = False
-    timeline: list[TimelineEvent] = field(default_factory=list)
-    logs: dict[str, list[str]] = field(default_factory=dict)
-    proxy_config: dict[str, Any] = field(default_factory=dict)
-    attempts: list[Attempt] = field(default_factory=list)
-    report_dir: Path | None = None
-    removed: int = 0
-
-    @property
-    def passed(self) -> bool:
-        return (
-            self.error is None
-            and not self.interrupted
-            and bool(self.checks)
-            and all(c.passed for c in self.checks)
-        )
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "scenario": self.scenario,
-            "topology": self.topology,
-            "run": self.run_id,
-            "passed": self.passed,
-            "started": format_ts(self.started),
-            "duration_s": round(self.duration, 2),
-            "error": self.error,
-            "interrupted": self.interrupted,
-            "checks": [c.to_json() for c in self.checks],
-            "removed_objects": self.removed,
-        }
 
 
 ScenarioFn = Callable[[Run, list[Check]], None]
@@ -1103,6 +1063,7 @@ def _add_log_timeline(run: Run, result: ScenarioResult) -> None:
                 f"{event.upstream_name} {event.old} -> {event.new} "
                 f"({event.source}: {event.reason})",
                 event.upstream_name,
+                state=event.new,
             )
         )
     attempts = run.attempts()

@@ -34,8 +34,9 @@ from labkit.logs import (
     take_new_lines,
 )
 from labkit.progress import Progress
+from labkit.result import ScenarioResult
 from labkit.run import config_text
-from labkit.scenarios import SCENARIOS, ScenarioResult, allowed_under
+from labkit.scenarios import SCENARIOS, allowed_under
 
 T0 = 1_800_000_000.0  # an epoch second; every synthetic line is relative to it
 
