@@ -37,8 +37,15 @@ def in_ci() -> bool:
 
 
 def _report(config: pytest.Config, text: str) -> None:
+    """One line on the terminal, past pytest's output capture (as ``-s`` would show it)."""
     reporter = config.pluginmanager.get_plugin("terminalreporter")
-    if reporter is not None:
+    capture = config.pluginmanager.get_plugin("capturemanager")
+    if reporter is None:
+        return
+    if capture is None:
+        reporter.write_line(f"labkit.testing: {text}")
+        return
+    with capture.global_and_fixture_disabled():
         reporter.write_line(f"labkit.testing: {text}")
 
 

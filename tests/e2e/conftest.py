@@ -41,5 +41,5 @@ def certificates(lab_images: None, lab_session: Session) -> Certificates:
 
 @pytest.fixture(scope="session")
 def compose_plugin(lab_images: None) -> None:
-    """``docker compose`` is there (testcontainers' DockerCompose drives it)."""
+    """The Compose v2 plugin is there (testcontainers' DockerCompose drives it)."""
     ensure_compose(Progress(quiet=True))
