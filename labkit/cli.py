@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TextIO
 
+from . import needs
 from . import topology as topo
 from .compose_isolation import isolation_on_compose
 from .engine import Engine, EngineError, EngineUnavailable
@@ -36,7 +37,7 @@ from .run import (
     remove_labelled,
     terminate_as_interrupt,
 )
-from .scenarios import SCENARIOS, run_scenario
+from .scenarios import SCENARIOS, ScenarioUnfit, run_scenario
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -61,6 +62,12 @@ def parser() -> argparse.ArgumentParser:
         "--report", type=Path, metavar="DIR", help="write a report per scenario into DIR"
     )
     sc.add_argument("--rebuild", action="store_true", help="rebuild the service images first")
+    sc.add_argument(
+        "--topology",
+        metavar="NAME|FILE",
+        help="run on this topology (a name in lab/topologies or a YAML file) instead of the "
+        "scenario's own; exit 2, naming what is missing, if it lacks what the scenario needs",
+    )
     sc.add_argument(
         "--compose",
         action="store_true",
@@ -143,15 +150,25 @@ def cmd_scenario(args: argparse.Namespace, engine: Engine, progress: Progress) -
             print(json.dumps(result.to_json(), indent=2))
         return 0 if result.passed else EXIT_FAILED
     names = list(SCENARIOS) if args.name == "all" else [args.name]
-    for name in names:  # fail before starting anything if a topology is broken
-        topo.load_topology(SCENARIOS[name].topology)
+    reference = topo.load_reference_config()
+    for name in names:  # fail before starting anything if a topology is broken or unfit
+        layout = topo.load_topology(args.topology or SCENARIOS[name].topology)
+        lacking = needs.missing(name, topo.nominal_config(reference, layout), layout)
+        if lacking:
+            print(str(ScenarioUnfit(name, layout.name, lacking)), file=sys.stderr)
+            return EXIT_USAGE
     ensure_images(engine, progress, rebuild=args.rebuild)
     table = sys.stderr if args.json else sys.stdout
     results: list[ScenarioResult] = []
     began = time.monotonic()
     for name in names:
         result = run_scenario(
-            name, engine=engine, progress=progress, keep=args.keep, report_dir=args.report
+            name,
+            engine=engine,
+            progress=progress,
+            keep=args.keep,
+            report_dir=args.report,
+            topology=args.topology,
         )
         results.append(result)
         render(result, table)
@@ -232,7 +249,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except KeyboardInterrupt as exc:
             why = str(exc) or "SIGINT"
             print(
-                f"lab: interrupted ({why}); the run's containers, network and volume were removed",
+                f"lab: interrupted ({why}); the run's containers and networks were removed",
                 file=sys.stderr,
             )
             return EXIT_INTERRUPTED

@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 import yaml
 
 from . import isolation as iso
-from .checks import Check, check
+from .checks import Check, allowed_upstreams, check
 from .engine import Engine
 from .logs import LogLine, TailState, attempts_of, take_new_lines
 from .progress import Progress
@@ -124,18 +124,23 @@ def _probe_everything(engine: Engine, project: str, progress: Progress, out: lis
         )
     )
 
+    rules = {
+        holder.identity: allowed_upstreams(
+            holder.identity, config["upstreams"], config.get("authorization") or {}
+        )
+        for holder in holders.values()
+    }
+
     def served() -> list[str] | None:
-        ok = [
-            name
-            for name, container in clients.items()
-            if any(a.ok for a in attempts_of(_lines(engine, container, name, probed)))
+        after = [
+            a for name, c in clients.items() for a in attempts_of(_lines(engine, c, name, probed))
         ]
-        return ok if len(ok) == len(clients) else None
+        return iso.served_as_ruled([a for a in after if a.start > probed], rules)
 
     out.append(
         check(
-            "every probing client is still served through the proxy",
+            "every client is still treated as its rules say",
             True,
-            f"replies after the probes for {', '.join(_poll('replies', served, 20))}",
+            "; ".join(_poll("every client treated as its rules say", served, 20)),
         )
     )

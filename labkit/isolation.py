@@ -24,6 +24,7 @@ from typing import Any
 
 from .certs import CERTS_DIR
 from .checks import Check, check
+from .logs import Attempt
 
 PROBE_SCRIPT = r"""
 import json, os, socket, struct, sys
@@ -267,3 +268,24 @@ def probe_proxy(exec_in: Exec, container: str) -> Check:
         {f"{CERTS_DIR}/server.key"},
         "the only private key it holds is its own (no CA key)",
     )
+
+
+def served_as_ruled(
+    attempts: Iterable[Attempt], allowed: Mapping[str, set[str]]
+) -> list[str] | None:
+    """After the probes, every client is still treated as its rules say: one allowed
+    somewhere got a reply from an allowed upstream, one allowed nowhere was refused.
+    A line per client once each has shown it (None until then)."""
+    seen: list[str] = []
+    for client, upstreams in sorted(allowed.items()):
+        mine = [a for a in attempts if a.client == client]
+        if upstreams:
+            replies = [a for a in mine if a.ok and a.upstream in upstreams]
+            if not replies:
+                return None
+            seen.append(f"{client}: reply from {replies[-1].upstream}")
+        else:
+            if not mine or any(a.ok for a in mine):
+                return None
+            seen.append(f"{client}: refused ({mine[-1].outcome}), as its rules say")
+    return seen

@@ -19,6 +19,7 @@ from typing import Any
 
 from . import checks as ck
 from . import isolation as iso
+from . import needs
 from . import topology as topo
 from .checks import Check, check
 from .engine import Engine, EngineError
@@ -35,6 +36,16 @@ SLACK = 0.05  # seconds of timestamp slack (milliseconds in logs, clocks of one 
 RULE_MARGIN = 0.5  # seconds around a reload in which a client attempt may follow either rules
 ACCESS_SLACK = 0.1  # the same for the proxy's own decisions (one clock, milliseconds)
 INVALID_KEY = "labkit_not_a_config_key"  # what makes the reload scenario's bad config bad
+
+
+class ScenarioUnfit(ValueError):
+    """The topology lacks what the scenario needs (nothing was started)."""
+
+    def __init__(self, scenario: str, topology: str, lacking: list[str]) -> None:
+        super().__init__(
+            f"scenario {scenario} cannot run on topology {topology}: it needs " + "; ".join(lacking)
+        )
+        self.lacking = lacking
 
 
 ScenarioFn = Callable[[Run, list[Check]], None]
@@ -131,11 +142,15 @@ def fault_cycle(run: Run, out: list[Check], fault: Fault) -> None:
     down within the health-check window, after which no reply names it and clients
     allowed elsewhere see no failure beyond the connections in flight on it; recover;
     the proxy must mark it up and send it traffic again."""
-    names = run.topology.upstream_names()
-    target = run.topology.fault_target or names[len(names) // 2]
     run.start()
-    clients = run.client_names()
+    target = needs.fault_target(run.config, run.topology)
+    if target is None:  # run_scenario checks this before starting anything
+        raise LabError("no upstream whose clients may all reach another: nothing to fault")
+    run.mark("phase", f"fault target {target}: its clients may all reach another upstream")
     allowed = allowed_map(run)
+    # Watched: the steady clients allowed somewhere (one allowed nowhere never succeeds).
+    steady = needs.steady_clients(run.topology)
+    clients = [c for c in run.client_names() if c in steady and allowed[c]]
     elsewhere = [c for c in clients if allowed[c] - {target}]
     timing = topo.timing(run.config)
     extra, why = fault.allowance(run, target, timing)
@@ -570,15 +585,16 @@ def reload(run: Run, out: list[Check]) -> None:
     /reload through adminctl) while clients run -- some streaming long transfers to an
     echo upstream. Open connections survive byte-exact; new ones follow the new rules.
     Then an invalid config (SIGHUP) is refused and the rules in force stay."""
-    if not run.topology.proxy_reload:
-        raise LabError("the reload scenario needs a topology with proxy_reload")
     run.start()
     transfers = _transfer_ids(run)
     replies = [c for c in run.client_names() if c not in transfers]
     if not transfers or not replies:
         raise LabError("the reload scenario needs transfer clients and request/reply clients")
     old_config = run.config
-    new_config = topo.deep_merge(old_config, run.topology.proxy_reload)
+    new_config = {
+        **old_config,
+        "authorization": needs.reload_authorization(old_config, run.topology),
+    }
     old = allowed_under(old_config, run.topology)
     new = allowed_under(new_config, run.topology)
     # The file may change now: the proxy reads it only when told to.
@@ -980,7 +996,7 @@ def isolation(run: Run, out: list[Check]) -> None:
     """From inside every client: no upstream name resolves, no upstream address answers
     (so no forged PROXY header arrives), no private key is readable but its own. From
     inside an upstream: a forged header to another upstream is refused. The proxy holds
-    its own key, never the CA's. And the same clients are still served through the proxy."""
+    its own key, never the CA's. And every client is still served (or refused) as its rules say."""
     names = run.topology.upstream_names()
     if len(names) < 2:
         raise LabError("isolation needs two upstreams (one forges a header to the other)")
@@ -1008,18 +1024,13 @@ def isolation(run: Run, out: list[Check]) -> None:
     )
     out.append(iso.judge_forgery(forger_ip, forged, victim, records))
 
-    def served() -> list[Attempt] | None:
-        after = [a for a in run.attempts(clients) if a.ok and a.start > probed]
-        return after if all(any(a.client == c for a in after) for c in clients) else None
-
-    found = run.wait_for("a reply for every client after the probes", served, timeout=20)
-    out.append(
-        check(
-            "every probing client is still served through the proxy",
-            True,
-            f"{len(found)} replies after the probes: {_names(found)}",
-        )
+    rules = {c: allowed for c, allowed in allowed_map(run).items() if c in clients}
+    found = run.wait_for(
+        "every client treated as its rules say after the probes",
+        lambda: iso.served_as_ruled([a for a in run.attempts(clients) if a.start > probed], rules),
+        timeout=20,
     )
+    out.append(check("every client is still treated as its rules say", True, "; ".join(found)))
 
 
 SCENARIOS: dict[str, Scenario] = {
@@ -1092,6 +1103,7 @@ def run_scenario(
     keep: bool = False,
     report_dir: Path | None = None,
     topology_dir: Path = topo.TOPOLOGY_DIR,
+    topology: str | None = None,
 ) -> ScenarioResult:
     """Run one scenario end to end (images must exist: see :func:`labkit.images.ensure_images`).
 
@@ -1100,7 +1112,10 @@ def run_scenario(
     the interrupt propagates."""
     scenario = SCENARIOS[name]
     progress = progress or Progress()
-    layout = topo.load_topology(scenario.topology, topology_dir)
+    layout = topo.load_topology(topology or scenario.topology, topology_dir)
+    lacking = needs.missing(name, topo.nominal_config(topo.load_reference_config(), layout), layout)
+    if lacking:
+        raise ScenarioUnfit(name, layout.name, lacking)
     started = time.time()
     clock = time.monotonic()
     out: list[Check] = []

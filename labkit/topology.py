@@ -14,11 +14,12 @@ and which extra (bad) certificates the run needs. Example::
       - {id: client.t1, transfer_bytes: 4MiB, transfer_time: 4s, timeout: 10s}  # to an echo
       - {id: client.late, autostart: false}   # started by the scenario, not by Run.start
     certs: {expired: [client.expired], other_ca: [client.otherca]}
-    fault_target: u2
     proxy:                             # merged over lab/proxy.yaml (mappings deep, lists replaced)
       health_check: {interval: 500ms, timeout: 300ms}
-    proxy_reload:                      # the reload scenario: merged over the run's config
-      authorization: {default: deny}
+
+A topology is structure only: what a scenario does to it (which upstream a fault hits,
+what a reload changes) is the scenario's, derived from the run's config
+(:mod:`labkit.needs`).
 
 The proxy's ``upstreams`` list is always generated from the run (one entry per upstream,
 by address, name and, if the upstream says, ``proxy_protocol``); every other key comes
@@ -175,8 +176,6 @@ class Topology:
     proxy: Mapping[str, Any] = field(default_factory=dict)
     expired: tuple[str, ...] = ()  # client certs to issue already expired
     other_ca: tuple[str, ...] = ()  # client certs to issue from a second, unknown CA
-    fault_target: str | None = None
-    proxy_reload: Mapping[str, Any] = field(default_factory=dict)  # merged at the reload step
 
     def upstream_names(self) -> list[str]:
         return [u.name for u in self.upstreams]
@@ -223,8 +222,6 @@ _TOP_KEYS = {
     "client_defaults",
     "proxy",
     "certs",
-    "fault_target",
-    "proxy_reload",
 }
 
 
@@ -376,9 +373,6 @@ def parse_topology(raw: object, name: str) -> Topology:
             raise TopologyError(f"{where}: {label} names used twice: {', '.join(duplicates)}")
     certs = _mapping(doc.get("certs"), f"{where}: certs")
     _check_keys(certs, {"expired", "other_ca"}, f"{where}: certs")
-    target = doc.get("fault_target")
-    if target is not None and target not in {u.name for u in upstreams}:
-        raise TopologyError(f"{where}: fault_target {target!r} is not one of the upstreams")
     return Topology(
         name=name,
         description=str(doc.get("description", "")),
@@ -387,8 +381,6 @@ def parse_topology(raw: object, name: str) -> Topology:
         proxy=_mapping(doc.get("proxy"), f"{where}: proxy"),
         expired=_names(certs.get("expired"), f"{where}: certs.expired"),
         other_ca=_names(certs.get("other_ca"), f"{where}: certs.other_ca"),
-        fault_target=None if target is None else str(target),
-        proxy_reload=_mapping(doc.get("proxy_reload"), f"{where}: proxy_reload"),
     )
 
 
@@ -401,7 +393,13 @@ def list_topologies(directory: Path = TOPOLOGY_DIR) -> list[str]:
 
 
 def load_topology(name: str, directory: Path = TOPOLOGY_DIR) -> Topology:
-    path = topology_path(name, directory)
+    """A topology by name (``lab/topologies/NAME.yaml``) or by a file's path."""
+    given = Path(name)
+    if given.suffix in (".yaml", ".yml") or given.parent != Path("."):
+        directory, name = given.parent, given.stem
+        path = given
+    else:
+        path = topology_path(name, directory)
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except OSError as exc:
@@ -456,6 +454,13 @@ def proxy_config(
     tls.setdefault("key", f"{CERTS_DIR}/server.key")
     config["tls"] = tls
     return config
+
+
+def nominal_config(reference: Mapping[str, Any], topology: Topology) -> dict[str, Any]:
+    """The run's proxy config before a run exists: upstreams at ``name:8000`` (rules
+    name upstreams, so what they allow does not depend on the addresses)."""
+    names = {u.name: f"{u.name}:{UPSTREAM_PORT}" for u in topology.upstreams}
+    return proxy_config(reference, topology, names)
 
 
 def upstream_proxy_protocol(config: Mapping[str, Any], name: str) -> str:

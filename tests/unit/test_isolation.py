@@ -13,7 +13,9 @@ from labkit.isolation import (
     judge_forgery,
     judge_holder,
     probe_command,
+    served_as_ruled,
 )
+from labkit.logs import Attempt, LogLine
 
 UPSTREAMS = ["u1", "u2"]
 
@@ -100,3 +102,20 @@ def test_the_probe_command_carries_its_spec() -> None:
         "keys": False,
         "timeout": 1.5,
     }
+
+
+def attempt(client: str, outcome: str, upstream: str | None) -> Attempt:
+    line = LogLine(client, 0, "{}", {})
+    return Attempt(client, 1, outcome, upstream, 0.0, 0.0, None, line)
+
+
+def test_clients_are_judged_by_their_rules_after_the_probes() -> None:
+    rules = {"svc-1": {"alpha"}, "svc-x": set()}
+    assert served_as_ruled([attempt("svc-1", "ok", "alpha")], rules) is None  # svc-x unseen
+    both = [attempt("svc-1", "ok", "alpha"), attempt("svc-x", "rejected", None)]
+    assert served_as_ruled(both, rules) == [
+        "svc-1: reply from alpha",
+        "svc-x: refused (rejected), as its rules say",
+    ]
+    wrong = [attempt("svc-1", "ok", "beta"), attempt("svc-x", "rejected", None)]
+    assert served_as_ruled(wrong, rules) is None  # a reply from a denied upstream is none

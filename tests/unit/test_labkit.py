@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from hypothesis import given
@@ -14,10 +14,12 @@ from hypothesis import strategies as st
 from l4proxy.config import parse_config
 from l4proxy.ratelimit import TokenBucket
 from labkit import checks as ck
+from labkit import needs
 from labkit import topology as topo
 from labkit.certs import check_prepared
 from labkit.checks import Check
-from labkit.cli import parser, render
+from labkit.cli import EXIT_USAGE, cmd_scenario, parser, render
+from labkit.engine import Engine
 from labkit.logs import (
     LogLine,
     TailState,
@@ -426,7 +428,7 @@ def test_fault_topologies_have_short_health_windows(scenario: str, window: float
     timing = topo.timing(config)
     assert 0.5 <= timing.interval <= 1.0
     assert timing.window(1.0) == pytest.approx(window)
-    assert layout.fault_target == "u2"
+    assert needs.fault_target(config | {"upstreams": _named(layout)}, layout) == "u2"
     assert all(0.1 <= topo.parse_duration(c.interval_min) <= 0.3 for c in layout.clients)
 
 
@@ -495,7 +497,7 @@ def test_topology_parsing_defaults_and_counts() -> None:
         ({"upstreams": ["u1"], "clients": [{"id": "c", "timeout": "soon"}]}, "duration"),
         ({"upstreams": ["u1"], "clients": [{"id": "c", "interval": ["2s", "1s"]}]}, "greater"),
         ({"upstreams": ["u1"], "clients": [{"id": "bad name"}]}, "name"),
-        ({"upstreams": ["u1"], "fault_target": "u9"}, "fault_target"),
+        ({"upstreams": ["u1"], "fault_target": "u1"}, "unknown key"),  # scenarios choose
         ({"upstreams": ["u1"], "certs": {"revoked": []}}, "unknown key"),
         ({"upstreams": [{"name": "u1", "somaxconn": -1}]}, "somaxconn"),
         ("just text", "mapping"),
@@ -608,7 +610,6 @@ def test_transfer_clients_and_autostart() -> None:
                 {"id": "client.t", "transfer_bytes": "4MiB", "transfer_time": "4s", "timeout": 9},
                 {"id": "client.n", "transfer_bytes": 65536, "autostart": False},
             ],
-            "proxy_reload": {"authorization": {"default": "deny"}},
         },
         "t",
     )
@@ -620,7 +621,6 @@ def test_transfer_clients_and_autostart() -> None:
     assert (paced.transfer, paced.autostart, plain.autostart) == (True, True, False)
     assert "--transfer-time" not in plain.command("p:1")
     assert plain.command("p:1")[-2:] == ["--transfer-bytes", "65536"]
-    assert layout.proxy_reload == {"authorization": {"default": "deny"}}
 
 
 @pytest.mark.parametrize(
@@ -648,12 +648,12 @@ def test_reload_topology_changes_rules_and_stays_valid() -> None:
     names = layout.upstream_names()
     upstreams = {n: f"10.0.0.{20 + i}:8000" for i, n in enumerate(names)}
     old = topo.proxy_config(topo.load_reference_config(), layout, upstreams)
-    new = topo.deep_merge(old, layout.proxy_reload)
+    new = {**old, "authorization": needs.reload_authorization(old, layout)}
     parse_config(new, Path("/certs"))  # the new config is one the proxy accepts
     before, after = allowed_under(old, layout), allowed_under(new, layout)
-    assert (before["client.a"], after["client.a"]) == ({"u1"}, {"u3"})
-    assert (before["client.b"], after["client.b"]) == ({"u1", "u2"}, set())
-    assert (before["client.c"], after["client.c"]) == (set(), {"u2"})
+    assert (before["client.a"], after["client.a"]) == ({"u1"}, {"u2"})  # moved
+    assert (before["client.b"], after["client.b"]) == ({"u1", "u2"}, set())  # denied
+    assert (before["client.c"], after["client.c"]) == (set(), {"u1"})  # newly allowed
     transfers = [c for c in layout.clients if c.transfer]
     assert transfers
     assert all(before[c.id] == after[c.id] == {"e1"} for c in transfers)
@@ -879,3 +879,80 @@ def test_progress_survives_a_reader_that_went_away() -> None:
         progress.say("still going")
     assert gone.attempts == 1  # it stopped writing after the first failure
     assert progress.quiet
+
+
+def _named(layout: topo.Topology) -> list[dict[str, str]]:
+    return [{"address": f"{u.name}:8000", "name": u.name} for u in layout.upstreams]
+
+
+@pytest.mark.parametrize("name", sorted(SCENARIOS))
+def test_every_scenario_can_run_on_its_own_topology(name: str) -> None:
+    layout = topo.load_topology(SCENARIOS[name].topology)
+    config = topo.nominal_config(topo.load_reference_config(), layout)
+    assert needs.missing(name, config, layout) == []
+
+
+def test_a_scenario_says_what_a_topology_lacks() -> None:
+    reference = topo.load_reference_config()
+    single = topo.parse_topology({"upstreams": ["u1"], "clients": [{"id": "client.a"}]}, "one")
+    config = topo.nominal_config(reference, single)
+    assert needs.missing("failover", config, single) == ["two upstreams"]
+    assert needs.missing("isolation", config, single) == ["two upstreams"]
+    lacking = needs.missing("ratelimit", config, single)
+    assert any("--burst client" in item for item in lacking)
+    assert any("polite client" in item for item in lacking)
+    assert needs.missing("mtls", config, single)[0].startswith("a client with bad credentials")
+    assert needs.missing("drain", config, single) == [
+        "a transfer client that stops by itself",
+        "a transfer client the scenario starts itself (autostart: false)",
+    ]
+
+
+def test_the_fault_target_is_one_whose_clients_can_go_elsewhere() -> None:
+    layout = topo.parse_topology(
+        {
+            "upstreams": ["alpha", "beta", "gamma"],
+            "clients": [{"id": "svc-1"}, {"id": "svc-2"}],
+            "proxy": {
+                "authorization": {
+                    "default": "deny",
+                    "rules": [
+                        {"client": "svc-1", "action": "allow", "upstream": ["alpha", "beta"]},
+                        {"client": "svc-2", "action": "allow", "upstream": "gamma"},
+                    ],
+                }
+            },
+        },
+        "t",
+    )
+    config = topo.nominal_config(topo.load_reference_config(), layout)
+    # gamma is svc-2's only upstream: faulting it would leave svc-2 nowhere to go.
+    assert needs.fault_target(config, layout) == "beta"
+    config["authorization"]["rules"][0]["upstream"] = "alpha"
+    assert needs.fault_target(config, layout) is None
+    assert "whose clients may all reach" in needs.missing("failover", config, layout)[0]
+
+
+def test_hang_needs_a_capped_backlog_on_its_target() -> None:
+    layout = topo.parse_topology({"upstreams": ["u1", "u2"], "clients": [{"id": "c"}]}, "t")
+    config = topo.nominal_config(topo.load_reference_config(), layout)
+    assert "somaxconn" in needs.missing("hang", config, layout)[0]
+
+
+def test_a_topology_may_be_named_by_its_file(tmp_path: Path) -> None:
+    path = tmp_path / "mine.yaml"
+    path.write_text("upstreams: [a, b]\nclients: [{id: svc-1}]\n", encoding="utf-8")
+    layout = topo.load_topology(str(path))
+    assert (layout.name, layout.upstream_names()) == ("mine", ["a", "b"])
+
+
+def test_a_scenario_on_an_unfit_topology_exits_2_before_touching_the_engine(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "mine.yaml"
+    path.write_text("upstreams: [u1, u2]\nclients: [{id: svc-1}]\n", encoding="utf-8")
+    args = parser().parse_args(["scenario", "hang", "--topology", str(path)])
+    untouched = cast(Engine, object())  # any call on it would raise AttributeError
+    assert cmd_scenario(args, untouched, Progress(quiet=True)) == EXIT_USAGE
+    said = capsys.readouterr().err
+    assert said.startswith("scenario hang cannot run on topology mine: it needs a capped")
