@@ -91,6 +91,19 @@ def missing(scenario: str, config: Mapping[str, Any], topology: topo.Topology) -
     clients = topology.clients
     steady = steady_clients(topology)
     needs: list[str] = []
+    known = {*upstreams, *(str(u["address"]) for u in config["upstreams"]), "*"}
+    rules = (config.get("authorization") or {}).get("rules") or []
+    named = {
+        str(t)
+        for rule in rules
+        for t in (rule["upstream"] if isinstance(rule["upstream"], list) else [rule["upstream"]])
+    }
+    if named - known:
+        strangers = ", ".join(sorted(named - known))
+        needs.append(
+            f"authorization rules that name its own upstreams (they name {strangers}; "
+            "set proxy.authorization in the topology)"
+        )
     if scenario in {"failover", "hang", "partition"}:
         if len(upstreams) < 2:
             needs.append("two upstreams")

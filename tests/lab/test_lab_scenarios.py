@@ -74,6 +74,29 @@ def test_scenario_passes_and_leaves_nothing_labelled(
     assert not left, f"labelled objects left behind: {left}"
 
 
+# Scenarios on topologies that are not their own (other names, counts and rules).
+ELSEWHERE = [
+    ("failover", "alt-mesh"),
+    ("ratelimit", "alt-bucket"),
+    ("mtls", "alt-certs"),
+    ("reload", "alt-rules"),
+    ("drain", "alt-drain"),
+]
+
+
+@pytest.mark.parametrize(("name", "topology"), ELSEWHERE)
+def test_scenario_passes_on_another_topology(
+    engine: Engine, labelled_before: set[str], name: str, topology: str
+) -> None:
+    result = run_scenario(name, engine=engine, progress=Progress(), topology=topology)
+    table = io.StringIO()
+    render(result, table)
+    assert result.passed, table.getvalue()
+    assert result.topology == topology
+    left = {item.id for item in engine.labelled(LABEL_RUN)} - labelled_before
+    assert not left, f"labelled objects left behind: {left}"
+
+
 def test_sigint_mid_scenario_removes_everything(engine: Engine, labelled_before: set[str]) -> None:
     """Ctrl-C while the fault is in place: exit 130, nothing of the run left."""
     proc = subprocess.Popen(

@@ -894,7 +894,14 @@ def test_every_scenario_can_run_on_its_own_topology(name: str) -> None:
 
 def test_a_scenario_says_what_a_topology_lacks() -> None:
     reference = topo.load_reference_config()
-    single = topo.parse_topology({"upstreams": ["u1"], "clients": [{"id": "client.a"}]}, "one")
+    single = topo.parse_topology(
+        {
+            "upstreams": ["u1"],
+            "clients": [{"id": "client.a"}],
+            "proxy": {"authorization": {"default": "allow", "rules": []}},
+        },
+        "one",
+    )
     config = topo.nominal_config(reference, single)
     assert needs.missing("failover", config, single) == ["two upstreams"]
     assert needs.missing("isolation", config, single) == ["two upstreams"]
@@ -956,3 +963,33 @@ def test_a_scenario_on_an_unfit_topology_exits_2_before_touching_the_engine(
     assert cmd_scenario(args, untouched, Progress(quiet=True)) == EXIT_USAGE
     said = capsys.readouterr().err
     assert said.startswith("scenario hang cannot run on topology mine: it needs a capped")
+
+
+def test_rules_naming_upstreams_the_topology_lacks_are_named() -> None:
+    layout = topo.parse_topology({"upstreams": ["north", "south"], "clients": [{"id": "c"}]}, "t")
+    config = topo.nominal_config(topo.load_reference_config(), layout)  # the reference rules
+    lacking = needs.missing("isolation", config, layout)
+    assert lacking == [
+        "authorization rules that name its own upstreams (they name u1, u2; set "
+        "proxy.authorization in the topology)"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("scenarios", "topology"),
+    [
+        (["failover", "hang", "partition", "authz", "isolation"], "alt-mesh"),
+        (["ratelimit"], "alt-bucket"),
+        (["mtls"], "alt-certs"),
+        (["reload"], "alt-rules"),
+        (["drain"], "alt-drain"),
+    ],
+)
+def test_the_alternate_topologies_fit_their_scenarios(scenarios: list[str], topology: str) -> None:
+    layout = topo.load_topology(topology)
+    config = topo.nominal_config(topo.load_reference_config(), layout)
+    for name in scenarios:
+        assert needs.missing(name, config, layout) == [], name
+        assert set(layout.upstream_names()).isdisjoint(
+            topo.load_topology(SCENARIOS[name].topology).upstream_names()
+        )  # other names than the scenario's own topology
