@@ -9,8 +9,7 @@ proxy container), probed by name and by every address their containers have.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
 import yaml
 
@@ -22,10 +21,10 @@ from .progress import Progress
 from .result import ScenarioResult
 from .run import LabError
 from .topology import PROXY_CONFIG_PATH
+from .waiting import wait_until
 
 PROJECT_LABEL = "com.docker.compose.project"
 SERVICE_LABEL = "com.docker.compose.service"
-T = TypeVar("T")
 
 
 def _services(engine: Engine, project: str) -> dict[str, str]:
@@ -47,15 +46,6 @@ def _lines(engine: Engine, container: str, source: str, since: float | None) -> 
     return take_new_lines(engine.logs(container, since), source, TailState())
 
 
-def _poll(what: str, probe: Callable[[], T | None], timeout: float) -> T:
-    deadline = time.monotonic() + timeout
-    while (value := probe()) is None:
-        if time.monotonic() > deadline:
-            raise LabError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(0.5)
-    return value
-
-
 def isolation_on_compose(engine: Engine, project: str, progress: Progress) -> ScenarioResult:
     started = time.time()
     clock = time.monotonic()
@@ -63,9 +53,10 @@ def isolation_on_compose(engine: Engine, project: str, progress: Progress) -> Sc
     out: list[Check] = []
     try:
         _probe_everything(engine, project, progress, out)
-    except LabError as exc:
+    except (LabError, TimeoutError) as exc:
         result.error = str(exc)
-        out.append(check("scenario ran to completion", False, str(exc), exc.evidence))
+        evidence = exc.evidence if isinstance(exc, LabError) else []
+        out.append(check("scenario ran to completion", False, str(exc), evidence))
     result.checks = out
     result.duration = time.monotonic() - clock
     return result
@@ -115,12 +106,14 @@ def _probe_everything(engine: Engine, project: str, progress: Progress, out: lis
     def victim_lines() -> list[dict[str, Any]] | None:
         lines = _lines(engine, upstreams[victim], victim, at - 1)
         records = [ln.record for ln in lines if ln.event == "connection" and ln.record]
-        mine = [r for r in records if str(r.get("peer", "")).startswith(f"{forger_ip}:")]
-        return records if mine else None
+        return records if iso.from_peer(records, forger_ip) else None
 
     out.append(
         iso.judge_forgery(
-            forger_ip, forged, victim, _poll(f"{victim}'s log of the forgery", victim_lines, 10)
+            forger_ip,
+            forged,
+            victim,
+            wait_until(f"{victim}'s log of the forgery", victim_lines, timeout=10, poll=0.5),
         )
     )
 
@@ -141,6 +134,8 @@ def _probe_everything(engine: Engine, project: str, progress: Progress, out: lis
         check(
             "every client is still treated as its rules say",
             True,
-            "; ".join(_poll("every client treated as its rules say", served, 20)),
+            "; ".join(
+                wait_until("every client treated as its rules say", served, timeout=20, poll=0.5)
+            ),
         )
     )

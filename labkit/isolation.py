@@ -32,6 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 spec = json.loads(sys.argv[1])
 out = {"resolve": {}, "connect": {}, "keys": {}, "unreadable": []}
+KEY_LABEL = b"PRIVATE" + b" KEY-----"  # the end of any PEM private key's first line
 
 def header(identity):
     sig = b"\r\n\r\n\x00\r\nQUIT\n"
@@ -100,7 +101,7 @@ if spec["keys"]:
                 continue
             except OSError:
                 continue
-            if b"PRIVATE KEY-----" in data:
+            if KEY_LABEL in data:
                 out["keys"][path] = data.decode(errors="replace")
 print(json.dumps(out))
 """
@@ -200,12 +201,17 @@ def judge_holder(probe: Probe, allowed: set[str], what: str) -> Check:
     )
 
 
+def from_peer(records: Sequence[Mapping[str, Any]], ip: str) -> list[Mapping[str, Any]]:
+    """The upstream ``connection`` records whose socket peer is ``ip``."""
+    return [r for r in records if str(r.get("peer", "")).rpartition(":")[0] == ip]
+
+
 def judge_forgery(
     forger_ip: str, forged: str, victim: str, records: Sequence[Mapping[str, Any]]
 ) -> Check:
     """The victim upstream's ``connection`` lines: the forger's connections were refused
     (``untrusted_proxy``) and the forged identity was never believed."""
-    mine = [r for r in records if str(r.get("peer", "")).rpartition(":")[0] == forger_ip]
+    mine = from_peer(records, forger_ip)
     believed = [r for r in mine if r.get("identity") == forged]
     refused = [r for r in mine if r.get("outcome") == "untrusted_proxy"]
     return check(

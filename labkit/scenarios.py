@@ -78,15 +78,8 @@ def _evidence(items: Sequence[Attempt | Access | HealthEvent | LogLine]) -> list
     return lines
 
 
-def allowed_under(config: dict[str, Any], topology: topo.Topology) -> dict[str, set[str]]:
-    """Which upstreams each client of ``topology`` may reach under ``config``."""
-    upstreams = config.get("upstreams") or []
-    authorization = config.get("authorization") or {}
-    return {c.id: ck.allowed_upstreams(c.id, upstreams, authorization) for c in topology.clients}
-
-
 def allowed_map(run: Run) -> dict[str, set[str]]:
-    return allowed_under(run.config, run.topology)
+    return needs.allowed(run.config, run.topology)
 
 
 def wait_steady(run: Run, out: list[Check], clients: Sequence[str]) -> None:
@@ -595,8 +588,8 @@ def reload(run: Run, out: list[Check]) -> None:
         **old_config,
         "authorization": needs.reload_authorization(old_config, run.topology),
     }
-    old = allowed_under(old_config, run.topology)
-    new = allowed_under(new_config, run.topology)
+    old = needs.allowed(old_config, run.topology)
+    new = needs.allowed(new_config, run.topology)
     # The file may change now: the proxy reads it only when told to.
     new_sha = run.write_proxy_config(new_config, "the new authorization, not loaded yet")
 
@@ -1016,8 +1009,7 @@ def isolation(run: Run, out: list[Check]) -> None:
 
     def from_forger() -> list[dict[str, Any]] | None:
         records = [line.record for line in run.events(victim, "connection") if line.record]
-        mine = [r for r in records if str(r.get("peer", "")).startswith(f"{forger_ip}:")]
-        return records if mine else None
+        return records if iso.from_peer(records, forger_ip) else None
 
     records = run.wait_for(
         f"{victim} to log the connection from {forger}", from_forger, timeout=10, sources=[victim]

@@ -24,6 +24,7 @@ the compose lab under ``DockerCompose``.
 from __future__ import annotations
 
 from ..certs import Certificates
+from ..waiting import wait_until
 from .compose import LabCompose, compose_lab
 from .containers import (
     CertgenContainer,
@@ -35,7 +36,6 @@ from .containers import (
     UpstreamContainer,
     issue_certificates,
     proxy_config,
-    wait_until,
 )
 from .session import Session, current_session, disable_reaper
 

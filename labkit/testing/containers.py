@@ -64,12 +64,12 @@ from ..topology import (
     deep_merge,
     load_reference_config,
 )
+from ..waiting import POLL, wait_until
 from .session import Session, current_session
 
 T = TypeVar("T")
 
 CONFIG_PATH = "/etc/l4proxy/config.yaml"
-POLL = 0.1
 DEFAULT_CLIENTS = ("client.a", "client.b", "client.c", "client.d", "client.e")
 
 
@@ -238,27 +238,6 @@ class LabContainer(DockerContainer):
     def wait_for(self, what: str, probe: Callable[[], T | None], *, timeout: float) -> T:
         """:func:`wait_until`, with this container's last lines as the evidence."""
         return wait_until(what, probe, timeout=timeout, evidence=self.tail)
-
-
-def wait_until(
-    what: str,
-    probe: Callable[[], T | None],
-    *,
-    timeout: float,
-    evidence: Callable[[], str] | None = None,
-    poll: float = POLL,
-) -> T:
-    """Poll ``probe`` until it returns something other than None (returned); after
-    ``timeout`` seconds a TimeoutError naming ``what``, with ``evidence()`` attached."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = probe()
-        if value is not None:
-            return value
-        if time.monotonic() >= deadline:
-            shown = f"\n{evidence()}" if evidence is not None else ""
-            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}{shown}")
-        time.sleep(poll)
 
 
 def _log_event(event: str, timeout: float) -> LogMessageWaitStrategy:

@@ -22,7 +22,15 @@ from pathlib import Path
 
 import pytest
 
-from labkit import LABEL_RUN, Engine, EngineUnavailable, Progress, ensure_images, run_scenario
+from labkit import (
+    LABEL_RUN,
+    Engine,
+    EngineUnavailable,
+    Progress,
+    ScenarioResult,
+    ensure_images,
+    run_scenario,
+)
 from labkit.cli import render
 
 pytestmark = pytest.mark.lab
@@ -55,14 +63,23 @@ def labelled_before(engine: Engine) -> set[str]:
     return {item.id for item in engine.labelled(LABEL_RUN)}
 
 
+def verdict_table(result: ScenarioResult) -> str:
+    table = io.StringIO()
+    render(result, table)
+    return table.getvalue()
+
+
+def assert_nothing_left(engine: Engine, labelled_before: set[str]) -> None:
+    left = {item.id for item in engine.labelled(LABEL_RUN)} - labelled_before
+    assert not left, f"labelled objects left behind: {left}"
+
+
 @pytest.mark.parametrize("name", ESSENTIAL)
 def test_scenario_passes_and_leaves_nothing_labelled(
     engine: Engine, labelled_before: set[str], name: str, tmp_path: Path
 ) -> None:
     result = run_scenario(name, engine=engine, progress=Progress(), report_dir=tmp_path)
-    table = io.StringIO()
-    render(result, table)
-    assert result.passed, table.getvalue()
+    assert result.passed, verdict_table(result)
     assert result.removed > 0
     assert engine.labelled(f"{LABEL_RUN}={result.run_id}") == []
     verdicts = json.loads((tmp_path / name / "verdicts.json").read_text())
@@ -70,8 +87,7 @@ def test_scenario_passes_and_leaves_nothing_labelled(
     assert verdicts["run"] == result.run_id
     assert (tmp_path / name / "timeline.json").is_file()
     assert (tmp_path / name / "logs" / "proxy.log").stat().st_size > 0
-    left = {item.id for item in engine.labelled(LABEL_RUN)} - labelled_before
-    assert not left, f"labelled objects left behind: {left}"
+    assert_nothing_left(engine, labelled_before)
 
 
 # Scenarios on topologies that are not their own (other names, counts and rules).
@@ -89,12 +105,9 @@ def test_scenario_passes_on_another_topology(
     engine: Engine, labelled_before: set[str], name: str, topology: str
 ) -> None:
     result = run_scenario(name, engine=engine, progress=Progress(), topology=topology)
-    table = io.StringIO()
-    render(result, table)
-    assert result.passed, table.getvalue()
+    assert result.passed, verdict_table(result)
     assert result.topology == topology
-    left = {item.id for item in engine.labelled(LABEL_RUN)} - labelled_before
-    assert not left, f"labelled objects left behind: {left}"
+    assert_nothing_left(engine, labelled_before)
 
 
 def test_sigint_mid_scenario_removes_everything(engine: Engine, labelled_before: set[str]) -> None:
@@ -131,5 +144,4 @@ def test_sigint_mid_scenario_removes_everything(engine: Engine, labelled_before:
     assert proc.returncode == 130, output
     assert "interrupted" in output
     assert engine.labelled(f"{LABEL_RUN}={run_id}") == [], output
-    left = {item.id for item in engine.labelled(LABEL_RUN)} - labelled_before
-    assert not left, f"labelled objects left behind: {left}"
+    assert_nothing_left(engine, labelled_before)

@@ -38,7 +38,7 @@ from labkit.logs import (
 from labkit.progress import Progress
 from labkit.result import ScenarioResult
 from labkit.run import config_text
-from labkit.scenarios import SCENARIOS, allowed_under
+from labkit.scenarios import SCENARIOS
 
 T0 = 1_800_000_000.0  # an epoch second; every synthetic line is relative to it
 
@@ -650,7 +650,7 @@ def test_reload_topology_changes_rules_and_stays_valid() -> None:
     old = topo.proxy_config(topo.load_reference_config(), layout, upstreams)
     new = {**old, "authorization": needs.reload_authorization(old, layout)}
     parse_config(new, Path("/certs"))  # the new config is one the proxy accepts
-    before, after = allowed_under(old, layout), allowed_under(new, layout)
+    before, after = needs.allowed(old, layout), needs.allowed(new, layout)
     assert (before["client.a"], after["client.a"]) == ({"u1"}, {"u2"})  # moved
     assert (before["client.b"], after["client.b"]) == ({"u1", "u2"}, set())  # denied
     assert (before["client.c"], after["client.c"]) == (set(), {"u1"})  # newly allowed
