@@ -21,7 +21,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TextIO
 
-from . import needs
 from . import topology as topo
 from .compose_isolation import isolation_on_compose
 from .engine import Engine, EngineError, EngineUnavailable
@@ -37,7 +36,7 @@ from .run import (
     remove_labelled,
     terminate_as_interrupt,
 )
-from .scenarios import SCENARIOS, ScenarioUnfit, run_scenario
+from .scenarios import SCENARIOS, ScenarioUnfit, missing, run_scenario
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -153,7 +152,7 @@ def cmd_scenario(args: argparse.Namespace, engine: Engine, progress: Progress) -
     reference = topo.load_reference_config()
     for name in names:  # fail before starting anything if a topology is broken or unfit
         layout = topo.load_topology(args.topology or SCENARIOS[name].topology)
-        lacking = needs.missing(name, topo.nominal_config(reference, layout), layout)
+        lacking = missing(name, topo.nominal_config(reference, layout), layout)
         if lacking:
             print(str(ScenarioUnfit(name, layout.name, lacking)), file=sys.stderr)
             return EXIT_USAGE

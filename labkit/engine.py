@@ -279,6 +279,11 @@ class Engine:
         with _api(f"sending {signal} to {container[:12]}"):
             self._api.kill(container, signal=signal)
 
+    def stop(self, container: str, timeout: int = 10) -> None:
+        """``docker stop``: SIGTERM, then SIGKILL after ``timeout`` seconds."""
+        with _api(f"stopping {container[:12]}"):
+            self._api.stop(container, timeout=timeout)
+
     def pause(self, container: str) -> None:
         with _api(f"pausing {container[:12]}"):
             self._api.pause(container)

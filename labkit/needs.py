@@ -4,7 +4,8 @@ A topology file describes structure (upstreams, clients, proxy overrides, certif
 what a scenario does is the scenario's: which upstream a fault hits
 (:func:`fault_target`), what a reload changes (:func:`reload_authorization`). Both come
 from the run's proxy config and the topology, so any scenario runs on any topology that
-has what it needs -- and :func:`missing` says in words what is not there.
+has what it needs. Each scenario says in words what it needs (its ``needs``);
+:func:`labkit.scenarios.missing` adds :func:`rules_known`, which every one needs.
 """
 
 from __future__ import annotations
@@ -85,80 +86,20 @@ def reload_authorization(config: Mapping[str, Any], topology: topo.Topology) -> 
     return {"default": "deny", "rules": rules}
 
 
-def missing(scenario: str, config: Mapping[str, Any], topology: topo.Topology) -> list[str]:
-    """What ``topology`` (with its proxy ``config``) lacks for ``scenario``; [] if nothing."""
-    upstreams = topology.upstream_names()
-    clients = topology.clients
-    steady = steady_clients(topology)
-    needs: list[str] = []
-    known = {*upstreams, *(str(u["address"]) for u in config["upstreams"]), "*"}
+def rules_known(config: Mapping[str, Any], topology: topo.Topology) -> list[str]:
+    """What every scenario needs: authorization rules that name the topology's own
+    upstreams (a rule naming another would judge traffic against a phantom)."""
+    known = {*topology.upstream_names(), *(str(u["address"]) for u in config["upstreams"]), "*"}
     rules = (config.get("authorization") or {}).get("rules") or []
     named = {
         str(t)
         for rule in rules
         for t in (rule["upstream"] if isinstance(rule["upstream"], list) else [rule["upstream"]])
     }
-    if named - known:
-        strangers = ", ".join(sorted(named - known))
-        needs.append(
-            f"authorization rules that name its own upstreams (they name {strangers}; "
-            "set proxy.authorization in the topology)"
-        )
-    if scenario in {"failover", "hang", "partition"}:
-        if len(upstreams) < 2:
-            needs.append("two upstreams")
-        if not steady:
-            needs.append("a steady request/reply client (no count, duration, burst, transfer)")
-        target = fault_target(config, topology)
-        if steady and len(upstreams) >= 2 and target is None:
-            needs.append(
-                "an upstream that some steady client may reach, whose clients may all reach "
-                "another upstream too"
-            )
-        if scenario == "hang" and target is not None:
-            spec = next(u for u in topology.upstreams if u.name == target)
-            if spec.somaxconn is None:
-                needs.append(
-                    f"a capped listen backlog on {target} (somaxconn: a paused process's "
-                    "kernel accepts connections until its queue is full)"
-                )
-    elif scenario == "authz":
-        if not steady:
-            needs.append("a steady request/reply client")
-    elif scenario == "ratelimit":
-        enabled, rate, _ = topo.rate_limit(config)
-        if not enabled:
-            needs.append("rate_limit enabled in the proxy config")
-        if not any(c.burst and c.finite for c in clients):
-            needs.append("a --burst client that stops by itself (count or duration)")
-        polite = [
-            c for c in clients if not c.burst and c.finite and not c.transfer and c.expect is None
-        ]
-        if not polite:
-            needs.append("a polite client that stops by itself (count or duration)")
-        elif enabled and not any(topo.parse_duration(c.interval_min) >= 1 / rate for c in polite):
-            needs.append(f"a polite client whose interval is at least 1/rate ({1 / rate:g}s)")
-    elif scenario == "mtls":
-        if not any(c.expect for c in clients):
-            needs.append("a client with bad credentials and the proxy's expected reason (expect)")
-        if not any(c.expect is None and c.finite for c in clients):
-            needs.append("a valid client that stops by itself (count or duration)")
-    elif scenario == "reload":
-        echo = {u.name for u in topology.upstreams if u.mode == "echo"}
-        if not echo or not any(c.transfer and c.autostart for c in clients):
-            needs.append("a transfer client and an echo upstream")
-        if len([c for c in clients if not c.transfer]) < 3:
-            needs.append("three request/reply clients (one moved, one denied, one allowed)")
-        if len(_reply_upstreams(topology)) < 2:
-            needs.append("two reply upstreams")
-    elif scenario == "drain":
-        if not any(c.transfer and c.autostart and c.finite for c in clients):
-            needs.append("a transfer client that stops by itself")
-        if not any(c.transfer and not c.autostart for c in clients):
-            needs.append("a transfer client the scenario starts itself (autostart: false)")
-    elif scenario == "isolation":
-        if len(upstreams) < 2:
-            needs.append("two upstreams")
-        if not clients:
-            needs.append("a client")
-    return needs
+    if not named - known:
+        return []
+    strangers = ", ".join(sorted(named - known))
+    return [
+        f"authorization rules that name its own upstreams (they name {strangers}; "
+        "set proxy.authorization in the topology)"
+    ]

@@ -684,6 +684,12 @@ class Run:
         self.members[name].expect_running = False
         return self._fault("fault", name, "docker kill (SIGKILL)", self.engine.kill)
 
+    def stop(self, name: str) -> float:
+        """``docker stop``: the process gets SIGTERM and exits by itself (or is killed
+        10 s later)."""
+        self.members[name].expect_running = False
+        return self._fault("fault", name, "docker stop (SIGTERM)", self.engine.stop)
+
     def restart(self, name: str) -> float:
         at = self._fault("recover", name, "docker start", self.engine.start)
         self.members[name].expect_running = True

@@ -93,6 +93,7 @@ def test_scenario_passes_and_leaves_nothing_labelled(
 # Scenarios on topologies that are not their own (other names, counts and rules).
 ELSEWHERE = [
     ("failover", "alt-mesh"),
+    ("stop", "alt-mesh"),
     ("ratelimit", "alt-bucket"),
     ("mtls", "alt-certs"),
     ("reload", "alt-rules"),

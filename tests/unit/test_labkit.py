@@ -38,7 +38,7 @@ from labkit.logs import (
 from labkit.progress import Progress
 from labkit.result import ScenarioResult
 from labkit.run import config_text
-from labkit.scenarios import SCENARIOS
+from labkit.scenarios import SCENARIOS, missing
 
 T0 = 1_800_000_000.0  # an epoch second; every synthetic line is relative to it
 
@@ -889,7 +889,7 @@ def _named(layout: topo.Topology) -> list[dict[str, str]]:
 def test_every_scenario_can_run_on_its_own_topology(name: str) -> None:
     layout = topo.load_topology(SCENARIOS[name].topology)
     config = topo.nominal_config(topo.load_reference_config(), layout)
-    assert needs.missing(name, config, layout) == []
+    assert missing(name, config, layout) == []
 
 
 def test_a_scenario_says_what_a_topology_lacks() -> None:
@@ -903,13 +903,13 @@ def test_a_scenario_says_what_a_topology_lacks() -> None:
         "one",
     )
     config = topo.nominal_config(reference, single)
-    assert needs.missing("failover", config, single) == ["two upstreams"]
-    assert needs.missing("isolation", config, single) == ["two upstreams"]
-    lacking = needs.missing("ratelimit", config, single)
+    assert missing("failover", config, single) == ["two upstreams"]
+    assert missing("isolation", config, single) == ["two upstreams"]
+    lacking = missing("ratelimit", config, single)
     assert any("--burst client" in item for item in lacking)
     assert any("polite client" in item for item in lacking)
-    assert needs.missing("mtls", config, single)[0].startswith("a client with bad credentials")
-    assert needs.missing("drain", config, single) == [
+    assert missing("mtls", config, single)[0].startswith("a client with bad credentials")
+    assert missing("drain", config, single) == [
         "a transfer client that stops by itself",
         "a transfer client the scenario starts itself (autostart: false)",
     ]
@@ -937,13 +937,13 @@ def test_the_fault_target_is_one_whose_clients_can_go_elsewhere() -> None:
     assert needs.fault_target(config, layout) == "beta"
     config["authorization"]["rules"][0]["upstream"] = "alpha"
     assert needs.fault_target(config, layout) is None
-    assert "whose clients may all reach" in needs.missing("failover", config, layout)[0]
+    assert "whose clients may all reach" in missing("failover", config, layout)[0]
 
 
 def test_hang_needs_a_capped_backlog_on_its_target() -> None:
     layout = topo.parse_topology({"upstreams": ["u1", "u2"], "clients": [{"id": "c"}]}, "t")
     config = topo.nominal_config(topo.load_reference_config(), layout)
-    assert "somaxconn" in needs.missing("hang", config, layout)[0]
+    assert "somaxconn" in missing("hang", config, layout)[0]
 
 
 def test_a_topology_may_be_named_by_its_file(tmp_path: Path) -> None:
@@ -968,7 +968,7 @@ def test_a_scenario_on_an_unfit_topology_exits_2_before_touching_the_engine(
 def test_rules_naming_upstreams_the_topology_lacks_are_named() -> None:
     layout = topo.parse_topology({"upstreams": ["north", "south"], "clients": [{"id": "c"}]}, "t")
     config = topo.nominal_config(topo.load_reference_config(), layout)  # the reference rules
-    lacking = needs.missing("isolation", config, layout)
+    lacking = missing("isolation", config, layout)
     assert lacking == [
         "authorization rules that name its own upstreams (they name u1, u2; set "
         "proxy.authorization in the topology)"
@@ -978,7 +978,7 @@ def test_rules_naming_upstreams_the_topology_lacks_are_named() -> None:
 @pytest.mark.parametrize(
     ("scenarios", "topology"),
     [
-        (["failover", "hang", "partition", "authz", "isolation"], "alt-mesh"),
+        (["failover", "hang", "partition", "stop", "authz", "isolation"], "alt-mesh"),
         (["ratelimit"], "alt-bucket"),
         (["mtls"], "alt-certs"),
         (["reload"], "alt-rules"),
@@ -989,7 +989,7 @@ def test_the_alternate_topologies_fit_their_scenarios(scenarios: list[str], topo
     layout = topo.load_topology(topology)
     config = topo.nominal_config(topo.load_reference_config(), layout)
     for name in scenarios:
-        assert needs.missing(name, config, layout) == [], name
+        assert missing(name, config, layout) == [], name
         assert set(layout.upstream_names()).isdisjoint(
             topo.load_topology(SCENARIOS[name].topology).upstream_names()
         )  # other names than the scenario's own topology
