@@ -58,3 +58,11 @@ def test_help_documents_proxy_protocol() -> None:
     assert "--proxy-protocol" in text
     assert ENV in text
     assert "default none" in text
+
+
+def test_the_control_socket_is_off_unless_asked_for() -> None:
+    assert up_config.load_config([], {}).control is None
+    assert up_config.load_config([], {"UPSTREAM_CONTROL": ""}).control is None
+    env = {"UPSTREAM_CONTROL": "/tmp/u.ctl"}
+    assert up_config.load_config([], env).control == "/tmp/u.ctl"
+    assert up_config.load_config(["--control", "/run/x"], env).control == "/run/x"

@@ -35,6 +35,7 @@ ENV_DELAY = "UPSTREAM_DELAY"
 ENV_FAULT = "UPSTREAM_FAULT"
 ENV_PROXY_PROTOCOL = "UPSTREAM_PROXY_PROTOCOL"
 ENV_TRUSTED_PROXIES = "UPSTREAM_TRUSTED_PROXIES"
+ENV_CONTROL = "UPSTREAM_CONTROL"
 NO_TRUST_LIST = TrustSpec()
 
 
@@ -54,6 +55,7 @@ class Config:
     idle_timeout: float = DEFAULT_IDLE_TIMEOUT  # 0 disables it
     proxy_protocol: ProxyProtocol = "none"  # v2: every connection starts with a PROXY v2 header
     trusted_proxies: TrustSpec = NO_TRUST_LIST  # empty: a header is believed from anyone
+    control: str | None = None  # path of the control socket (run-time faults); None: none
 
     @property
     def listen(self) -> str:
@@ -171,6 +173,14 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
         default=str(DEFAULT_IDLE_TIMEOUT),
         help="close a connection idle this long (0 = never; default 300s)",
     )
+    parser.add_argument(
+        "--control",
+        default=environ.get(ENV_CONTROL) or None,
+        help=(
+            "a Unix socket path for run-time faults (python3 -m upstream.ctl; mode 0600, "
+            f"no network reaches it) (env {ENV_CONTROL}; default: none)"
+        ),
+    )
     return parser
 
 
@@ -218,4 +228,5 @@ def load_config(argv: Sequence[str] | None, environ: Mapping[str, str]) -> Confi
         idle_timeout=parse_duration(str(args.idle_timeout), "--idle-timeout"),
         proxy_protocol=proxy_protocol,
         trusted_proxies=trusted,
+        control=str(args.control) if args.control else None,
     )

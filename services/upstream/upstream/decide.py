@@ -23,6 +23,7 @@ Outcome = Literal[
     "untrusted_proxy",
     "fault_close",
     "fault_reset",
+    "fault_hang",
     "client_reset",
     "idle_timeout",
     "shutdown",
@@ -31,7 +32,13 @@ OUTCOMES: tuple[Outcome, ...] = get_args(Outcome)
 
 # What the server itself did to end (or answer) a connection, if anything.
 Action = Literal[
-    "replied", "untrusted_proxy", "fault_close", "fault_reset", "idle_timeout", "shutdown"
+    "replied",
+    "untrusted_proxy",
+    "fault_close",
+    "fault_reset",
+    "fault_hang",
+    "idle_timeout",
+    "shutdown",
 ]
 
 

@@ -32,6 +32,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import os
 import socket
 import struct
 import time
@@ -52,6 +54,7 @@ from .decide import (
     remaining,
     reply_bytes,
 )
+from .faults import Fault, FaultSwitch, RequestError, parse_request
 from .logs import JsonLog
 from .proxyproto import Complete, Header, HeaderReader, NeedMore
 from .trust import TrustedPeers
@@ -60,8 +63,10 @@ LINGER = 2.0  # reply mode: how long to wait for the peer's EOF after our reply 
 SHUTDOWN_GRACE = 2.0  # how long stop() lets open connections finish before aborting them
 BACKLOG = 1024
 RESOLVE_TIMEOUT = 2.0  # one look-up of a --trusted-proxy name
+DRIP_HOLD = 64 * 1024  # drip: stop reading while this much waits to be sent
+CONTROL_TIMEOUT = 5.0  # a control client has this long to send its one request line
 
-Phase = Literal["reading", "waiting", "responding", "draining"]
+Phase = Literal["reading", "waiting", "hanging", "responding", "draining"]
 Clock = Callable[[], float]
 
 
@@ -104,6 +109,9 @@ class Connection(asyncio.Protocol):
         self.respond_due = 0.0
         self.paused: set[str] = set()
         self.timers: dict[str, asyncio.TimerHandle] = {}
+        self.fault: Fault | None = None  # the run-time fault in force when it triggered
+        self.outbox = bytearray()  # drip: bytes not yet sent
+        self.after_sent: Callable[[], None] | None = None  # run once the outbox is empty
 
     # --- asyncio callbacks -----------------------------------------------------------
 
@@ -150,8 +158,11 @@ class Connection(asyncio.Protocol):
             else:
                 self._trigger()
         elif self.phase in ("responding", "draining"):
+            self._then(self._close)
+        # waiting: the response will see peer_eof and close after it; hanging: the
+        # peer is done, and so is the connection.
+        elif self.phase == "hanging":
             self._close()
-        # waiting: the response will see peer_eof and close after it.
         return True  # we close explicitly, after our own writes
 
     def pause_writing(self) -> None:
@@ -278,9 +289,19 @@ class Connection(asyncio.Protocol):
     # --- responding ------------------------------------------------------------------
 
     def _trigger(self) -> None:
+        now = self.clock()
+        self.fault = self.server.faults.active(now)
+        if self.fault is not None and self.fault.kind == "hang":
+            # Accept and never answer: keep reading (and dropping) so that the peer's
+            # close, or the idle timeout, ends the connection.
+            self.phase = "hanging"
+            self.action = "fault_hang"
+            self.held.clear()
+            return
         self.phase = "waiting"
         self._pause("respond")
-        self.respond_due = self.clock() + self.config.delay
+        extra = self.fault.delay if self.fault is not None and self.fault.kind == "delay" else 0.0
+        self.respond_due = now + self.config.delay + extra
         self._on_due()
 
     def _on_due(self) -> None:
@@ -298,11 +319,12 @@ class Connection(asyncio.Protocol):
         if transport is None or transport.is_closing():
             return
         self.last_activity = self.clock()
-        if self.config.fault == "close":
+        kind = self.fault.kind if self.fault is not None else None
+        if self.config.fault == "close" or kind == "close":
             self.action = "fault_close"
             self._close()
             return
-        if self.config.fault == "reset":
+        if self.config.fault == "reset" or kind == "abort":
             self.action = "fault_reset"
             self._reset()
             return
@@ -310,30 +332,64 @@ class Connection(asyncio.Protocol):
         if mode == "reply":
             self._write(reply_bytes(self.config.name))
             self.action = "replied"
-            if self.peer_eof or not transport.can_write_eof():
-                self._close()
-                return
-            transport.write_eof()
-            self.phase = "draining"
-            self._arm("linger", LINGER, self._close)
-            self._resume("respond")
+            self._then(self._after_reply)
         elif mode == "echo":
             self.phase = "responding"
             held = bytes(self.held)
             self.held.clear()
             self._write(held)
             if self.peer_eof:
-                self._close()
+                self._then(self._close)
             else:
                 self._resume("respond")
         else:
             self._close()  # sink: the peer's EOF was the trigger
 
+    def _after_reply(self) -> None:
+        """Reply mode, the reply sent: half-close and drain, or close."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        if self.peer_eof or not transport.can_write_eof():
+            self._close()
+            return
+        transport.write_eof()
+        self.phase = "draining"
+        self._arm("linger", LINGER, self._close)
+        self._resume("respond")
+
+    def _then(self, callback: Callable[[], None]) -> None:
+        """Run ``callback`` once every byte written so far has been handed to the
+        transport (at once, unless a drip is still sending)."""
+        if self.outbox:
+            self.after_sent = callback
+        else:
+            callback()
+
+    def _drip(self) -> None:
+        """Send the next piece of the outbox; re-arm until it is empty."""
+        self.timers.pop("drip", None)
+        transport, fault = self.transport, self.fault
+        if transport is None or transport.is_closing() or fault is None:
+            return
+        piece = bytes(self.outbox[: fault.drip_bytes])
+        del self.outbox[: len(piece)]
+        transport.write(piece)
+        self.bytes_out += len(piece)
+        self.last_activity = self.clock()
+        if len(self.outbox) <= DRIP_HOLD:
+            self._resume("drip")
+        if self.outbox:
+            self._arm("drip", fault.drip_interval, self._drip)
+        elif self.after_sent is not None:
+            callback, self.after_sent = self.after_sent, None
+            callback()
+
     def _on_idle(self) -> None:
         self.timers.pop("idle", None)
         idle = self.config.idle_timeout
         left = remaining(self.last_activity + idle, self.clock())
-        if self.phase == "waiting":
+        if self.phase == "waiting" or "drip" in self.timers:
             left = idle  # we are the slow side: the delay is bounded, keep waiting
         if left > 0:
             self._arm("idle", left, self._on_idle)
@@ -345,10 +401,19 @@ class Connection(asyncio.Protocol):
 
     def _write(self, data: bytes) -> None:
         transport = self.transport
-        if data and transport is not None and not transport.is_closing():
-            transport.write(data)
-            self.bytes_out += len(data)
-            self.last_activity = self.clock()
+        if not data or transport is None or transport.is_closing():
+            return
+        if self.fault is not None and self.fault.kind == "drip":
+            # The first piece goes at once, the next ones one interval apart.
+            self.outbox += data
+            if len(self.outbox) > DRIP_HOLD:
+                self._pause("drip")
+            if "drip" not in self.timers:
+                self._drip()
+            return
+        transport.write(data)
+        self.bytes_out += len(data)
+        self.last_activity = self.clock()
 
     def _close(self) -> None:
         if self.transport is not None and not self.transport.is_closing():
@@ -421,6 +486,9 @@ class UpstreamServer:
         self._no_connections.set()
         self.trust = TrustedPeers(config.trusted_proxies)
         self._resolving: asyncio.Task[None] | None = None
+        self.faults = FaultSwitch()
+        self._fault_expiry: asyncio.TimerHandle | None = None
+        self._control: asyncio.Server | None = None
 
     async def start(self) -> None:
         cfg = self.config
@@ -438,7 +506,74 @@ class UpstreamServer:
             delay_ms=round(cfg.delay * 1000, 3),
             proxy_protocol=cfg.proxy_protocol,
             trusted_proxies=cfg.trusted_proxies.describe() or None,
+            control=cfg.control,
         )
+        if cfg.control is not None:
+            await self._start_control(cfg.control)
+
+    # --- run-time faults: the control socket -------------------------------------------
+
+    async def _start_control(self, path: str) -> None:
+        """A Unix socket only this container's user can use (0600); one JSON request
+        line per connection, one JSON answer line."""
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        old = os.umask(0o177)
+        try:
+            self._control = await asyncio.start_unix_server(self._on_control, path)
+        finally:
+            os.umask(old)
+
+    async def _on_control(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            async with asyncio.timeout(CONTROL_TIMEOUT):
+                line = await reader.readline()
+            answer = self.control(line)
+        except (TimeoutError, ConnectionError, ValueError) as exc:
+            answer = {"ok": False, "error": f"no request line: {exc or type(exc).__name__}"}
+        with contextlib.suppress(ConnectionError):
+            writer.write(json.dumps(answer).encode() + b"\n")
+            await writer.drain()
+        writer.close()
+
+    def control(self, line: bytes) -> dict[str, object]:
+        """Carry out one control request; the answer (never an exception)."""
+        now = self.clock()
+        try:
+            request = parse_request(line.strip(), now)
+        except RequestError as exc:
+            return {"ok": False, "error": str(exc)}
+        if request.op == "set" and request.fault is not None:
+            self.faults.set(request.fault)
+            self._arm_expiry(request.fault)
+            self.log.emit("fault", op="set", upstream=self.config.name, **self._fault_fields(now))
+        elif request.op == "clear":
+            cleared = self.faults.clear()
+            self._arm_expiry(None)
+            if cleared is not None:
+                self.log.emit(
+                    "fault", op="clear", upstream=self.config.name, fault=cleared.describe()
+                )
+        # ts: the wall clock when it took effect, for whoever lines it up with logs.
+        return {"ok": True, "ts": round(time.time(), 6), **self.faults.state(now)}
+
+    def _fault_fields(self, now: float) -> dict[str, object]:
+        state = self.faults.state(now)
+        return {"fault": state["fault"], "left_s": state.get("left_s")}
+
+    def _arm_expiry(self, fault: Fault | None) -> None:
+        if self._fault_expiry is not None:
+            self._fault_expiry.cancel()
+            self._fault_expiry = None
+        if fault is not None and fault.until is not None:
+            delay = max(0.0, fault.until - self.clock())
+            self._fault_expiry = self.loop.call_later(delay, self._expire, fault)
+
+    def _expire(self, fault: Fault) -> None:
+        self._fault_expiry = None
+        if self.faults.fault is fault:
+            self.faults.clear()
+            self.log.emit("fault", op="expired", upstream=self.config.name, fault=fault.describe())
 
     def refresh_trust(self) -> asyncio.Task[None]:
         """Look the trusted names up again (one look-up in flight at a time)."""
@@ -522,6 +657,9 @@ class UpstreamServer:
         if server is None:
             return
         server.close()
+        if self._control is not None:
+            self._control.close()
+        self._arm_expiry(None)
         if self._resolving is not None:
             self._resolving.cancel()
         if not await self.wait_no_connections(grace):
