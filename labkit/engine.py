@@ -67,6 +67,8 @@ class ContainerSpec:
     volumes: dict[str, tuple[str, str]] = field(default_factory=dict)  # name -> (path, ro|rw)
     healthcheck: dict[str, Any] | None = None
     sysctls: dict[str, str] | None = None
+    cap_add: list[str] | None = None
+    cap_drop: list[str] | None = None
 
 
 def healthcheck(
@@ -249,6 +251,8 @@ class Engine:
                 binds=binds or None,
                 network_mode=spec.network or spec.network_mode,
                 sysctls=spec.sysctls,
+                cap_add=spec.cap_add,
+                cap_drop=spec.cap_drop,
                 log_config=docker.types.LogConfig(type="json-file", config={"max-size": "50m"}),
             )
             networking = None

@@ -30,7 +30,9 @@ class ImageError(RuntimeError):
 
 
 def image(service: str) -> str:
-    return f"layer4lab/{service}:latest"
+    """``layer4lab/<service>:latest``, or another tag from ``LAYER4LAB_IMAGE_TAG`` (to
+    try a change in images while another checkout's runs use the released ones)."""
+    return f"layer4lab/{service}:{os.environ.get('LAYER4LAB_IMAGE_TAG') or 'latest'}"
 
 
 def base_image() -> str:
@@ -69,6 +71,27 @@ def ensure_images(engine: Engine, progress: Progress, *, rebuild: bool = False) 
             )
         built.append(tag)
     return built
+
+
+NETFAULT_IMAGE = "layer4lab/netfault:latest"
+NETFAULT_PACKAGES = "iproute2,iptables"
+
+
+def ensure_netfault(engine: Engine, progress: Progress) -> None:
+    """The network-fault helper image: the base image's packages plus Debian's iproute2
+    and iptables, built the same way (``scripts/build-base-image --tag``), only for the
+    helpers: no service image carries these tools."""
+    if engine.image_exists(NETFAULT_IMAGE):
+        return
+    with progress.step(f"building {NETFAULT_IMAGE} (base + {NETFAULT_PACKAGES})"):
+        proc = subprocess.run(  # noqa: S603
+            [str(BASE_SCRIPT), "--tag", NETFAULT_IMAGE],
+            cwd=ROOT,
+            check=False,
+            env={**os.environ, "BASE_EXTRA_PACKAGES": NETFAULT_PACKAGES},
+        )
+        if proc.returncode != 0:
+            raise ImageError(f"{BASE_SCRIPT} --tag {NETFAULT_IMAGE} exited {proc.returncode}")
 
 
 def ensure_compose(progress: Progress) -> None:

@@ -41,6 +41,15 @@ from .engine import (
     Labelled,
     healthcheck,
 )
+from .faulting import (
+    ActiveFault,
+    apply_application,
+    apply_network,
+    clear_network,
+    ctl_command,
+    remove_network,
+)
+from .faults import FaultSpec
 from .images import image
 from .logs import (
     Access,
@@ -236,6 +245,9 @@ class Run:
         self.addresses: topo.Addresses | None = None
         self.closed = False
         self.removed: list[Labelled] = []
+        self._faults = 0  # helpers started, for their names
+        self.active_faults: dict[str, list[ActiveFault]] = {}  # by target
+        self.fault_log: dict[str, list[dict[str, Any]]] = {}  # what helpers said, by target
 
     # --- context manager: always clean up --------------------------------------------
 
@@ -750,6 +762,73 @@ class Run:
                 self.back, container, ip, member.spec.aliases
             ),
         )
+
+    # --- faults in the shared vocabulary (labkit.faults) ------------------------------
+
+    def apply_fault(self, target: str, spec: FaultSpec) -> ActiveFault:
+        """Apply ``spec`` to member ``target``: a network fault through a helper in its
+        namespace, an application fault through its control socket, an engine fault
+        through the engine. On the timeline as a fault; :meth:`clear_fault` undoes it."""
+        member = self.members[target]
+        if spec.family == "network":
+            self._faults += 1
+            with self.progress.step(f"FAULT: {spec.describe()} on {target}"):
+                active = apply_network(
+                    self.engine,
+                    member.container,
+                    target,
+                    spec,
+                    labels=self.labels("fault", f"fault-{self._faults}"),
+                    name=self.container_name(f"fault-{self._faults}"),
+                )
+        elif spec.family == "application":
+            with self.progress.step(f"FAULT: {spec.describe()} on {target} (upstream.ctl)"):
+                active = apply_application(lambda command: self.exec(target, command), target, spec)
+        else:
+            inject = {"kill": self.kill, "stop": self.stop, "pause": self.pause}
+            done = inject.get(spec.kind, self.disconnect)(target)
+            return ActiveFault(target, spec.describe(), "engine", done, None)
+        self.mark("fault", f"{spec.describe()} on {target}", upstream=target, at=active.applied)
+        self.active_faults.setdefault(target, []).append(active)
+        return active
+
+    def clear_faults(self, target: str) -> float:
+        """Undo every fault :meth:`apply_fault` applied to ``target``; when (epoch s)."""
+        at = time.time()
+        for active in self.active_faults.pop(target, []):
+            at = self.clear_fault(active)
+        return at
+
+    def clear_fault(self, active: ActiveFault) -> float:
+        """Undo a fault :meth:`apply_fault` applied (a no-op for one whose time is up,
+        but still on the timeline)."""
+        target = active.target
+        if active.family == "network" and active.helper is not None:
+            with self.progress.step(f"removing {active.description} from {target}"):
+                said = remove_network(self.engine, active.helper)
+                if said is not None:  # when the rules were gone, by the helper's clock
+                    self.fault_log.setdefault(target, []).extend(said)
+                    for line in said:
+                        if line.get("event") == "flap":
+                            kind = "fault" if line.get("state") == "on" else "recover"
+                            self.mark(kind, f"flap {line.get('state')}", target, line["ts"])
+                    at = float(said[-1].get("ts") or time.time())
+                    return self.mark("recover", f"{active.description} removed", target, at)
+                # The helper could not say: clear by other means.
+                self._faults += 1
+                clear_network(
+                    self.engine,
+                    self.members[target].container,
+                    self.labels("fault", f"fault-{self._faults}"),
+                    self.container_name(f"fault-{self._faults}"),
+                )
+        elif active.family == "application":
+            self.exec(target, ctl_command(None, "clear"))
+        else:
+            kind = active.description.split()[0]
+            recover = {"kill": self.restart, "stop": self.restart, "pause": self.unpause}
+            return recover.get(kind, self.reconnect)(target)
+        return self.mark("recover", f"{active.description} removed from {target}", target)
 
     # --- stopping --------------------------------------------------------------------
 
