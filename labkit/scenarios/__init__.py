@@ -10,6 +10,12 @@
     reload     change authorization and reload under load; bad config
     drain      SIGTERM under long transfers: drain, then cut-off
     isolation  clients cannot reach upstreams, forge headers or read others' keys
+    blackhole  drop an upstream's packets (no reset), then let them through
+    reset      an echo upstream resets its connections mid-stream
+    slow       an upstream accepts and never answers (hang), then recovers
+    lossy      10% packet loss on a reply and an echo upstream for 20 s
+    flap       an upstream cut off and back every 1.5 s for 20 s
+    bandwidth  an echo upstream throttled to 1 Mbit/s for 20 s under transfers
 
 A scenario is a :class:`~labkit.scenarios.steps.Scenario` value: a short tuple of steps
 from the vocabulary in :mod:`~labkit.scenarios.steps` (Start, Steady, Inject, Await,
@@ -28,15 +34,21 @@ from .. import topology as topo
 from ..result import ScenarioResult
 from . import (
     authz,
+    bandwidth,
+    blackhole,
     drain,
     failover,
+    flap,
     hang,
     isolation,
+    lossy,
     mtls,
     partition,
     ratelimit,
     reload,
+    reset,
     runner,
+    slow,
     stop,
 )
 from .runner import ScenarioUnfit
@@ -55,6 +67,12 @@ SCENARIOS: dict[str, Scenario] = {
         reload.SCENARIO,
         drain.SCENARIO,
         isolation.SCENARIO,
+        blackhole.SCENARIO,
+        reset.SCENARIO,
+        slow.SCENARIO,
+        lossy.SCENARIO,
+        flap.SCENARIO,
+        bandwidth.SCENARIO,
     )
 }
 

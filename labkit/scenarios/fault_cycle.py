@@ -16,6 +16,7 @@ from .. import checks as ck
 from .. import needs
 from .. import topology as topo
 from ..checks import Check, check
+from ..faults import parse_fault
 from ..logs import Attempt, HealthEvent
 from ..run import Run
 from .common import evidence, names
@@ -58,7 +59,7 @@ def target_needs(config: Mapping[str, Any], topology: topo.Topology) -> list[str
     return lacking
 
 
-def _target(ctx: Ctx) -> str:
+def choose_target(ctx: Ctx) -> str:
     target = needs.fault_target(ctx.config, ctx.topology)
     assert target is not None, "run_scenario checks the needs before starting"
     return target
@@ -215,7 +216,9 @@ def fault_cycle(fault: Fault) -> tuple[Step, ...]:
     return (
         Start(),
         Choose(
-            "target", _target, "fault target {target}: its clients may all reach another upstream"
+            "target",
+            choose_target,
+            "fault target {target}: its clients may all reach another upstream",
         ),
         Choose("window", Window(fault)),
         Steady(watched),
@@ -258,6 +261,30 @@ def fault_cycle(fault: Fault) -> tuple[Step, ...]:
         StopClients(),
         Judge(only_in_flight_lost(fault)),
     )
+
+
+def toolkit(
+    kind: str,
+    *params: str,
+    allowance: Any = None,
+    lasting: str | None = None,
+    flap: str | None = None,
+) -> Fault:
+    """A fault of the toolkit (:mod:`labkit.faults`: blackhole, loss, reset, bandwidth,
+    hang, drip...) as a :class:`Fault`: applied through :meth:`Run.apply_fault`, undone
+    through :meth:`Run.clear_faults` (``lasting``: it also ends by itself)."""
+    spec = parse_fault(kind, list(params), duration=lasting, flap=flap)
+    return Fault(
+        spec.describe(),
+        inject=lambda run, target: run.apply_fault(target, spec).applied,
+        recover=lambda run, target: run.clear_faults(target),
+        **({} if allowance is None else {"allowance": allowance}),
+    )
+
+
+def connect_allowance(_run: Run, choose_target: str, timing: topo.Timing) -> tuple[float, str]:
+    """Packets dropped without a reset: a dial learns nothing until its connect timeout."""
+    return timing.connect, f" + connect timeout {timing.connect:g}s"
 
 
 def backlog_allowance(run: Run, target: str, timing: topo.Timing) -> tuple[float, str]:

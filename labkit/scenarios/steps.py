@@ -207,12 +207,14 @@ class Fault:
 class Inject:
     fault: Fault
     save: str = "fault"  # when it was applied (epoch seconds)
+    on: str = "target"  # the fact naming the upstream it hits
 
 
 @dataclass(frozen=True, slots=True)
 class Recover:
     fault: Fault
     save: str = "recover"
+    on: str = "target"
 
 
 @dataclass(frozen=True, slots=True)
@@ -404,10 +406,10 @@ def play_step(ctx: Ctx, step: Step) -> None:
                 run.mark("phase", ctx.text(note))
         case Steady():
             _steady(ctx, step)
-        case Inject(fault=fault, save=save):
-            ctx.facts[save] = fault.inject(run, ctx.target)
-        case Recover(fault=fault, save=save):
-            ctx.facts[save] = fault.recover(run, ctx.target)
+        case Inject(fault=fault, save=save, on=on):
+            ctx.facts[save] = fault.inject(run, str(ctx.facts[on]))
+        case Recover(fault=fault, save=save, on=on):
+            ctx.facts[save] = fault.recover(run, str(ctx.facts[on]))
         case Configure(config=config, why=why, save=save):
             sha = run.write_proxy_config(config(ctx), ctx.text(why))
             if save is not None:

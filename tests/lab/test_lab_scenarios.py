@@ -9,69 +9,23 @@ stream long transfers: about 15-20 s each).
 
 from __future__ import annotations
 
-import io
 import json
-import os
 import re
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from labkit import (
-    LABEL_RUN,
-    Engine,
-    EngineUnavailable,
-    Progress,
-    ScenarioResult,
-    ensure_images,
-    run_scenario,
-)
-from labkit.cli import render
+from labkit import LABEL_RUN, Engine, Progress, run_scenario
+from tests.lab.helpers import assert_nothing_left, verdict_table
 
 pytestmark = pytest.mark.lab
 
 ROOT = Path(__file__).resolve().parents[2]
 ESSENTIAL = ["failover", "authz", "ratelimit", "mtls", "reload", "drain", "isolation"]
-
-
-def in_ci() -> bool:
-    return os.environ.get("CI", "").strip().lower() in {"true", "1", "yes"}
-
-
-@pytest.fixture(scope="module")
-def engine() -> Iterator[Engine]:
-    """The Docker engine with the lab's images (built here if missing)."""
-    try:
-        found = Engine.connect(timeout=60)
-    except EngineUnavailable as exc:
-        if in_ci():
-            pytest.fail(f"CI=true and the e2e tests need a Docker engine: {exc}", pytrace=False)
-        pytest.skip(f"no Docker engine ({exc}); set CI=true to make this a failure")
-    ensure_images(found, Progress())
-    yield found
-    found.close()
-
-
-@pytest.fixture(scope="module")
-def labelled_before(engine: Engine) -> set[str]:
-    """What other runs (a developer's `lab.py up`, say) had labelled before these tests."""
-    return {item.id for item in engine.labelled(LABEL_RUN)}
-
-
-def verdict_table(result: ScenarioResult) -> str:
-    table = io.StringIO()
-    render(result, table)
-    return table.getvalue()
-
-
-def assert_nothing_left(engine: Engine, labelled_before: set[str]) -> None:
-    left = {item.id for item in engine.labelled(LABEL_RUN)} - labelled_before
-    assert not left, f"labelled objects left behind: {left}"
 
 
 @pytest.mark.parametrize("name", ESSENTIAL)
