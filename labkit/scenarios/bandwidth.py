@@ -12,8 +12,8 @@ from .. import topology as topo
 from ..checks import Check, check
 from ..logs import Attempt
 from .common import evidence, outcomes
-from .fault_cycle import toolkit
-from .reset import echo_target, reset_needs
+from .fault_cycle import fault_ended, toolkit
+from .reset import choose_echo_target, reset_needs
 from .steps import (
     SLACK,
     Await,
@@ -34,19 +34,8 @@ SHARE_BOUND = 0.35  # of the transfers begun while throttled, at most this share
 SETTLE = 5.0  # seconds after the throttle before counting (transfers then in flight)
 
 
-def _target(ctx: Ctx) -> str:
-    target = echo_target(ctx.config, ctx.topology)
-    assert target is not None, "run_scenario checks the needs before starting"
-    return target
-
-
 def _two_each(ctx: Ctx) -> bool | None:
     return all(len(ctx.attempts([c])) >= 2 for c in transfers(ctx)) or None
-
-
-def _helper_done(ctx: Ctx) -> bool | None:
-    helpers = [f.helper for f in ctx.run.active_faults.get(ctx.target, []) if f.helper]
-    return (not any(ctx.run.engine.state(h).get("Running") for h in helpers)) or None
 
 
 def _share(ctx: Ctx, begun: list[Attempt]) -> tuple[int, int]:
@@ -92,12 +81,12 @@ SCENARIO = Scenario(
     needs=reset_needs,
     steps=(
         Start(),
-        Choose("target", _target, "throttle target {target}"),
+        Choose("target", choose_echo_target, "throttle target {target}"),
         Await("two transfers per client", _two_each, 30),
         Inject(THROTTLE),
         Await(
             f"the throttle to end by itself ({LASTING})",
-            _helper_done,
+            fault_ended,
             lambda ctx: topo.parse_duration(LASTING) + 15,
             sources=["proxy"],
         ),

@@ -282,6 +282,13 @@ def toolkit(
     )
 
 
+def fault_ended(ctx: Ctx) -> bool | None:
+    """A condition: the helpers of the target's network faults have ended by themselves
+    (their ``--for`` is up)."""
+    helpers = [f.helper for f in ctx.run.active_faults.get(ctx.target, []) if f.helper]
+    return (not any(ctx.run.engine.state(h).get("Running") for h in helpers)) or None
+
+
 def connect_allowance(_run: Run, choose_target: str, timing: topo.Timing) -> tuple[float, str]:
     """Packets dropped without a reset: a dial learns nothing until its connect timeout."""
     return timing.connect, f" + connect timeout {timing.connect:g}s"

@@ -14,7 +14,14 @@ from .. import topology as topo
 from ..checks import Check, check
 from ..logs import HealthEvent
 from .common import evidence, outcomes
-from .fault_cycle import Window, choose_target, connect_allowance, target_needs, toolkit
+from .fault_cycle import (
+    Window,
+    choose_target,
+    connect_allowance,
+    fault_ended,
+    target_needs,
+    toolkit,
+)
 from .steps import (
     SLACK,
     STEADY_REPLIES,
@@ -58,11 +65,6 @@ def _span(ctx: Ctx) -> tuple[float, float]:
 def _transitions(ctx: Ctx) -> list[HealthEvent]:
     start, end = _span(ctx)
     return [h for h in ctx.health() if h.upstream_name == ctx.target and start <= h.ts <= end]
-
-
-def _helper_done(ctx: Ctx) -> bool | None:
-    helpers = [f.helper for f in ctx.run.active_faults.get(ctx.target, []) if f.helper]
-    return (not any(ctx.run.engine.state(h).get("Running") for h in helpers)) or None
 
 
 def _up_again(ctx: Ctx) -> Any:
@@ -139,7 +141,7 @@ SCENARIO = Scenario(
         Inject(FLAP),
         Await(
             f"the flapping to end by itself ({LASTING})",
-            _helper_done,
+            fault_ended,
             lambda ctx: topo.parse_duration(LASTING) + 15,
             sources=["proxy"],
         ),

@@ -14,7 +14,7 @@ from .. import topology as topo
 from ..checks import Check, check
 from .common import evidence, names, outcomes
 from .fault_cycle import choose_target, target_needs, toolkit
-from .reset import echo_target, reset_needs
+from .reset import choose_echo_target, reset_needs
 from .steps import (
     SLACK,
     Await,
@@ -100,12 +100,6 @@ def lossy_needs(config: Mapping[str, Any], topology: topo.Topology) -> list[str]
     return target_needs(config, topology) + reset_needs(config, topology)
 
 
-def _echo(ctx: Ctx) -> str:
-    echo = echo_target(ctx.config, ctx.topology)
-    assert echo is not None, "run_scenario checks the needs before starting"
-    return echo
-
-
 SCENARIO = Scenario(
     "lossy",
     "10% packet loss on a reply and an echo upstream for 20 s",
@@ -114,7 +108,7 @@ SCENARIO = Scenario(
     steps=(
         Start(),
         Choose("target", choose_target),
-        Choose("echo", _echo, "loss on {target} and {echo}"),
+        Choose("echo", choose_echo_target, "loss on {target} and {echo}"),
         Steady(talkers),
         Inject(LOSS),
         Inject(LOSS, save="fault_echo", on="echo"),

@@ -135,7 +135,8 @@ def reset_needs(config: Mapping[str, Any], topology: topo.Topology) -> list[str]
     )
 
 
-def _target(ctx: Ctx) -> str:
+def choose_echo_target(ctx: Ctx) -> str:
+    """:func:`echo_target` of the run (its needs were checked before it started)."""
     target = echo_target(ctx.config, ctx.topology)
     assert target is not None, "run_scenario checks the needs before starting"
     return target
@@ -148,7 +149,7 @@ SCENARIO = Scenario(
     needs=reset_needs,
     steps=(
         Start(),
-        Choose("target", _target, "reset target {target}"),
+        Choose("target", choose_echo_target, "reset target {target}"),
         Await(
             "two transfers streaming through {target} (adminctl status)",
             _on_target,
