@@ -3,8 +3,8 @@
 Each scenario must pass and leave nothing labelled ``layer4lab.run=<its run id>``
 behind; an interrupted ``python lab.py scenario`` (SIGINT) must clean up as well.
 Without a reachable Docker engine these tests are skipped -- or fail when ``CI=true``.
-About a minute and a half on a 2-core machine once the images exist (reload and drain
-stream long transfers: about 15-20 s each).
+About four minutes on a 2-core machine once the images exist (reload and drain stream
+long transfers: about 20-25 s each). The fault scenarios are in ``test_lab_faults.py``.
 """
 
 from __future__ import annotations
