@@ -13,9 +13,12 @@ from collections import Counter
 import pytest
 
 from labkit import checks as ck
+from labkit import fault_cli
 from labkit import topology as topo
+from labkit.cli import parser
 from labkit.compose_isolation import isolation_on_compose
 from labkit.engine import Engine
+from labkit.faulting import LABEL_FAULT
 from labkit.logs import Attempt
 from labkit.progress import Progress
 from labkit.testing import LabCompose, compose_lab, wait_until
@@ -93,6 +96,39 @@ def test_the_compose_lab_routes_by_the_reference_rules(
         failed = [f"{c.name}: {c.detail}" for c in isolation.checks if not c.passed]
         assert isolation.passed, failed or isolation.error
         assert len(isolation.checks) == 5 * 3 + 3  # five clients, the proxy, forgery, served
+
+        # `lab.py fault` on the compose lab: a network fault (a helper in upstream3's
+        # namespace) and an application fault (upstream1's control socket), listed
+        # with their time left, then cleared: no helper and no rule left.
+        engine = Engine.connect()
+        try:
+
+            def fault(*argv: str) -> int:
+                where = ["--compose", "--project", lab.project]
+                return fault_cli.main(
+                    parser().parse_args(["fault", *argv, *where]), engine, Progress(quiet=True)
+                )
+
+            compose = parser().parse_args(["fault", "list", "--compose", "--project", lab.project])
+            assert fault("add", "upstream3", "bandwidth", "50mbit", "--for", "60s") == 0
+            assert fault("add", "upstream1", "delay", "10ms", "--for", "60s") == 0
+            active = {
+                f.target: f for f in fault_cli.faults_of(engine, fault_cli.locate(engine, compose))
+            }
+            assert (active["upstream3"].family, active["upstream1"].family) == (
+                "network",
+                "application",
+            )
+            assert 0 < (active["upstream3"].left(time.time()) or 0) <= 60
+            assert fault("clear") == 0
+            assert fault_cli.faults_of(engine, fault_cli.locate(engine, compose)) == []
+            assert not [
+                i
+                for i in engine.labelled(LABEL_FAULT)
+                if i.kind == "container" and i.labels.get(COMPOSE_PROJECT) == lab.project
+            ]
+        finally:
+            engine.close()
 
         # An upstream container stops: nobody notices but the proxy. (Docker's resolver
         # hangs ~10 s on a stopped container's name; that once starved every dial.)
