@@ -193,11 +193,9 @@ def _rules(spec: FaultSpec) -> list[tuple[str, list[str]]]:
             rule = ["-m", "statistic", "--mode", "random", "--probability"]
             rules.append((chain, [*base, *rule, _probability(spec.params[0]), "-j", "DROP"]))
         elif spec.kind == "reset":
-            match = (
-                ["--syn"]
-                if spec.params[0] == "new"
-                else ["-m", "conntrack", "--ctstate", "ESTABLISHED"]
-            )
+            # Stateless on purpose: conntrack in a namespace may start tracking only
+            # when a rule first needs it, and then not see connections already open.
+            match = ["--syn"] if spec.params[0] == "new" else ["!", "--syn"]
             reject = ["-j", "REJECT", "--reject-with", "tcp-reset"]
             rules.append((chain, [*base, "-p", "tcp", *match, *reject]))
     return rules

@@ -35,6 +35,7 @@ from .steps import (
 
 HANG = toolkit("hang")
 IDLE_SLACK = 1.5  # seconds past the idle timeout within which the proxy must end it
+STAMP = 0.002  # log timestamps are milliseconds: "after" means after by more than that
 
 
 def _idle(ctx: Ctx) -> float:
