@@ -44,7 +44,8 @@ DEVICE = "{dev}"  # stands for each of the target's interfaces in a command
 # argv[1]: {"apply": [[...]], "clear": [[...]], "for": seconds | null, "period": seconds
 # | null}. It removes any earlier rules of ours, applies, says so, waits for its time or
 # SIGTERM/SIGINT (with a period: removing and re-applying the rules every period, saying
-# "flap" each time), removes them, says so. The signals are blocked and waited for,
+# "flap" each time), removes them, says so. Each line has "began" (before the commands
+# ran) and "ts" (after): the change took effect in between. The signals are blocked and waited for,
 # which works for PID 1 too.
 HELPER_SCRIPT = r"""
 import json, signal, subprocess, sys, time
@@ -71,6 +72,7 @@ signal.pthread_sigmask(signal.SIG_BLOCK, wanted)
 devs = devices()
 for command in expand(spec["clear"], devs):
     run(command)
+began = time.time()
 for command in expand(spec["apply"], devs):
     code, err = run(command)
     if code:
@@ -78,7 +80,7 @@ for command in expand(spec["apply"], devs):
         for undo in expand(spec["clear"], devs):
             run(undo)
         sys.exit(3)
-say("fault_applied", devices=devs)
+say("fault_applied", devices=devs, began=began)
 started = time.monotonic()
 period = spec.get("period")
 def wait(seconds):
@@ -98,13 +100,15 @@ else:
         got = wait(step)
         if got is not None or (remaining is not None and remaining <= period):
             break
+        began = time.time()
         for command in expand(spec["clear"] if on else spec["apply"], devs):
             run(command)
         on = not on
-        say("flap", state="on" if on else "off")
+        say("flap", state="on" if on else "off", began=began)
+began = time.time()
 for command in expand(spec["clear"], devs):
     run(command)
-say("fault_cleared", reason="expired" if got is None else "stopped")
+say("fault_cleared", reason="expired" if got is None else "stopped", began=began)
 """
 
 

@@ -195,7 +195,9 @@ def _rules(spec: FaultSpec) -> list[tuple[str, list[str]]]:
         elif spec.kind == "reset":
             # Stateless on purpose: conntrack in a namespace may start tracking only
             # when a rule first needs it, and then not see connections already open.
-            match = ["--syn"] if spec.params[0] == "new" else ["!", "--syn"]
+            # "established": every segment with neither SYN nor RST -- the resets that
+            # REJECT itself sends must get out.
+            match = ["--syn"] if spec.params[0] == "new" else ["--tcp-flags", "SYN,RST", "NONE"]
             reject = ["-j", "REJECT", "--reject-with", "tcp-reset"]
             rules.append((chain, [*base, "-p", "tcp", *match, *reject]))
     return rules

@@ -12,7 +12,7 @@ from typing import Any
 from .. import checks as ck
 from .. import topology as topo
 from ..checks import Check, check
-from ..logs import HealthEvent
+from ..logs import HealthEvent, format_ts
 from .common import evidence, outcomes
 from .fault_cycle import (
     Window,
@@ -44,16 +44,17 @@ FLAP = toolkit("blackhole", allowance=connect_allowance, lasting=LASTING, flap=P
 
 
 def _phases(ctx: Ctx) -> list[tuple[float, bool]]:
-    """(when, cut off?) for each phase, from what the helper said."""
+    """(when, cut off?) for each phase, from what the helper said: when it began
+    changing the rules (the change took effect between then and its ``ts``)."""
     phases: list[tuple[float, bool]] = []
     for line in ctx.run.fault_log.get(ctx.target, []):
-        event = line.get("event")
+        event, began = line.get("event"), float(line.get("began") or line["ts"])
         if event == "fault_applied":
-            phases.append((float(line["ts"]), True))
+            phases.append((began, True))
         elif event == "flap":
-            phases.append((float(line["ts"]), line.get("state") == "on"))
+            phases.append((began, line.get("state") == "on"))
         elif event == "fault_cleared":
-            phases.append((float(line["ts"]), False))
+            phases.append((began, False))
     return phases
 
 
@@ -93,7 +94,11 @@ def transitions_bounded(ctx: Ctx) -> Iterable[Check]:
         f"{len(phases)} phases of {PERIOD} over {LASTING}, {len(moves)} transitions "
         f"({ups} up, {len(moves) - ups} down; at most one per phase); {len(late)} up sooner "
         f"than rise {timing.rise} x interval {timing.interval:g}s after the packets flowed",
-        evidence(late or moves[:4]),
+        evidence(late or moves[:4])
+        + [
+            f"phase from {format_ts(t)}: {'cut off' if cut else 'packets flow'}"
+            for t, cut in phases
+        ],
     )
 
 

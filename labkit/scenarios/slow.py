@@ -35,7 +35,6 @@ from .steps import (
 
 HANG = toolkit("hang")
 IDLE_SLACK = 1.5  # seconds past the idle timeout within which the proxy must end it
-STAMP = 0.002  # log timestamps are milliseconds: "after" means after by more than that
 
 
 def _idle(ctx: Ctx) -> float:
@@ -67,6 +66,12 @@ def _replies_again(ctx: Ctx) -> bool | None:
 
 def ended_at_idle(ctx: Ctx) -> Iterable[Check]:
     idle, hung = _idle(ctx), _hung(ctx)
+    at, until = ctx.facts["fault"], ctx.facts["recover"]
+    answered = [
+        a
+        for a in ctx.access()
+        if a.upstream_name == ctx.target and at <= a.start <= until and a not in hung
+    ]
     wrong = [
         a
         for a in hung
@@ -75,7 +80,8 @@ def ended_at_idle(ctx: Ctx) -> Iterable[Check]:
     yield check(
         f"connections sent to the hung {ctx.target} end at the proxy's idle timeout ({idle:g}s)",
         bool(hung) and not wrong,
-        f"{len(hung)} connection(s) forwarded to {ctx.target} while it hung, "
+        f"{len(hung)} connection(s) forwarded to {ctx.target} and never answered while it "
+        f"hung ({len(answered)} answered before the switch took hold), "
         f"{len(wrong)} not ended by idle_timeout within {idle:g}-{idle + IDLE_SLACK:g}s "
         f"(durations {', '.join(f'{a.duration:.2f}s' for a in hung[:6])})",
         evidence(wrong or hung[:3]),

@@ -94,7 +94,8 @@ def test_resets_hit_new_or_established_connections_both_ways() -> None:
     assert [r[3] for r in new] == [CHAIN_IN, CHAIN_OUT]
     assert all("--syn" in r and r[-3:] == ["REJECT", "--reject-with", "tcp-reset"] for r in new)
     established = apply_commands(parse_fault("reset", ["established"]), [])[4:]
-    assert all(r[-6:-4] == ["!", "--syn"] for r in established)  # every segment but a SYN
+    # Every segment but a SYN or a RST (the resets REJECT sends must pass OUTPUT).
+    assert all(r[-7:-4] == ["--tcp-flags", "SYN,RST", "NONE"] for r in established)
 
 
 def test_qdisc_faults_go_on_every_interface_and_clearing_removes_them() -> None:
