@@ -42,10 +42,15 @@ def _idle(ctx: Ctx) -> float:
 
 
 def _hung(ctx: Ctx) -> list[Access]:
-    """Access lines of connections forwarded to the target while it hung."""
+    """Access lines of connections the hung target never answered: forwarded to it
+    after the switch, not a byte back (one accepted just before may have been answered)."""
     at, until = ctx.facts["fault"], ctx.facts.get("recover", float("inf"))
     return [
-        a for a in ctx.access() if a.upstream_name == ctx.target and at - SLACK <= a.start <= until
+        a
+        for a in ctx.access()
+        if a.upstream_name == ctx.target
+        and at - SLACK <= a.start <= until
+        and not (a.line.record or {}).get("bytes_down")
     ]
 
 
