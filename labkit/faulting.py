@@ -228,7 +228,9 @@ def apply_network(
                 f"{spec.kind} needs the kernel's sch_netem qdisc, which this kernel lacks ({why})"
             )
         raise FaultFailed(f"{spec.describe()} on {target} could not be applied: {why}")
-    applied = float(said.get("ts") or now)  # the helper's own clock: when it took effect
+    # The helper's clock: it began changing the rules at "began" (the fault may take
+    # effect from then on) and was done at "ts".
+    applied = float(said.get("began") or said.get("ts") or now)
     return ActiveFault(target, spec.describe(), "network", applied, expires, helper)
 
 
