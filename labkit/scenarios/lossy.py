@@ -33,6 +33,11 @@ from .steps import (
 
 LOSS_FOR = "20s"
 LOSS = toolkit("loss", "10%", lasting=LOSS_FOR)
+# Matching a client's transfer to the proxy's access line: the proxy logs once the
+# upstream side has closed too, and a lost FIN waits for a retransmission (RTO >= 200 ms),
+# so the line may come well after the client's; transfers last 4 s, so 1.5 s cannot
+# match a neighbour.
+LOSSY_SLACK = 1.5
 OUTCOMES = {"ok", "rejected", "timeout", "refused", "error", "truncated", "mismatch", "tls_error"}
 
 
@@ -69,13 +74,13 @@ def transfers_accounted(ctx: Ctx) -> Iterable[Check]:
         evidence(short + corrupted or through[:2]),
     )
     ok = [a for a in moved if a.ok]
-    account = ck.account_transfers(ok, access, SLACK)
+    account = ck.account_transfers(ok, access, LOSSY_SLACK)
     yield check(
         "the proxy forwarded every byte of each transfer reported ok",
         bool(ok) and not account.unforwarded,
         f"{len(ok)} ok transfers, {len(account.unforwarded)} without one forwarded/eof "
         "access line carrying every byte",
-        account.evidence(access, SLACK),
+        account.evidence(access, LOSSY_SLACK),
     )
 
 
