@@ -48,7 +48,10 @@ up:
 	docker compose up -d
 	@echo "lab is up: docker compose logs -f client-b   (make down to remove it)"
 
+# Fault helpers of the compose lab (python lab.py fault add --compose) go first: they
+# live in its containers' network namespaces.
 down:
+	docker ps -aq --filter label=layer4lab.fault --filter label=com.docker.compose.project=$${COMPOSE_PROJECT_NAME:-layer4lab} | xargs -r docker rm -f >/dev/null
 	docker compose down -v --remove-orphans
 
 # Side-by-side benchmarks against HAProxy (installed from Debian if missing); writes

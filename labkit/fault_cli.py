@@ -69,6 +69,7 @@ class Lab:
 
 
 def _running(engine: Engine, label: str) -> list[tuple[str, dict[str, str]]]:
+    """Containers labelled ``label``, fault helpers left out."""
     return [
         (item.id, item.labels)
         for item in engine.labelled(label)
@@ -82,7 +83,7 @@ def locate(engine: Engine, args: argparse.Namespace) -> Lab:
         found = [
             (cid, labels)
             for cid, labels in _running(engine, f"{COMPOSE_PROJECT}={project}")
-            if labels.get(COMPOSE_ONEOFF) != "True"
+            if labels.get(COMPOSE_ONEOFF) != "True" and LABEL_RUN not in labels
         ]
         members = {labels.get(COMPOSE_SERVICE, cid[:12]): cid for cid, labels in found}
         if not members:
@@ -91,7 +92,9 @@ def locate(engine: Engine, args: argparse.Namespace) -> Lab:
             f"compose project {project}",
             members,
             sorted(m for m in members if m.startswith("upstream")),
-            {COMPOSE_PROJECT: project, COMPOSE_SERVICE: "fault", COMPOSE_ONEOFF: "True"},
+            # An orphan of the project: `docker compose down --remove-orphans` (make
+            # down) removes it with the lab.
+            {COMPOSE_PROJECT: project, COMPOSE_SERVICE: "fault", COMPOSE_ONEOFF: "False"},
             f"{COMPOSE_PROJECT}={project}",
             f"{project}-fault",
         )

@@ -71,6 +71,7 @@ LABEL_RUN = "layer4lab.run"
 LABEL_ROLE = "layer4lab.role"
 LABEL_NAME = "layer4lab.name"
 LABEL_MODE = "layer4lab.mode"  # scenario | up
+COMPOSE_PROJECT_LABEL = "com.docker.compose.project"
 
 POLL_INTERVAL = 0.15
 STATE_CHECK_EVERY = 1.0  # seconds between checks that waited-on containers still run
@@ -287,6 +288,10 @@ class Run:
             LABEL_NAME: name,
             LABEL_MODE: self.mode,
             "layer4lab.topology": self.topology.name,
+            # Images built by `docker compose build` carry the compose project's labels,
+            # and containers inherit them: without this, `docker compose down
+            # --remove-orphans` (make down) would take a run's containers for orphans.
+            COMPOSE_PROJECT_LABEL: "",
         }
 
     def container_name(self, name: str) -> str:
