@@ -16,24 +16,37 @@ import yaml
 from . import isolation as iso
 from .checks import Check, allowed_upstreams, check
 from .engine import Engine
+from .faulting import LABEL_FAULT
 from .logs import LogLine, TailState, attempts_of, take_new_lines
 from .progress import Progress
 from .result import ScenarioResult
-from .run import LabError
+from .run import LABEL_RUN, LabError
 from .topology import PROXY_CONFIG_PATH
 from .waiting import wait_until
 
 PROJECT_LABEL = "com.docker.compose.project"
 SERVICE_LABEL = "com.docker.compose.service"
+ONEOFF_LABEL = "com.docker.compose.oneoff"
+
+
+def compose_services(engine: Engine, project: str, *, running: bool = True) -> dict[str, str]:
+    """Service name -> container id of compose project ``project`` (only the running
+    ones with ``running``). Fault helpers and labkit runs' containers are not services,
+    whatever labels their images gave them."""
+    return {
+        item.labels.get(SERVICE_LABEL, item.name): item.id
+        for item in engine.labelled(f"{PROJECT_LABEL}={project}")
+        if item.kind == "container"
+        and (item.state == "running" or not running)
+        and LABEL_FAULT not in item.labels
+        and LABEL_RUN not in item.labels
+        and item.labels.get(ONEOFF_LABEL) != "True"
+    }
 
 
 def _services(engine: Engine, project: str) -> dict[str, str]:
     """Running service name -> container id."""
-    found = {
-        item.labels.get(SERVICE_LABEL, item.name): item.id
-        for item in engine.labelled(f"{PROJECT_LABEL}={project}")
-        if item.kind == "container" and item.state == "running"
-    }
+    found = compose_services(engine, project)
     if not found:
         raise LabError(
             f"no running container of compose project {project!r}: start the lab with "

@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from .compose_isolation import PROJECT_LABEL, SERVICE_LABEL, compose_services
 from .engine import Engine, EngineError
 from .faulting import (
     LABEL_FAULT,
@@ -38,10 +39,6 @@ from .faults import FaultError, FaultSpec, parse_fault
 from .images import ensure_netfault
 from .progress import Progress
 from .run import LABEL_MODE, LABEL_NAME, LABEL_ROLE, LABEL_RUN
-
-COMPOSE_PROJECT = "com.docker.compose.project"
-COMPOSE_SERVICE = "com.docker.compose.service"
-COMPOSE_ONEOFF = "com.docker.compose.oneoff"
 
 
 class NoLab(LookupError):
@@ -80,22 +77,17 @@ def _running(engine: Engine, label: str) -> list[tuple[str, dict[str, str]]]:
 def locate(engine: Engine, args: argparse.Namespace) -> Lab:
     if args.compose:
         project = args.project
-        found = [
-            (cid, labels)
-            for cid, labels in _running(engine, f"{COMPOSE_PROJECT}={project}")
-            if labels.get(COMPOSE_ONEOFF) != "True" and LABEL_RUN not in labels
-        ]
-        members = {labels.get(COMPOSE_SERVICE, cid[:12]): cid for cid, labels in found}
+        members = compose_services(engine, project, running=False)
         if not members:
             raise NoLab(f"no compose lab {project!r} is running (start it with: make up)")
         return Lab(
             f"compose project {project}",
             members,
             sorted(m for m in members if m.startswith("upstream")),
-            # An orphan of the project: `docker compose down --remove-orphans` (make
-            # down) removes it with the lab.
-            {COMPOSE_PROJECT: project, COMPOSE_SERVICE: "fault", COMPOSE_ONEOFF: "False"},
-            f"{COMPOSE_PROJECT}={project}",
+            # The project's label: `make down` finds the helpers by it and removes them
+            # before the lab (`docker compose down --remove-orphans` does not).
+            {PROJECT_LABEL: project, SERVICE_LABEL: "fault"},
+            f"{PROJECT_LABEL}={project}",
             f"{project}-fault",
         )
     runs = {

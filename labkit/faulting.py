@@ -131,6 +131,7 @@ class ActiveFault:
     applied: float
     expires: float | None
     helper: str | None = None  # the helper container's id (network faults)
+    kind: str = ""  # the fault's kind (kill, loss, hang, ...)
 
     def left(self, now: float) -> float | None:
         return None if self.expires is None else max(0.0, self.expires - now)
@@ -176,6 +177,22 @@ def _wait_event(
         time.sleep(0.1)
 
 
+def helper_spec(
+    target_id: str, command: list[str], labels: Mapping[str, str], name: str
+) -> ContainerSpec:
+    """A container of the helper image in ``target_id``'s network namespace, with
+    ``NET_ADMIN`` and no other capability."""
+    return ContainerSpec(
+        name=name,
+        image=NETFAULT_IMAGE,
+        labels=dict(labels),
+        command=command,
+        network_mode=f"container:{target_id}",
+        cap_drop=["ALL"],
+        cap_add=["NET_ADMIN"],
+    )
+
+
 def apply_network(
     engine: Engine,
     target_id: str,
@@ -196,23 +213,15 @@ def apply_network(
         "for": spec.duration,
         "period": spec.flap,
     }
-    helper = engine.create_container(
-        ContainerSpec(
-            name=name,
-            image=NETFAULT_IMAGE,
-            labels={
-                **labels,
-                LABEL_FAULT: spec.describe(),
-                LABEL_TARGET: target,
-                LABEL_TARGET_ID: target_id,
-                LABEL_EXPIRES: "" if expires is None else f"{expires:.3f}",
-            },
-            command=["python3", "-c", HELPER_SCRIPT, json.dumps(program)],
-            network_mode=f"container:{target_id}",
-            cap_drop=["ALL"],
-            cap_add=["NET_ADMIN"],
-        )
-    )
+    labelled = {
+        **labels,
+        LABEL_FAULT: spec.describe(),
+        LABEL_TARGET: target,
+        LABEL_TARGET_ID: target_id,
+        LABEL_EXPIRES: "" if expires is None else f"{expires:.3f}",
+    }
+    command = ["python3", "-c", HELPER_SCRIPT, json.dumps(program)]
+    helper = engine.create_container(helper_spec(target_id, command, labelled, name))
     engine.start(helper)
     said = _wait_event(engine, helper, ("fault_applied", "fault_error"), APPLY_TIMEOUT)
     if said is None or said.get("event") != "fault_applied":
@@ -231,7 +240,7 @@ def apply_network(
     # The helper's clock: it began changing the rules at "began" (the fault may take
     # effect from then on) and was done at "ts".
     applied = float(said.get("began") or said.get("ts") or now)
-    return ActiveFault(target, spec.describe(), "network", applied, expires, helper)
+    return ActiveFault(target, spec.describe(), "network", applied, expires, helper, spec.kind)
 
 
 def remove_network(engine: Engine, helper: str) -> list[dict[str, Any]] | None:
@@ -254,17 +263,8 @@ def clear_network(engine: Engine, target_id: str, labels: Mapping[str, str], nam
     """Remove every network fault of ours from ``target_id``'s namespace, whoever applied
     it (a helper that runs the clearing commands only). True if it ran to the end."""
     program = {"apply": [], "clear": clear_commands([DEVICE]), "for": 0.001}
-    helper = engine.create_container(
-        ContainerSpec(
-            name=name,
-            image=NETFAULT_IMAGE,
-            labels=dict(labels),
-            command=["python3", "-c", HELPER_SCRIPT, json.dumps(program)],
-            network_mode=f"container:{target_id}",
-            cap_drop=["ALL"],
-            cap_add=["NET_ADMIN"],
-        )
-    )
+    command = ["python3", "-c", HELPER_SCRIPT, json.dumps(program)]
+    helper = engine.create_container(helper_spec(target_id, command, labels, name))
     try:
         engine.start(helper)
         return _wait_event(engine, helper, ("fault_cleared",), CLEAR_TIMEOUT) is not None
@@ -303,6 +303,15 @@ def ctl_command(spec: FaultSpec | None, op: str = "set") -> list[str]:
     return command
 
 
+def _ctl_answer(out: str) -> dict[str, Any]:
+    """``upstream.ctl``'s answer: the JSON object on its last line ({} if none)."""
+    try:
+        answer = json.loads(out.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        return {}
+    return answer if isinstance(answer, dict) else {}
+
+
 def apply_application(
     exec_in: Callable[[list[str]], tuple[int, str]], target: str, spec: FaultSpec
 ) -> ActiveFault:
@@ -312,10 +321,11 @@ def apply_application(
     code, out = exec_in(ctl_command(spec))
     if code != 0:
         raise FaultFailed(f"{spec.describe()} on {target}: upstream.ctl said {out.strip()}")
-    with contextlib.suppress(ValueError, IndexError, TypeError, AttributeError):
-        now = float(json.loads(out.strip().splitlines()[-1])["ts"])  # when it took effect
+    took_effect = _ctl_answer(out).get("ts")
+    if isinstance(took_effect, int | float):
+        now = float(took_effect)  # the upstream's clock: when it took effect
     expires = None if spec.duration is None else now + spec.duration
-    return ActiveFault(target, spec.describe(), "application", now, expires)
+    return ActiveFault(target, spec.describe(), "application", now, expires, kind=spec.kind)
 
 
 def application_fault(
@@ -325,12 +335,9 @@ def application_fault(
     code, out = exec_in(ctl_command(None, "show"))
     if code != 0:
         return None
-    try:
-        answer = json.loads(out.strip().splitlines()[-1])
-    except (ValueError, IndexError):
-        return None
-    fault = answer.get("fault") if isinstance(answer, dict) else None
-    if not fault:
+    answer = _ctl_answer(out)
+    fault = answer.get("fault")
+    if not isinstance(fault, dict) or not fault:
         return None
     now = time.time()
     left = answer.get("left_s")
@@ -341,4 +348,5 @@ def application_fault(
         "application",
         now,
         None if left is None else now + float(left),
+        kind=str(fault["kind"]),
     )

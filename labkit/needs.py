@@ -42,7 +42,7 @@ def steady_clients(topology: topo.Topology) -> list[str]:
     ]
 
 
-def _reply_upstreams(topology: topo.Topology) -> list[str]:
+def reply_upstreams(topology: topo.Topology) -> list[str]:
     return [u.name for u in topology.upstreams if u.mode == "reply"]
 
 
@@ -67,7 +67,7 @@ def reload_authorization(config: Mapping[str, Any], topology: topo.Topology) -> 
     first moves to reply upstreams it could not reach, the second is denied everywhere,
     the third gains one upstream; the rest keep what they had."""
     reach = allowed(config, topology)
-    replies = _reply_upstreams(topology)
+    replies = reply_upstreams(topology)
     rules: list[dict[str, Any]] = []
     talkers = [c.id for c in topology.clients if not c.transfer]
     for client in topology.clients:

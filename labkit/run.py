@@ -792,7 +792,7 @@ class Run:
         else:
             inject = {"kill": self.kill, "stop": self.stop, "pause": self.pause}
             done = inject.get(spec.kind, self.disconnect)(target)
-            return ActiveFault(target, spec.describe(), "engine", done, None)
+            return ActiveFault(target, spec.describe(), "engine", done, None, kind=spec.kind)
         self.mark("fault", f"{spec.describe()} on {target}", upstream=target, at=active.applied)
         self.active_faults.setdefault(target, []).append(active)
         return active
@@ -830,9 +830,8 @@ class Run:
         elif active.family == "application":
             self.exec(target, ctl_command(None, "clear"))
         else:
-            kind = active.description.split()[0]
             recover = {"kill": self.restart, "stop": self.restart, "pause": self.unpause}
-            return recover.get(kind, self.reconnect)(target)
+            return recover.get(active.kind, self.reconnect)(target)
         return self.mark("recover", f"{active.description} removed from {target}", target)
 
     # --- stopping --------------------------------------------------------------------

@@ -31,6 +31,7 @@ from .steps import (
     Start,
     StartClients,
     StopClients,
+    attempts_since,
     json_object,
     late_transfers,
     preconditions,
@@ -55,15 +56,6 @@ def _proxy_event(event: str, since: str) -> Any:
         return ck.event_after(ctx.lines("proxy"), event, ctx.facts[since] - SLACK)
 
     return condition
-
-
-def _tried_while_draining(ctx: Ctx) -> bool | None:
-    later = [
-        a for a in ctx.attempts(talkers(ctx)) if a.start > ctx.facts["draining"].ts + ACCESS_SLACK
-    ]
-    return (
-        all(sum(1 for a in later if a.client == c) >= STEADY_REPLIES for c in talkers(ctx)) or None
-    )
 
 
 def _logged(who: Any) -> Any:
@@ -228,7 +220,9 @@ SCENARIO = Scenario(
         ),
         Await(
             f"{STEADY_REPLIES} attempts per request/reply client while the proxy drains",
-            _tried_while_draining,
+            attempts_since(
+                talkers, lambda ctx: ctx.facts["draining"].ts + ACCESS_SLACK, STEADY_REPLIES
+            ),
             5,
             sources=talkers,
         ),

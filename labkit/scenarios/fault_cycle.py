@@ -9,7 +9,7 @@ value and ``fault_cycle(fault)`` (see ``failover.py``).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from .. import checks as ck
@@ -149,9 +149,15 @@ def marked_up(ctx: Ctx) -> Iterable[Check]:
     )
 
 
-def _replies_again(ctx: Ctx) -> list[Attempt] | None:
-    replies = ck.replies_from(ctx.attempts(watched(ctx)), ctx.target, ctx.facts["up"].ts - SLACK)
-    return replies if len(replies) >= STEADY_REPLIES else None
+def replies_again(since: Callable[[Ctx], float]) -> Callable[[Ctx], list[Attempt] | None]:
+    """A condition: :data:`STEADY_REPLIES` replies from the target to watched clients
+    after ``since(ctx)`` (the replies)."""
+
+    def condition(ctx: Ctx) -> list[Attempt] | None:
+        replies = ck.replies_from(ctx.attempts(watched(ctx)), ctx.target, since(ctx))
+        return replies if len(replies) >= STEADY_REPLIES else None
+
+    return condition
 
 
 def served_again(ctx: Ctx) -> Iterable[Check]:
@@ -252,7 +258,7 @@ def fault_cycle(fault: Fault) -> tuple[Step, ...]:
         Judge(marked_up),
         Await(
             f"{STEADY_REPLIES} client replies from {{target}} again",
-            _replies_again,
+            replies_again(lambda ctx: ctx.facts["up"].ts - SLACK),
             deadline=15,
             sources=watched,
             save="back",
@@ -283,9 +289,9 @@ def toolkit(
 
 
 def fault_ended(ctx: Ctx) -> bool | None:
-    """A condition: the helpers of the target's network faults have ended by themselves
+    """A condition: the helpers of the run's network faults have ended by themselves
     (their ``--for`` is up)."""
-    helpers = [f.helper for f in ctx.run.active_faults.get(ctx.target, []) if f.helper]
+    helpers = [f.helper for fs in ctx.run.active_faults.values() for f in fs if f.helper]
     return (not any(ctx.run.engine.state(h).get("Running") for h in helpers)) or None
 
 

@@ -19,6 +19,7 @@ from .fault_cycle import (
     choose_target,
     connect_allowance,
     fault_ended,
+    replies_again,
     target_needs,
     toolkit,
 )
@@ -72,11 +73,6 @@ def _up_again(ctx: Ctx) -> Any:
     return ck.first_transition(ctx.health(), ctx.target, "up", ctx.facts["recover"] - 1.0) or (
         ctx.run.health_state(ctx.target) == "up" or None
     )
-
-
-def _replies_again(ctx: Ctx) -> bool | None:
-    replies = ck.replies_from(ctx.attempts(watched(ctx)), ctx.target, ctx.facts["recover"])
-    return len(replies) >= STEADY_REPLIES or None
 
 
 def transitions_bounded(ctx: Ctx) -> Iterable[Check]:
@@ -157,7 +153,12 @@ SCENARIO = Scenario(
             lambda ctx: ctx.facts["window"][0] + 15,
             ["proxy"],
         ),
-        Await(f"{STEADY_REPLIES} replies from {{target}} again", _replies_again, 15, watched),
+        Await(
+            f"{STEADY_REPLIES} replies from {{target}} again",
+            replies_again(lambda ctx: ctx.facts["recover"]),
+            15,
+            watched,
+        ),
         StopClients(),
         Judge(transitions_bounded),
         Judge(only_in_flight_lost),

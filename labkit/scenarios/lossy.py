@@ -13,7 +13,7 @@ from .. import checks as ck
 from .. import topology as topo
 from ..checks import Check, check
 from .common import evidence, names, outcomes
-from .fault_cycle import choose_target, target_needs, toolkit
+from .fault_cycle import choose_target, fault_ended, target_needs, toolkit
 from .reset import choose_echo_target, reset_needs
 from .steps import (
     SLACK,
@@ -50,8 +50,7 @@ def _loss_over(ctx: Ctx) -> bool | None:
     """The helpers removed the loss by themselves (their time is up), and every
     transfer client has started one after that."""
     _, end = _window(ctx)
-    helpers = [f.helper for fs in ctx.run.active_faults.values() for f in fs if f.helper]
-    if any(ctx.run.engine.state(h).get("Running") for h in helpers):
+    if not fault_ended(ctx):
         return None
     after = [any(a.start > end for a in ctx.attempts([c])) for c in transfers(ctx)]
     return all(after) or None

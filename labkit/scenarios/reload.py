@@ -201,7 +201,7 @@ def reload_needs(_config: Mapping[str, Any], topology: topo.Topology) -> list[st
             len([c for c in clients if not c.transfer]) >= 3,
             "three request/reply clients (one moved, one denied, one allowed)",
         ),
-        (len([u for u in topology.upstreams if u.mode == "reply"]) >= 2, "two reply upstreams"),
+        (len(needs.reply_upstreams(topology)) >= 2, "two reply upstreams"),
     )
 
 

@@ -14,7 +14,7 @@ from .. import topology as topo
 from ..checks import Check, check
 from ..logs import Access
 from .common import evidence, names, outcomes
-from .fault_cycle import choose_target, target_needs, toolkit
+from .fault_cycle import choose_target, replies_again, target_needs, toolkit
 from .steps import (
     OBSERVE_ATTEMPTS,
     SLACK,
@@ -37,8 +37,13 @@ HANG = toolkit("hang")
 IDLE_SLACK = 1.5  # seconds past the idle timeout within which the proxy must end it
 
 
+def _idle_of(config: Mapping[str, Any]) -> float:
+    """The proxy's idle timeout (timeouts.idle; 300s by default)."""
+    return topo.parse_duration(str((config.get("timeouts") or {}).get("idle", "300s")))
+
+
 def _idle(ctx: Ctx) -> float:
-    return topo.parse_duration(str((ctx.config.get("timeouts") or {}).get("idle", "300s")))
+    return _idle_of(ctx.config)
 
 
 def _hung(ctx: Ctx) -> list[Access]:
@@ -61,12 +66,6 @@ def _one_timed_out(ctx: Ctx) -> list[Access] | None:
 
 def _first_timeout(ctx: Ctx) -> float:
     return min(a.ts for a in _one_timed_out(ctx) or [])
-
-
-def _replies_again(ctx: Ctx) -> bool | None:
-    since = ctx.facts["recover"]
-    replies = ck.replies_from(ctx.attempts(watched(ctx)), ctx.target, since)
-    return len(replies) >= STEADY_REPLIES or None
 
 
 def ended_at_idle(ctx: Ctx) -> Iterable[Check]:
@@ -134,7 +133,7 @@ def others_served(ctx: Ctx) -> Iterable[Check]:
 
 def slow_needs(config: Mapping[str, Any], topology: topo.Topology) -> list[str]:
     lacking = target_needs(config, topology)
-    idle = topo.parse_duration(str((config.get("timeouts") or {}).get("idle", "300s")))
+    idle = _idle_of(config)
     shortest = min((topo.parse_duration(c.timeout) for c in topology.clients), default=0.0)
     if not 0 < idle < shortest:
         lacking.append(
@@ -167,7 +166,12 @@ SCENARIO = Scenario(
             sources=watched,
         ),
         Recover(HANG),
-        Await(f"{STEADY_REPLIES} replies from {{target}} again", _replies_again, 15, watched),
+        Await(
+            f"{STEADY_REPLIES} replies from {{target}} again",
+            replies_again(lambda ctx: ctx.facts["recover"]),
+            15,
+            watched,
+        ),
         StopClients(),
         Judge(ended_at_idle),
         Judge(others_served),

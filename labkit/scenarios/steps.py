@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -375,15 +376,13 @@ def _steady(ctx: Ctx, step: Steady) -> None:
     want = step.replies
 
     def ready() -> bool | None:
-        attempts = ctx.attempts(clients)
-        per_upstream = {u: 0 for u in reachable}
-        per_client = {c: 0 for c in clients}
-        for a in attempts:
-            if a.ok and a.upstream in per_upstream:
-                per_upstream[a.upstream] += 1
-            if a.ok:
-                per_client[a.client] = per_client.get(a.client, 0) + 1
-        return all(n >= want for n in [*per_upstream.values(), *per_client.values()]) or None
+        replies = [a for a in ctx.attempts(clients) if a.ok]
+        per_upstream = counts_by_upstream(replies)
+        per_client = Counter(a.client for a in replies)
+        return (
+            all(per_upstream[u] >= want for u in reachable)
+            and all(per_client[c] >= want for c in clients)
+        ) or None
 
     ctx.run.wait_for(
         f"steady traffic: >= {want} replies from each of {', '.join(reachable)}",

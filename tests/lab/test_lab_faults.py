@@ -13,9 +13,7 @@ from pathlib import Path
 import pytest
 
 from labkit import LABEL_RUN, Engine, Progress, run_scenario
-from labkit.engine import ContainerSpec
-from labkit.faulting import LABEL_FAULT
-from labkit.images import NETFAULT_IMAGE
+from labkit.faulting import LABEL_FAULT, helper_spec
 from labkit.run import LABEL_NAME
 from tests.lab.helpers import verdict_table
 
@@ -48,14 +46,11 @@ def lab(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
 def rules_in(engine: Engine, container: str) -> str:
     """``iptables -S`` and ``tc qdisc show`` inside a container's network namespace."""
     probe = engine.create_container(
-        ContainerSpec(
-            name=f"l4l-rules-probe-{container[:12]}",
-            image=NETFAULT_IMAGE,
-            labels={"layer4lab.test": "rules-probe"},
-            command=["sh", "-c", "iptables -S; tc qdisc show"],
-            network_mode=f"container:{container}",
-            cap_drop=["ALL"],
-            cap_add=["NET_ADMIN"],
+        helper_spec(
+            container,
+            ["sh", "-c", "iptables -S; tc qdisc show"],
+            {"layer4lab.test": "rules-probe"},
+            f"l4l-rules-probe-{container[:12]}",
         )
     )
     try:
