@@ -170,6 +170,7 @@ class Attempt:
     bytes_sent: int | None = None
     bytes_received: int | None = None
     match: bool | None = None
+    began: float | None = None  # the client's "started" (epoch seconds), if it logged one
 
     @property
     def ok(self) -> bool:
@@ -181,7 +182,9 @@ class Attempt:
 
     @property
     def start(self) -> float:
-        return self.end - self.latency
+        """When it began: the client's own ``started`` (older clients: the line's time
+        less the latency, which is late by however long closing the connection took)."""
+        return self.began if self.began is not None else self.end - self.latency
 
 
 @dataclass(frozen=True, slots=True)
@@ -271,6 +274,7 @@ def attempts_of(lines: Iterable[LogLine]) -> list[Attempt]:
                 upstream=_str(rec.get("upstream")),
                 end=line.ts,
                 latency=(latency or 0.0) / 1000,
+                began=parse_ts(rec.get("started")),
                 error=_str(rec.get("error")),
                 line=line,
                 transfer_bytes=_int(rec.get("transfer_bytes")),

@@ -42,6 +42,7 @@ ATTEMPT_KEYS = {
     "outcome",
     "upstream",
     "reply",
+    "started",
     "latency_ms",
     "error",
 }

@@ -993,3 +993,22 @@ def test_the_alternate_topologies_fit_their_scenarios(scenarios: list[str], topo
         assert set(layout.upstream_names()).isdisjoint(
             topo.load_topology(SCENARIOS[name].topology).upstream_names()
         )  # other names than the scenario's own topology
+
+
+def test_an_attempt_began_when_its_client_says_not_when_the_line_was_written() -> None:
+    """The client writes the line after closing the connection, which can take a second
+    after a timeout; its ``started`` field says when the attempt really began."""
+    logged = line(
+        "client.a",
+        T0 + 3.0,
+        event="attempt",
+        client="client.a",
+        attempt=1,
+        outcome="timeout",
+        started=format_ts(T0),
+        latency_ms=2000.0,
+    )
+    (timed_out,) = attempts_of([logged])
+    assert timed_out.start == pytest.approx(T0)  # not T0 + 1.0 (ts less the latency)
+    older = line("client.a", T0 + 3.0, event="attempt", client="client.a", latency_ms=2000.0)
+    assert attempts_of([older])[0].start == pytest.approx(T0 + 1.0)

@@ -15,7 +15,7 @@ import ssl
 from .attempt import Result, attempt, transfer
 from .config import Config
 from .decide import StopReason, Tally, next_wait, reply_text, stop_reason
-from .logs import JsonLog
+from .logs import JsonLog, utc_timestamp
 
 
 class Runner:
@@ -70,6 +70,9 @@ class Runner:
         loop = asyncio.get_running_loop()
         cfg = self.config
         while (number := self._claim(loop.time())) is not None:
+            # When it began: the line is written after the connection is closed, which
+            # may take a while after the outcome (latency_ms ends at the outcome).
+            began = utc_timestamp()
             if cfg.transfer:
                 result = await transfer(cfg, self.ctx, number)
             else:
@@ -83,6 +86,7 @@ class Runner:
                 outcome=verdict.outcome,
                 upstream=verdict.upstream,
                 reply=reply_text(result.reply),
+                started=began,
                 latency_ms=round(result.latency * 1000, 3),
                 error=verdict.error,
                 **(self._transfer_fields(result) if cfg.transfer else {}),
