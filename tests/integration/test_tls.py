@@ -46,6 +46,8 @@ def bad_context(certs: Path, case: str) -> ssl.SSLContext:
         ("server", "certificate: unsuitable certificate purpose"),  # the proxy's own cert
         ("servereku", "certificate: unsuitable certificate purpose"),
         ("noeku", "client_auth_eku_missing"),
+        ("trailingspace", "identity_has_whitespace: U+0020 at 8"),  # CN 'client.a '
+        ("cyrillic", "identity_not_ascii: U+0441 at 0"),  # CN 'client.a', Cyrillic c
     ],
 )
 def test_bad_client_is_refused_logged_and_never_reaches_an_upstream(
@@ -56,6 +58,10 @@ def test_bad_client_is_refused_logged_and_never_reaches_an_upstream(
     data, how = uvloop.run(attempt(lab.address, bad_context(lab.certs, case)))
     assert data == b""
     assert how != str(End.CLOSE_NOTIFY) or case == "noeku", how
+    if reason.startswith("identity_"):
+        # The chain is good, so the client's TLS 1.3 handshake is over before the proxy
+        # reads the identity: it sees no byte and a bare FIN, never close_notify.
+        assert how == str(End.TCP_EOF), how
     (line,) = lab.logs.wait_for("access", decision="tls_failed")
     assert line["reason"] == reason
     assert line["client"] is None
@@ -194,3 +200,36 @@ def test_a_tcp_probe_is_logged_as_closed_without_data(lab: Lab) -> None:
     uvloop.run(partial_then_fin())
     (_, second) = lab.logs.wait_for("access", count=2)
     assert second["reason"] == "eof_during_handshake"
+
+
+def test_identity_charset_unicode_admits_other_scripts_as_distinct_identities(lab: Lab) -> None:
+    """The proxy applies ``tls.identity_charset``: under ``unicode`` the Cyrillic CN is an
+    identity of its own (not client.a, whose rule does not apply), logged normalized."""
+    lab.start_upstreams(["reply"] * 2)
+    u1 = lab.upstreams[0].address
+    tls = {
+        "ca": str(lab.certs / "ca.pem"),
+        "cert": str(lab.certs / "server.pem"),
+        "key": str(lab.certs / "server.key"),
+        "identity_charset": "unicode",
+    }
+    rules = [{"client": "CLIENT.a", "action": "deny", "upstream": u1}]
+    lab.start_proxy(lab.config(tls=tls, authorization={"rules": rules, "default": "allow"}))
+
+    async def main() -> list[bytes]:
+        got = []
+        for stem in ("mixedcase", "mixedcase", "cyrillic", "cyrillic", "trailingspace"):
+            data, _ = await attempt(lab.address, client_context(lab.certs, stem))
+            got.append(data)
+        return got
+
+    got = uvloop.run(main())
+    assert got[:2] == [b"Reply from upstream u2"] * 2  # Client.A is client.a: denied u1
+    assert sorted(got[2:4]) == [b"Reply from upstream u1", b"Reply from upstream u2"]
+    assert got[4] == b""
+    lines = sorted(lab.logs.wait_for("access", count=5), key=lambda r: r["conn"])
+    assert [r["client"] for r in lines[:4]] == ["client.a"] * 2 + ["\u0441lient.a"] * 2
+    assert (lines[4]["decision"], lines[4]["reason"]) == (
+        "tls_failed",
+        "identity_has_whitespace: U+0020 at 8",
+    )

@@ -1,4 +1,5 @@
-"""Unit tests for l4proxy.authz: ordered rules, first match wins, exact identity match."""
+"""Unit tests for l4proxy.authz: ordered rules, first match wins, exact match of
+normalized identities."""
 
 from __future__ import annotations
 
@@ -10,15 +11,21 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from l4proxy.authz import Authorizer, Verdict
-from l4proxy.config import Action, Config, Rule, parse_config
+from l4proxy.config import IDENTITY_CHARSETS, Action, Config, IdentityCharset, Rule, parse_config
+from l4proxy.identity import normalize_identity
 
 UPSTREAMS = ["127.0.0.1:8000", "127.0.0.1:8001", "127.0.0.1:8002"]
 
 
-def config(rules: list[dict[str, Any]], default: Action = "allow", ups: Any = None) -> Config:
+def config(
+    rules: list[dict[str, Any]],
+    default: Action = "allow",
+    ups: Any = None,
+    charset: IdentityCharset = "ascii",
+) -> Config:
     return parse_config(
         {
-            "tls": {"ca": "ca.pem", "cert": "s.pem", "key": "s.key"},
+            "tls": {"ca": "ca.pem", "cert": "s.pem", "key": "s.key", "identity_charset": charset},
             "upstreams": UPSTREAMS if ups is None else ups,
             "authorization": {"default": default, "rules": rules},
         },
@@ -27,9 +34,12 @@ def config(rules: list[dict[str, Any]], default: Action = "allow", ups: Any = No
 
 
 def authorizer(
-    rules: list[dict[str, Any]], default: Action = "allow", ups: Any = None
+    rules: list[dict[str, Any]],
+    default: Action = "allow",
+    ups: Any = None,
+    charset: IdentityCharset = "ascii",
 ) -> Authorizer:
-    c = config(rules, default, ups)
+    c = config(rules, default, ups, charset)
     return Authorizer(c.authorization.rules, c.authorization.default, c.upstreams)
 
 
@@ -173,7 +183,6 @@ def test_identities_with_punctuation_match_exactly(identity: str) -> None:
         ("client-x", "my-client-x"),
         ("client.a", "clientXa"),  # '.' is not a wildcard
         ("client.a", "client.ab"),
-        ("client.a", "Client.a"),
         ("spiffe://layer4lab/client", "spiffe://layer4lab/client.a"),
         ("spiffe://layer4lab/client.a", "spiffe://layer4lab/client.a/extra"),
         ("spiffe://layer4lab/client.a", "client.a"),
@@ -187,6 +196,59 @@ def test_identities_do_not_match_prefixes_or_suffixes(rule_identity: str, other:
     authz = authorizer([deny(rule_identity, "*")])
     assert authz.allowed(other) == (0, 1, 2)
     assert authz.allowed(rule_identity) == ()
+
+
+# ------------------------------------------------------------------ normalized identities
+
+
+def decisions(authz: Authorizer, spelling: str, charset: IdentityCharset) -> list[Verdict]:
+    """What a certificate naming ``spelling`` gets at each upstream (normalized first,
+    as the proxy does at the handshake)."""
+    identity = normalize_identity(spelling, charset)
+    assert isinstance(identity, str), identity
+    return [authz.decide(identity, u) for u in authz.upstreams]
+
+
+@pytest.mark.parametrize("charset", IDENTITY_CHARSETS)
+@pytest.mark.parametrize("spelling", ["Client.A", "CLIENT.A", "client.A", "cLiEnT.a"])
+def test_a_case_variant_gets_exactly_the_decisions_of_its_identity(
+    spelling: str, charset: IdentityCharset
+) -> None:
+    authz = authorizer(REFERENCE, charset=charset)
+    expected = decisions(authz, "client.a", charset)
+    assert expected == [Verdict("deny", 0), Verdict("allow", None), Verdict("allow", None)]
+    assert decisions(authz, spelling, charset) == expected
+    identity = normalize_identity(spelling, charset)
+    assert identity == "client.a"
+    assert authz.allowed(identity) == (1, 2)
+    # ...and the same for client.c, denied twice by rule 1 and allowed by rule 2.
+    assert decisions(authz, spelling.replace("A", "C").replace("a", "c"), charset) == [
+        Verdict("deny", 1),
+        Verdict("deny", 1),
+        Verdict("allow", 2),
+    ]
+
+
+def test_rules_spelled_in_another_case_decide_the_same() -> None:
+    shouting = [
+        deny("CLIENT.A", "127.0.0.1:8000"),
+        deny("Client.C", ["127.0.0.1:8000", "127.0.0.1:8001"]),
+        allow("Client.C", "127.0.0.1:8002"),  # one spelling per identity (see test_config)
+    ]
+    reference, other = authorizer(REFERENCE), authorizer(shouting)
+    for spelling in ["client.a", "Client.A", "client.b", "client.c", "CLIENT.C", "other"]:
+        assert decisions(other, spelling, "ascii") == decisions(reference, spelling, "ascii")
+
+
+def test_unicode_charset_folds_case_and_canonical_form_but_not_scripts() -> None:
+    authz = authorizer(
+        [deny("caf\u00e9", "*"), deny("client.a", "127.0.0.1:8000")], charset="unicode"
+    )
+    denied_everywhere = [Verdict("deny", 0)] * 3
+    for spelling in ["caf\u00e9", "CAF\u00c9", "cafe\u0301", "CAFE\u0301"]:
+        assert decisions(authz, spelling, "unicode") == denied_everywhere
+    # Cyrillic U+0441 for the c: another identity, which rule 1 does not name.
+    assert decisions(authz, "\u0441lient.a", "unicode") == [Verdict("allow", None)] * 3
 
 
 # ---------------------------------------------------------------------------- the cache

@@ -384,9 +384,34 @@ ERROR_CASES: list[tuple[str, dict[str, Any], str]] = [
     ("bad-default", minimal(authorization={"default": "maybe"}), "authorization.default"),
     ("rules-not-list", minimal(authorization={"rules": {"a": 1}}), "authorization.rules"),
     ("rule-not-mapping", minimal(authorization=rules(GOOD_RULE, "x")), "authorization.rules[1]"),
+    (
+        "rule-client-not-ascii",
+        minimal(authorization=rules(GOOD_RULE, {**GOOD_RULE, "client": "\u0441lient.a"})),
+        "authorization.rules[1].client",
+    ),
+    (
+        "rule-client-in-a-list-with-a-space",
+        minimal(authorization=rules({**GOOD_RULE, "client": ["client.b", "client.a "]})),
+        "authorization.rules[0].client",
+    ),
+    (
+        "rule-client-spelled-two-ways",
+        minimal(authorization=rules(GOOD_RULE, {**GOOD_RULE, "client": "Client.A"})),
+        "authorization.rules[1].client",
+    ),
     # choices
     ("bad-balancer", minimal(balancer="random"), "balancer"),
     ("bad-identity", minimal(tls={**TLS, "identity": "email"}), "tls.identity"),
+    (
+        "bad-identity-charset",
+        minimal(tls={**TLS, "identity_charset": "utf8"}),
+        "tls.identity_charset",
+    ),
+    (
+        "identity-charset-not-a-string",
+        minimal(tls={**TLS, "identity_charset": True}),
+        "tls.identity_charset",
+    ),
     # numbers
     ("rate-zero", minimal(rate_limit={"rate": 0}), "rate_limit.rate"),
     ("rate-negative", minimal(rate_limit={"rate": -1.5}), "rate_limit.rate"),
@@ -499,6 +524,126 @@ def test_rules_accept_lists_and_star() -> None:
         Rule(("*",), "allow", ("*",)),
         Rule(("client.c",), "deny", ("*",)),
     )
+
+
+# ------------------------------------------------------------------ identity normalization
+
+
+def test_identity_charset_defaults_to_ascii_and_accepts_unicode() -> None:
+    assert parse(minimal()).tls.identity_charset == "ascii"
+    unicode = parse(minimal(tls={**TLS, "identity_charset": "unicode"}))
+    assert unicode.tls.identity_charset == "unicode"
+
+
+def test_rule_clients_are_normalized_like_certificate_identities() -> None:
+    config = parse(
+        minimal(
+            authorization=rules(
+                {"client": ["Client.A", "*"], "action": "deny", "upstream": "127.0.0.1:8000"},
+                {"client": "SPIFFE://LAYER4LAB/B", "action": "deny", "upstream": "*"},
+                {"client": "client.c", "action": "allow", "upstream": "*"},
+            )
+        )
+    )
+    assert [r.clients for r in config.authorization.rules] == [
+        ("client.a", "*"),
+        ("spiffe://layer4lab/b",),
+        ("client.c",),
+    ]
+
+
+def test_the_same_spelling_in_several_rules_is_fine() -> None:
+    config = parse(
+        minimal(
+            authorization=rules(
+                {"client": "Client.A", "action": "deny", "upstream": "127.0.0.1:8000"},
+                {"client": ["client.b", "Client.A"], "action": "allow", "upstream": "*"},
+                {"client": ["Client.A", "Client.A"], "action": "deny", "upstream": "*"},
+            )
+        )
+    )
+    assert [r.clients for r in config.authorization.rules] == [
+        ("client.a",),
+        ("client.b", "client.a"),
+        ("client.a", "client.a"),
+    ]
+
+
+def test_spellings_that_collide_after_normalization_name_both() -> None:
+    error = error_of(
+        minimal(
+            authorization=rules(
+                {"client": "Client.A", "action": "deny", "upstream": "127.0.0.1:8000"},
+                {"client": "client.b", "action": "deny", "upstream": "*"},
+                {"client": ["client.c", "client.a"], "action": "allow", "upstream": "*"},
+            )
+        )
+    )
+    assert error.key == "authorization.rules[2].client"
+    assert "'client.a'" in error.problem
+    assert "'Client.A'" in error.problem
+    assert "authorization.rules[0].client" in error.problem
+    assert str(error).startswith("authorization.rules[2].client: ")
+
+
+def test_spellings_that_collide_within_one_rule() -> None:
+    error = error_of(
+        minimal(authorization=rules({**GOOD_RULE, "client": ["client.a", "CLIENT.a"]}))
+    )
+    assert error.key == "authorization.rules[0].client"
+    assert "'CLIENT.a'" in error.problem
+    assert "'client.a'" in error.problem
+
+
+@pytest.mark.parametrize(
+    ("client", "reason"),
+    [
+        ("\u0441lient.a", "identity_not_ascii: U+0441 at 0"),
+        ("client.a ", "identity_has_whitespace: U+0020 at 8"),
+        ("client\ta", "identity_has_whitespace: U+0009 at 6"),
+        ("client\x00a", "identity_has_control: U+0000 at 6"),
+        ("caf\u00e9", "identity_not_ascii: U+00E9 at 3"),
+    ],
+)
+def test_a_rule_client_that_a_certificate_could_not_carry_is_an_error(
+    client: str, reason: str
+) -> None:
+    error = error_of(minimal(authorization=rules(GOOD_RULE, {**GOOD_RULE, "client": client})))
+    assert error.key == "authorization.rules[1].client"
+    assert reason in error.problem
+    assert "tls.identity_charset" in error.problem
+
+
+def test_unicode_charset_accepts_and_normalizes_non_ascii_rule_clients() -> None:
+    config = parse(
+        minimal(
+            tls={**TLS, "identity_charset": "unicode"},
+            authorization=rules(
+                {"client": "\u0441lient.a", "action": "deny", "upstream": "*"},
+                {"client": "CAFE\u0301", "action": "deny", "upstream": "*"},
+                {"client": "client.a", "action": "deny", "upstream": "*"},  # not \u0441lient.a
+            ),
+        )
+    )
+    assert [r.clients for r in config.authorization.rules] == [
+        ("\u0441lient.a",),
+        ("caf\u00e9",),
+        ("client.a",),
+    ]
+    # Canonically equivalent spellings collide; whitespace is still refused.
+    collide = minimal(
+        tls={**TLS, "identity_charset": "unicode"},
+        authorization=rules(
+            {"client": "caf\u00e9", "action": "deny", "upstream": "*"},
+            {"client": "cafe\u0301", "action": "deny", "upstream": "*"},
+        ),
+    )
+    assert error_of(collide).key == "authorization.rules[1].client"
+    spaced = minimal(
+        tls={**TLS, "identity_charset": "unicode"},
+        authorization=rules({"client": "caf\u00e9 ", "action": "deny", "upstream": "*"}),
+    )
+    assert "identity_has_whitespace: U+0020 at 4" in error_of(spaced).problem
 
 
 NAMED = [

@@ -1,8 +1,12 @@
 """Authorization: which upstreams may a client identity reach (pure).
 
 Rules are matched in order against (client identity, upstream); the first match wins,
-otherwise the default applies. Identities are compared as whole strings, so any
-character a certificate allows (``-``, ``.``, ``:``, ``/``) is safe in a rule.
+otherwise the default applies. Identities are compared as whole strings after
+normalization (:func:`l4proxy.identity.normalize_identity`, per ``tls.identity_charset``):
+the rules' client names are normalized when the config is loaded, the certificate's
+identity at the handshake, so ``Client.A`` and ``client.a`` are one identity here and
+this module compares plain strings. Any character an identity may hold (``-``, ``.``,
+``:``, ``/``) is safe in a rule.
 """
 
 from __future__ import annotations

@@ -18,13 +18,19 @@ from typing import Any, Literal, TypeVar, get_args
 
 import yaml
 
+from .identity import Refusal, normalize_identity
+
 IdentitySource = Literal["cn", "san_uri", "san_dns"]
+IdentityCharset = Literal["ascii", "unicode"]
+OnReload = Literal["keep", "close"]
 BalancerName = Literal["least_connections", "round_robin", "power_of_two", "consistent_hash"]
 Action = Literal["allow", "deny"]
 ProxyProtocol = Literal["none", "v2"]
 
 # The accepted spellings, derived from the types so the two cannot drift apart.
 IDENTITY_SOURCES: tuple[IdentitySource, ...] = get_args(IdentitySource)
+IDENTITY_CHARSETS: tuple[IdentityCharset, ...] = get_args(IdentityCharset)
+ON_RELOAD: tuple[OnReload, ...] = get_args(OnReload)
 BALANCERS: tuple[BalancerName, ...] = get_args(BalancerName)
 ACTIONS: tuple[Action, ...] = get_args(Action)
 PROXY_PROTOCOLS: tuple[ProxyProtocol, ...] = get_args(ProxyProtocol)
@@ -67,6 +73,9 @@ class TlsConfig:
     cert: Path
     key: Path
     identity: IdentitySource = "cn"
+    # "ascii": identities are ASCII without whitespace or controls, compared case-folded;
+    # "unicode": any printable text, NFC-normalized and case-folded (see identity.py).
+    identity_charset: IdentityCharset = "ascii"
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +108,8 @@ class Rule:
 class AuthorizationConfig:
     default: Action = "allow"
     rules: tuple[Rule, ...] = ()
+    # "close": a reload closes open connections the new rules (or CA) no longer allow.
+    on_reload: OnReload = "keep"
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,6 +118,8 @@ class Timeouts:
     connect: float = 1.0
     idle: float = 300.0  # 0 disables the idle timeout
     drain: float = 30.0  # after SIGTERM, how long open connections may finish; 0: close at once
+    close: float = 2.0  # once closing, how long buffered bytes may drain before an abort
+    max_lifetime: float = 0.0  # a connection is closed after this long; 0: no limit
 
 
 DEFAULT_LISTEN = Address("0.0.0.0", 8443)  # noqa: S104 - a proxy listens on all interfaces
@@ -130,6 +143,7 @@ class Config:
     timeouts: Timeouts = field(default_factory=Timeouts)
     admin: AdminConfig = field(default_factory=AdminConfig)
     max_connections: int = 0  # open client connections at once, handshakes included; 0: no cap
+    max_handshakes: int = 256  # connections still in their TLS handshake; 0: no separate cap
     proxy_protocol: ProxyProtocol = "none"  # the default for upstreams that do not say
 
 
@@ -279,13 +293,17 @@ _TOP_KEYS = (
     "timeouts",
     "admin",
     "max_connections",
+    "max_handshakes",
     "proxy_protocol",
 )
 
 
 def _parse_tls(raw: Mapping[str, Any], base_dir: Path) -> TlsConfig:
     section = _section(
-        raw, "tls", ("ca", "cert", "key", "identity"), required=("ca", "cert", "key")
+        raw,
+        "tls",
+        ("ca", "cert", "key", "identity", "identity_charset"),
+        required=("ca", "cert", "key"),
     )
 
     def path(name: str) -> Path:
@@ -298,6 +316,12 @@ def _parse_tls(raw: Mapping[str, Any], base_dir: Path) -> TlsConfig:
         key=path("key"),
         identity=_opt(
             section, "identity", "cn", lambda v: _choice(v, "tls.identity", IDENTITY_SOURCES)
+        ),
+        identity_charset=_opt(
+            section,
+            "identity_charset",
+            "ascii",
+            lambda v: _choice(v, "tls.identity_charset", IDENTITY_CHARSETS),
         ),
     )
 
@@ -388,10 +412,47 @@ def _names(value: object, key: str) -> tuple[str, ...]:
     return tuple(_string(item, key) for item in items)
 
 
+def _clients(
+    value: object, key: str, charset: IdentityCharset, seen: dict[str, tuple[str, str]]
+) -> tuple[str, ...]:
+    """A rule's client names, normalized as certificates are (identity.normalize_identity).
+
+    ``seen`` maps each identity named so far to its first spelling and key: naming it again
+    with the same spelling is fine, with another spelling (``Client.A`` after
+    ``client.a``) is an error, as it hides which one the author meant.
+    """
+    items = value if isinstance(value, list) else [value]
+    if not items:
+        raise ConfigError(key, "expected a name, '*' or a non-empty list of names")
+    result: list[str] = []
+    for item in items:
+        if not isinstance(item, str) or not item.strip():
+            raise ConfigError(key, f"expected a non-empty string, got {item!r}")
+        if item == ANY:
+            result.append(ANY)
+            continue
+        identity = normalize_identity(item, charset)
+        if isinstance(identity, Refusal):
+            raise ConfigError(
+                key,
+                f"{item!r} is not a valid identity with tls.identity_charset {charset} "
+                f"({identity.reason}); a certificate naming it would be refused",
+            )
+        first = seen.setdefault(identity, (item, key))
+        if first[0] != item:
+            raise ConfigError(
+                key,
+                f"{item!r} and {first[0]!r} ({first[1]}) are the same identity {identity!r} "
+                "after normalization (case, Unicode form); spell it one way",
+            )
+        result.append(identity)
+    return tuple(result)
+
+
 def _parse_authorization(
-    raw: Mapping[str, Any], upstreams: tuple[Upstream, ...]
+    raw: Mapping[str, Any], upstreams: tuple[Upstream, ...], charset: IdentityCharset
 ) -> AuthorizationConfig:
-    section = _section(raw, "authorization", ("default", "rules"))
+    section = _section(raw, "authorization", ("default", "rules", "on_reload"))
     default: Action = _opt(
         section, "default", "allow", lambda v: _choice(v, "authorization.default", ACTIONS)
     )
@@ -400,6 +461,7 @@ def _parse_authorization(
         raise ConfigError("authorization.rules", "expected a list of rules")
     known = {u.key for u in upstreams} | {u.name for u in upstreams}
     rules: list[Rule] = []
+    seen: dict[str, tuple[str, str]] = {}  # identity -> (first spelling, its key)
     for i, item in enumerate(rules_raw):
         key = f"authorization.rules[{i}]"
         if not isinstance(item, Mapping):
@@ -424,12 +486,15 @@ def _parse_authorization(
                     )
         rules.append(
             Rule(
-                clients=_names(item["client"], f"{key}.client"),
+                clients=_clients(item["client"], f"{key}.client", charset, seen),
                 action=_choice(item["action"], f"{key}.action", ACTIONS),
                 upstreams=tuple(_canonical_target(t, known) for t in targets),
             )
         )
-    return AuthorizationConfig(default=default, rules=tuple(rules))
+    on_reload: OnReload = _opt(
+        section, "on_reload", "keep", lambda v: _choice(v, "authorization.on_reload", ON_RELOAD)
+    )
+    return AuthorizationConfig(default=default, rules=tuple(rules), on_reload=on_reload)
 
 
 def _canonical_target(target: str, known: set[str]) -> str:
@@ -439,7 +504,9 @@ def _canonical_target(target: str, known: set[str]) -> str:
 
 
 def _parse_timeouts(raw: Mapping[str, Any]) -> Timeouts:
-    section = _section(raw, "timeouts", ("handshake", "connect", "idle", "drain"))
+    section = _section(
+        raw, "timeouts", ("handshake", "connect", "idle", "drain", "close", "max_lifetime")
+    )
     d = Timeouts()
     return Timeouts(
         handshake=_opt(
@@ -456,6 +523,13 @@ def _parse_timeouts(raw: Mapping[str, Any]) -> Timeouts:
             "drain",
             d.drain,
             lambda v: parse_duration(v, "timeouts.drain", allow_zero=True),
+        ),
+        close=_opt(section, "close", d.close, lambda v: parse_duration(v, "timeouts.close")),
+        max_lifetime=_opt(
+            section,
+            "max_lifetime",
+            d.max_lifetime,
+            lambda v: parse_duration(v, "timeouts.max_lifetime", allow_zero=True),
         ),
     )
 
@@ -479,24 +553,24 @@ def parse_config(raw: object, base_dir: Path) -> Config:
         raw, "proxy_protocol", "none", lambda v: _choice(v, "proxy_protocol", PROXY_PROTOCOLS)
     )
     upstreams = _parse_upstreams(raw, proxy_protocol)
+    listen = _opt(
+        raw, "listen", DEFAULT_LISTEN, lambda v: parse_address(v, "listen", allow_port_zero=True)
+    )
+    tls = _parse_tls(raw, base_dir)  # before the rules: they are normalized per its charset
     config = Config(
-        listen=_opt(
-            raw,
-            "listen",
-            DEFAULT_LISTEN,
-            lambda v: parse_address(v, "listen", allow_port_zero=True),
-        ),
-        tls=_parse_tls(raw, base_dir),
+        listen=listen,
+        tls=tls,
         upstreams=upstreams,
         balancer=_opt(
             raw, "balancer", "least_connections", lambda v: _choice(v, "balancer", BALANCERS)
         ),
         health_check=_parse_health(raw),
         rate_limit=_parse_rate_limit(raw),
-        authorization=_parse_authorization(raw, upstreams),
+        authorization=_parse_authorization(raw, upstreams, tls.identity_charset),
         timeouts=_parse_timeouts(raw),
         admin=_parse_admin(raw),
         max_connections=_opt(raw, "max_connections", 0, lambda v: _int(v, "max_connections", 0)),
+        max_handshakes=_opt(raw, "max_handshakes", 256, lambda v: _int(v, "max_handshakes", 0)),
         proxy_protocol=proxy_protocol,
     )
     admin = config.admin.listen
