@@ -4,11 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import struct
+import time
+from pathlib import Path
 
+import pytest
 import uvloop
 from prometheus_client.parser import text_string_to_metric_families
 
+from l4proxy import admin, adminctl
+from l4proxy.admin import ADMIN_HEADER, AdminServer, Request, Response
 from tests.support.harness import Lab
+from tests.support.loops import wait_for
 from tests.support.tlsclient import End, TlsClient, client_context, exchange
 
 REPLY = b"Reply from upstream "
@@ -173,3 +180,185 @@ def test_admin_listener_can_be_turned_off(lab: Lab) -> None:
     assert proxy.admin_address is None
     (listening,) = lab.logs.events("listening")
     assert listening["admin"] is None
+
+
+# --- hardening: CSRF, strict parsing, slot deadline, bounded close ---------------------------
+
+
+def admin_server(lab: Lab) -> AdminServer:
+    assert lab.proxy is not None
+    assert lab.proxy.admin is not None
+    return lab.proxy.admin
+
+
+def admin_address(lab: Lab) -> tuple[str, int]:
+    assert lab.proxy is not None
+    assert lab.proxy.admin_address is not None
+    return lab.proxy.admin_address
+
+
+def open_handlers(lab: Lab) -> int:
+    server = admin_server(lab)
+    return lab.proxy_loop.call(lambda: len(server.handlers))
+
+
+def read_to_end(sock: socket.socket) -> bytes:
+    """Everything the peer sends until it closes (EOF or reset)."""
+    chunks = []
+    try:
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    except ConnectionResetError:
+        pass
+    return b"".join(chunks)
+
+
+def test_post_reload_from_a_browser_is_refused_and_reloads_nothing(
+    lab: Lab, tmp_path: Path
+) -> None:
+    lab.start_upstreams(["echo"])
+    path = lab.write_config(tmp_path / "proxy.yaml")
+    lab.start_proxy(path=path)
+    _, before = lab.admin_json("/status")
+    deny_b = {
+        "default": "allow",
+        "rules": [{"client": "client.b", "action": "deny", "upstream": "*"}],
+    }
+    lab.write_config(path, authorization=deny_b)  # a valid edit a reload would apply
+    refusals = [
+        {ADMIN_HEADER: "1", "Origin": "http://example.invalid"},
+        {ADMIN_HEADER: "1", "Origin": "null"},
+        {ADMIN_HEADER: "1", "Sec-Fetch-Site": "cross-site"},
+        {},  # what a cross-site form or fetch() without a preflight can send
+        {"Content-Type": "text/plain", "Origin": "http://example.invalid"},
+    ]
+    for headers in refusals:
+        status, _, body = lab.admin("/reload", "POST", headers=headers)
+        assert status == 403, headers
+        assert body.decode().strip() == admin.CSRF_REFUSAL
+    _, after = lab.admin_json("/status")
+    assert after["config"]["sha256"] == before["config"]["sha256"]
+    assert after["config"]["last_reload"] is None
+    assert lab.logs.events("reload") == []
+    # Our own client (adminctl sends the header) still reloads, and the edit applies.
+    status, body = adminctl.request(*admin_address(lab), "POST", "/reload")
+    assert status == 200, body
+    _, reloaded = lab.admin_json("/status")
+    assert reloaded["config"]["sha256"] != before["config"]["sha256"]
+    assert reloaded["config"]["last_reload"]["result"] == "ok"
+
+
+@pytest.mark.parametrize(
+    "length",
+    [b"\xb2", "\u00b2".encode(), "\u0663".encode(), b"1 2", b"+5", b"9" * 5000],
+    ids=["superscript-latin1", "superscript-utf8", "arabic-indic", "two", "sign", "huge"],
+)
+def test_a_bad_content_length_gets_400_or_413_and_logs_no_error(lab: Lab, length: bytes) -> None:
+    lab.start_upstreams(["echo"])
+    lab.start_proxy()
+    with socket.create_connection(admin_address(lab), timeout=5) as raw:
+        raw.sendall(
+            b"POST /reload HTTP/1.1\r\nHost: x\r\n"
+            + f"{ADMIN_HEADER}: 1\r\n".encode()
+            + b"Content-Length: "
+            + length
+            + b"\r\n\r\n"
+        )
+        answer = read_to_end(raw)
+    expected = b"HTTP/1.1 413 " if length.isdigit() else b"HTTP/1.1 400 "
+    assert answer.startswith(expected), answer
+    assert lab.admin_json("/ready")[0] == 200  # still serving
+    assert lab.logs.events("error") == []
+    assert lab.logs.events("reload") == []
+
+
+def test_a_connection_beyond_max_clients_gets_503_at_the_slot_deadline(
+    lab: Lab, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    slot_timeout = 0.3
+    monkeypatch.setattr(admin, "MAX_CLIENTS", 2)
+    monkeypatch.setattr(admin, "SLOT_TIMEOUT", slot_timeout)
+    lab.start_upstreams(["echo"])
+    lab.start_proxy()
+    address = admin_address(lab)
+    # Two connections that send nothing hold both slots (for REQUEST_TIMEOUT, 5 s).
+    holders = [socket.create_connection(address, timeout=5) for _ in range(2)]
+    try:
+        wait_for("both slots taken", lambda: open_handlers(lab) == 2)
+        # One that gives up while it waits (a reset): nothing to answer, nothing logged.
+        quitter = socket.create_connection(address, timeout=5)
+        wait_for("the quitter waiting", lambda: open_handlers(lab) == 3)
+        quitter.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        quitter.close()
+        wait_for("the quitter gone", lambda: open_handlers(lab) == 2)
+        with socket.create_connection(address, timeout=5) as extra:
+            started = time.monotonic()
+            extra.sendall(b"GET /ready HTTP/1.1\r\nHost: x\r\n\r\n")
+            answer = read_to_end(extra)
+            waited = time.monotonic() - started
+        assert answer.startswith(b"HTTP/1.1 503 "), answer
+        assert b"\r\nRetry-After: 1\r\n" in answer
+        assert waited < slot_timeout + 1.0
+    finally:
+        for sock in holders:
+            sock.close()
+    # The holders' slots come back when they go; none leaked to the refused one.
+    wait_for("the holders gone", lambda: open_handlers(lab) == 0)
+    for _ in range(3):
+        assert lab.admin_json("/ready")[0] == 200
+
+
+def test_a_client_that_stops_reading_is_aborted_after_timeouts_close(
+    lab: Lab, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    drain_timeout, close_timeout = 0.3, 0.3
+    monkeypatch.setattr(admin, "REQUEST_TIMEOUT", drain_timeout)
+    lab.start_upstreams(["echo"])
+    lab.start_proxy(lab.config(timeouts={"close": f"{int(close_timeout * 1000)}ms"}))
+    # A response far larger than the socket buffers can hold (a stand-in for a big
+    # /metrics), so most of it waits in the transport's buffer.
+    big = Response(200, b"m" * (32 * 1024 * 1024))
+    whole = len(big.encode())
+
+    def respond(request: Request) -> Response:
+        return big
+
+    monkeypatch.setattr(admin_server(lab), "respond", respond)
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as client:
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a tiny window
+        client.settimeout(10)
+        client.connect(admin_address(lab))
+        client.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        started = time.monotonic()
+        wait_for("the admin connection to be served", lambda: open_handlers(lab) == 1)
+        wait_for("the admin connection to be closed", lambda: open_handlers(lab) == 0)
+        assert time.monotonic() - started < drain_timeout + close_timeout + 1.0
+        # The proxy aborted the transport: the client gets what the kernel already
+        # held, then EOF (or a reset), never the whole response.
+        got = read_to_end(client)
+    assert 0 < len(got) < whole
+    assert got.startswith(b"HTTP/1.1 200 ")
+    monkeypatch.undo()
+    assert lab.admin_json("/ready")[0] == 200
+
+
+def test_stopping_the_listener_closes_open_admin_connections_at_once_and_quietly(
+    lab: Lab, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(admin, "MAX_CLIENTS", 1)
+    lab.start_upstreams(["echo"])
+    lab.start_proxy()
+    # One connection reading its head, one waiting for the slot.
+    clients = [socket.create_connection(admin_address(lab), timeout=5) for _ in range(2)]
+    try:
+        wait_for("both admin connections open", lambda: open_handlers(lab) == 2)
+        started = time.monotonic()
+        lab.proxy_loop.run(admin_server(lab).stop())
+        assert time.monotonic() - started < 1.0
+        assert open_handlers(lab) == 0
+        for client in clients:
+            assert read_to_end(client) == b""
+    finally:
+        for client in clients:
+            client.close()
+    assert lab.logs.events("error") == []  # a cancelled handler is not an error

@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 import certgen
+from l4proxy.adminctl import ADMIN_HEADERS
 from l4proxy.config import Config, parse_config, read_config
 from l4proxy.logs import JsonLog
 from l4proxy.server import Proxy
@@ -31,7 +32,10 @@ CLIENTS = ("client.a", "client.b", "client.c", "client.d", "client.e", "client-x
 def make_certs(out: Path) -> Path:
     """The standard set plus deliberately bad client certificates:
     ``expired``, ``noeku`` (no extended key usage), ``servereku`` (serverAuth only),
-    ``twodns`` (two DNS SANs), and ``other/`` (a whole set from another CA)."""
+    ``twodns`` (two DNS SANs), and ``other/`` (a whole set from another CA); and CNs
+    that identity normalization is about: ``mixedcase`` (``Client.A``, which is
+    ``client.a``), ``trailingspace`` (``client.a `` ) and ``cyrillic`` (``client.a``
+    with a Cyrillic U+0441 for its ``c``), the last two with no SANs."""
     certgen.generate(out, CLIENTS)
     ca = certgen.load_issued(out, "ca")
     now = dt.datetime.now(dt.UTC)
@@ -50,6 +54,10 @@ def make_certs(out: Path) -> Path:
     certgen.write_issued(
         out, "twodns", certgen.make_client(ca, "client.two", dns=("one.example", "two.example"))
     )
+    certgen.write_issued(out, "mixedcase", certgen.make_client(ca, "Client.A"))
+    for stem, common_name in (("trailingspace", "client.a "), ("cyrillic", "\u0441lient.a")):
+        issued = certgen.make_client(ca, stem, common_name=common_name, uri="", dns=())
+        certgen.write_issued(out, stem, issued)
     certgen.generate(out / "other", ["client.a"])
     return out
 
@@ -207,15 +215,22 @@ class Lab:
         return self.proxy.address
 
     def admin(
-        self, path: str, method: str = "GET", body: bytes | None = None
+        self,
+        path: str,
+        method: str = "GET",
+        body: bytes | None = None,
+        headers: dict[str, str] | None = None,
     ) -> tuple[int, dict[str, str], bytes]:
-        """One request to the proxy's admin listener: status, headers, body."""
+        """One request to the proxy's admin listener: status, headers, body. A POST
+        carries the admin header, as adminctl's do, unless ``headers`` is given."""
         assert self.proxy is not None
         assert self.proxy.admin_address is not None
         host, port = self.proxy.admin_address
+        if headers is None:
+            headers = dict(ADMIN_HEADERS) if method == "POST" else {}
         conn = http.client.HTTPConnection(host, port, timeout=10)
         try:
-            conn.request(method, path, body=body)
+            conn.request(method, path, body=body, headers=headers)
             response = conn.getresponse()
             return response.status, dict(response.getheaders()), response.read()
         finally:
@@ -245,17 +260,20 @@ class Lab:
         return self.proxy_loop.call(lambda: [h.state.value for h in proxy.router.pool.health])
 
     def close(self) -> None:
+        errors: list[dict[str, Any]] = []
         try:
             if self.proxy is not None:
                 self.proxy_loop.run(self.proxy.stop())
-                # An exception escaping a proxy callback is a bug, whatever the test.
                 errors = self.logs.events("error")
-                assert not errors, f"the proxy logged unexpected errors: {errors}"
+            # Stopped whatever the proxy logged: closing a uvloop loop that still has
+            # a listening server waits for ever.
             for upstream in self.upstreams:
                 self.up_loop.run(upstream.stop())
         finally:
             self.proxy_loop.stop()
             self.up_loop.stop()
+        # An exception escaping a proxy callback is a bug, whatever the test.
+        assert not errors, f"the proxy logged unexpected errors: {errors}"
 
 
 def iter_lab(certs: Path) -> Iterator[Lab]:

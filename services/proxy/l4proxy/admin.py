@@ -1,17 +1,37 @@
 """The admin listener: ``/metrics``, ``/status``, ``/ready`` and ``POST /reload``.
 
 A deliberately small HTTP/1.1 server on the proxy's own event loop (so it reads the
-proxy's state without locks): one request per connection, bounded head size, a read
-deadline, ``Connection: close``. It binds to loopback by default; it has no
-authentication, so only expose it where whoever reaches it may reload the proxy and
-read its counters (``POST /reload`` only re-reads the file already configured).
+proxy's state without locks): one request per connection, ``Connection: close``.
+
+Bounds: at most ``MAX_CLIENTS`` connections are served at once; one more waits for a
+slot up to ``SLOT_TIMEOUT`` and then gets 503 (``Retry-After: 1``). The request head
+is at most ``HEAD_LIMIT`` bytes (431 beyond) and must arrive within
+``REQUEST_TIMEOUT`` (408); the response must drain within ``REQUEST_TIMEOUT`` too.
+Once the listener closes a connection, buffered bytes get ``timeouts.close`` seconds
+to reach the client, then the transport is aborted, so a client that stops reading
+cannot pin a socket or a buffered response.
+
+The parser is strict (:func:`parse_request`): an ASCII head, an uppercase method, an
+origin-form target, ``HTTP/1.0`` or ``HTTP/1.1``, token header names, visible-ASCII
+values, no line folding, a ``Content-Length`` of ASCII digits (one value), no
+``Transfer-Encoding``. Anything else is a 400 response (413 for a body over
+``BODY_LIMIT``), never an exception.
+
+It binds to loopback by default and has no authentication, so only expose it where
+whoever reaches it may reload the proxy and read its counters (``POST /reload`` only
+re-reads the file already configured). Browsers are kept out of ``POST /reload``: it
+is refused (403) when it carries ``Origin`` (any value: browsers send it on every
+POST, and under DNS rebinding a hostile page looks same-origin) or a
+``Sec-Fetch-Site`` other than ``none``, or when it lacks ``X-L4proxy-Admin`` (a
+custom header: a cross-site page cannot send it without a CORS preflight, which this
+listener never grants). ``adminctl`` sends that header; GET routes do not need it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
+import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -26,19 +46,30 @@ from prometheus_client.core import (
 )
 from prometheus_client.process_collector import ProcessCollector
 
+from .closing import reset
 from .health import Health
 
 if TYPE_CHECKING:
     from .server import Proxy
 
+# MAX_CLIENTS and the timeouts are read when an AdminServer is made (not at import), so
+# tests can set smaller values first; the constructor takes them too.
 HEAD_LIMIT = 16 * 1024  # request line + headers
 BODY_LIMIT = 64 * 1024  # POST bodies are read and ignored
-REQUEST_TIMEOUT = 5.0
-MAX_CLIENTS = 32  # admin connections served at once; more wait in the backlog
+REQUEST_TIMEOUT = 5.0  # to read the request head and body; and to drain the response
+SLOT_TIMEOUT = REQUEST_TIMEOUT  # how long a connection beyond MAX_CLIENTS waits: then 503
+MAX_CLIENTS = 32  # admin connections served at once (slots are held until closed)
+
+# The header our own client (adminctl) sends; a POST /reload without it is refused.
+ADMIN_HEADER = "X-L4proxy-Admin"
+CSRF_REFUSAL = (
+    f"cross-site requests are refused: POST /reload needs the {ADMIN_HEADER} header and no Origin"
+)
 
 REASONS = {
     200: "OK",
     400: "Bad Request",
+    403: "Forbidden",
     404: "Not Found",
     405: "Method Not Allowed",
     408: "Request Timeout",
@@ -56,11 +87,8 @@ REASONS = {
 class Request:
     method: str
     path: str
-    headers: dict[str, str]
-
-    @property
-    def content_length(self) -> int:
-        return int(self.headers.get("content-length", "0"))
+    headers: dict[str, str]  # lower-case names; repeated fields joined with ", "
+    content_length: int = 0  # validated by parse_request: 0..BODY_LIMIT
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,35 +120,80 @@ def text_response(status: int, text: str) -> Response:
     return Response(status, text.encode() + b"\n")
 
 
+# RFC 9110/9112 grammar, ASCII only (re.ASCII, and explicit classes: never str.isdigit).
+_METHOD = re.compile(r"[A-Z]+", re.ASCII)
+_TARGET = re.compile(r"/[\x21-\x7e]*", re.ASCII)  # origin-form, visible ASCII
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+", re.ASCII)  # tchar
+_FIELD_VALUE = re.compile(r"[\t\x20-\x7e]*", re.ASCII)  # no controls, no obs-text
+_DIGITS = re.compile(r"[0-9]+", re.ASCII)
+VERSIONS = ("HTTP/1.0", "HTTP/1.1")
+
+
 def parse_request(head: bytes) -> Request | Response:
-    """The request line and headers (up to the blank line), or the error response."""
+    """The request line and headers (up to the blank line), or the error response.
+
+    Total: any bytes give a :class:`Request` or a 400/413 :class:`Response`."""
     try:
-        text = head.decode("latin-1")
-    except UnicodeDecodeError:  # pragma: no cover - latin-1 decodes any byte
-        return text_response(400, "bad request")
-    lines = text.split("\r\n")
+        text = head.decode("ascii")
+    except UnicodeDecodeError:
+        return text_response(400, "bad request: the head must be ASCII")
+    lines = text.removesuffix("\r\n\r\n").split("\r\n")
     parts = lines[0].split(" ")
-    if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
+    if len(parts) != 3:
         return text_response(400, "bad request line")
-    method, target, _version = parts
+    method, target, version = parts
+    if not _METHOD.fullmatch(method):
+        return text_response(400, "bad request line: bad method")
+    if not _TARGET.fullmatch(target):
+        return text_response(400, "bad request line: the target must be a path")
+    if version not in VERSIONS:
+        return text_response(400, "bad request line: HTTP/1.0 or HTTP/1.1 only")
     headers: dict[str, str] = {}
+    lengths: set[str] = set()
     for line in lines[1:]:
-        if not line:
-            continue
-        name, sep, value = line.partition(":")
-        if not sep or not name or name != name.strip():
+        if line[:1] in (" ", "\t"):
+            return text_response(400, "bad header line: obsolete line folding")
+        name, sep, raw = line.partition(":")
+        if not sep or not _TOKEN.fullmatch(name):
             return text_response(400, "bad header line")
-        headers[name.lower()] = value.strip()
-    length = headers.get("content-length", "0")
-    if not length.isdigit():
-        return text_response(400, "bad Content-Length")
-    if int(length) > BODY_LIMIT:
-        return text_response(413, "body too large")
+        if not _FIELD_VALUE.fullmatch(raw):
+            return text_response(400, "bad header value")
+        key, value = name.lower(), raw.strip(" \t")
+        if key == "content-length":
+            lengths.add(value)
+        headers[key] = f"{headers[key]}, {value}" if key in headers else value
+    content_length = 0
+    if lengths:
+        if len(lengths) != 1:
+            return text_response(400, "bad Content-Length: differing values")
+        (length,) = lengths
+        if not _DIGITS.fullmatch(length):
+            return text_response(400, "bad Content-Length")
+        digits = length.lstrip("0")
+        # Compare lengths before int(): a huge digit string is 413, not a ValueError.
+        if len(digits) > len(str(BODY_LIMIT)) or int(digits or "0") > BODY_LIMIT:
+            return text_response(413, "body too large")
+        content_length = int(digits or "0")
+        headers["content-length"] = str(content_length)
     if "transfer-encoding" in headers:
         return text_response(400, "chunked bodies are not supported")
     path = target.split("?", 1)[0]
-    return Request(method, path, headers)
+    return Request(method, path, headers, content_length)
 
+
+def cross_site(request: Request) -> bool:
+    """Whether a state-changing request may come from a browser page (CSRF): it carries
+    ``Origin`` or non-``none`` ``Sec-Fetch-Site``, or lacks our client's own header."""
+    headers = request.headers
+    return (
+        "origin" in headers
+        or headers.get("sec-fetch-site", "none") != "none"
+        or ADMIN_HEADER.lower() not in headers
+    )
+
+
+# Answered to a connection that found no free slot within SLOT_TIMEOUT.
+BUSY = Response(503, b"busy: too many admin connections, try again\n", headers={"Retry-After": "1"})
 
 # Path -> methods it answers. GET paths also answer HEAD.
 ROUTES: dict[str, tuple[str, ...]] = {
@@ -354,13 +427,25 @@ def _iso(unix: float) -> str:
 
 
 class AdminServer:
-    def __init__(self, proxy: Proxy) -> None:
+    def __init__(
+        self,
+        proxy: Proxy,
+        *,
+        max_clients: int | None = None,
+        request_timeout: float | None = None,
+        slot_timeout: float | None = None,
+    ) -> None:
         self.proxy = proxy
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(ProxyCollector(proxy))
         ProcessCollector(registry=self.registry)
         self.server: asyncio.Server | None = None
-        self.slots = asyncio.Semaphore(MAX_CLIENTS)
+        self.max_clients = MAX_CLIENTS if max_clients is None else max_clients
+        self.request_timeout = REQUEST_TIMEOUT if request_timeout is None else request_timeout
+        self.slot_timeout = SLOT_TIMEOUT if slot_timeout is None else slot_timeout
+        self.slots = asyncio.Semaphore(self.max_clients)
+        # One task per open connection, from accept until its transport is closed or
+        # aborted (so an empty set means no admin socket is left open).
         self.handlers: set[asyncio.Task[None]] = set()
 
     async def start(self, host: str, port: int) -> tuple[str, int]:
@@ -384,6 +469,8 @@ class AdminServer:
         allowed = (*methods, "HEAD") if "GET" in methods else methods
         if request.method not in allowed:
             return Response(405, b"method not allowed\n", headers={"Allow": ", ".join(allowed)})
+        if request.method == "POST" and cross_site(request):
+            return text_response(403, CSRF_REFUSAL)
         proxy = self.proxy
         if request.path == "/metrics":
             return Response(200, generate_latest(self.registry), CONTENT_TYPE_LATEST)
@@ -410,25 +497,56 @@ class AdminServer:
         task = asyncio.current_task()
         if task is not None:
             self.handlers.add(task)
+        slot = False
         try:
-            async with self.slots:
+            try:
+                async with asyncio.timeout(self.slot_timeout):
+                    slot = await self.slots.acquire()
+            except TimeoutError:
+                response, head_only = BUSY, False  # the request is not read
+            else:
                 response, head_only = await self._read_and_route(reader)
-                writer.write(response.encode(head_only=head_only))
-                async with asyncio.timeout(REQUEST_TIMEOUT):
-                    await writer.drain()
+            if writer.transport.is_closing():
+                return  # the client reset while it waited: writing would raise
+            writer.write(response.encode(head_only=head_only))
+            async with asyncio.timeout(self.request_timeout):
+                await writer.drain()
         except (ConnectionError, TimeoutError):
-            pass  # the client went away or stalled: nothing to answer
+            pass  # the client went away or stalled: nothing more to answer
+        except asyncio.CancelledError:
+            # stop(): the transport is aborted below. Ending normally, since asyncio
+            # 3.11 logs a cancelled client_connected_cb task as an error.
+            pass
         finally:
-            writer.close()
-            with contextlib.suppress(ConnectionError, TimeoutError):
-                async with asyncio.timeout(1.0):
-                    await writer.wait_closed()
-            if task is not None:
-                self.handlers.discard(task)
+            try:
+                await self._close(writer)
+            finally:
+                if slot:
+                    self.slots.release()
+                if task is not None:
+                    self.handlers.discard(task)
+
+    async def _close(self, writer: asyncio.StreamWriter) -> None:
+        """Close the connection: what is still buffered gets ``timeouts.close`` seconds
+        to reach the client (none when the listener is stopping), then the transport
+        is aborted, so a client that stops reading cannot keep it (and its buffered
+        response) open."""
+        writer.close()
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            reset(writer.transport)
+            return
+        try:
+            async with asyncio.timeout(self.proxy.config.timeouts.close):
+                await writer.wait_closed()
+        except (TimeoutError, asyncio.CancelledError):  # out of time, or stop(): see _serve
+            reset(writer.transport)
+        except ConnectionError:
+            pass  # closed by a reset: nothing is left to free
 
     async def _read_and_route(self, reader: asyncio.StreamReader) -> tuple[Response, bool]:
         try:
-            async with asyncio.timeout(REQUEST_TIMEOUT):
+            async with asyncio.timeout(self.request_timeout):
                 head = await reader.readuntil(b"\r\n\r\n")
                 request = parse_request(head)
                 if isinstance(request, Response):

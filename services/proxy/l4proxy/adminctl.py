@@ -18,6 +18,10 @@ from pathlib import Path
 from .config import ConfigError, load_config
 
 DEFAULT_CONFIG = Path("/etc/l4proxy/config.yaml")
+# Sent with every request: the listener refuses POST /reload without it (a browser page
+# cannot add it without a CORS preflight). The same name as admin.ADMIN_HEADER, which
+# is not imported so that the HEALTHCHECK does not load prometheus_client.
+ADMIN_HEADERS = {"X-L4proxy-Admin": "1"}
 TIMEOUT = 5.0
 WILDCARDS = {"0.0.0.0": "127.0.0.1", "::": "::1"}  # noqa: S104 - mapped to loopback
 COMMANDS = {
@@ -31,7 +35,7 @@ COMMANDS = {
 def request(host: str, port: int, method: str, path: str) -> tuple[int, bytes]:
     conn = http.client.HTTPConnection(host, port, timeout=TIMEOUT)
     try:
-        conn.request(method, path)
+        conn.request(method, path, headers=ADMIN_HEADERS)
         response = conn.getresponse()
         return response.status, response.read()
     finally:
