@@ -46,8 +46,11 @@ def test_reference_authorization_table(lab: Lab) -> None:
     assert set(replies(lab, "client.a", 6)) == {"u2", "u3"}
     assert set(replies(lab, "client.c", 6)) == {"u3"}
     assert set(replies(lab, "client.b", 6)) == {"u1", "u2", "u3"}  # ties rotate
-    lines = lab.logs.wait_for("access", count=18)
+    # CN 'Client.A' is client.a (X.509 names are case-insensitive): denied u1 as well.
+    assert set(replies(lab, "mixedcase", 6)) == {"u2", "u3"}
+    lines = lab.logs.wait_for("access", count=24)
     assert {r["decision"] for r in lines} == {"forwarded"}
+    assert [r["client"] for r in lines[18:]] == ["client.a"] * 6  # the normalized form
     assert lab.active() == [0, 0, 0]
 
 
@@ -85,7 +88,7 @@ def test_rate_limit_admits_the_burst_rejects_the_rest_and_spares_other_clients(l
     got = replies(lab, "client.b", 8)
     assert got[:4] == ["u1"] * 4
     assert got[4:] == [None] * 4
-    limited = lab.logs.events("access", decision="rate_limited")
+    limited = lab.logs.wait_for("access", count=4, decision="rate_limited")
     assert len(limited) == 4
     assert {r["reason"] for r in limited} == {"rate"}
     # A refused connection cost no upstream slot: only admitted ones reached the upstream.

@@ -13,6 +13,7 @@ import contextlib
 import enum
 import ssl
 from pathlib import Path
+from typing import cast
 
 
 class End(enum.Enum):
@@ -62,13 +63,14 @@ class TlsClient:
             tls = ctx.wrap_bio(incoming, outgoing, server_hostname=server_hostname)
             client = cls(reader, writer, tls, incoming, outgoing)
             try:
-                await client._handshake()
+                await client.handshake()
             except BaseException:
                 writer.close()
                 raise
             return client
 
-    async def _handshake(self) -> None:
+    async def handshake(self) -> None:
+        """Run (or finish) the TLS handshake over the connected stream."""
         while True:
             try:
                 self.tls.do_handshake()
@@ -98,6 +100,11 @@ class TlsClient:
         with contextlib.suppress(ssl.SSLWantReadError):
             self.tls.unwrap()
         await self._flush()
+
+    def stop_reading(self) -> None:
+        """Stop reading from the socket (its receive window fills up)."""
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        cast("asyncio.Transport", self.writer.transport).pause_reading()
 
     async def shutdown_write(self) -> None:
         """Half-close at the TCP level only (FIN without close_notify)."""

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from .authz import Authorizer
 from .balancer import Lease, NoUpstream, UpstreamPool, make_strategy
-from .config import Config
+from .config import Config, Upstream
 from .health import Transition
 from .ratelimit import Limited, RateLimiter, Ticket
 
@@ -115,6 +115,11 @@ class Router:
         admission.lease = picked
         admission.tried.append(picked.upstream.key)
         return transition, picked
+
+    def permits(self, identity: str, upstream: Upstream) -> bool:
+        """May ``identity`` reach ``upstream`` under the current rules (revocation on
+        reload asks this of every open connection)."""
+        return self.authorizer.decide(identity, upstream).allowed
 
     def check_result(self, index: int, ok: bool, now: float, reason: str) -> Transition | None:
         return self.pool.health[index].observe(ok, now, reason)

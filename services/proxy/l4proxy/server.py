@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import enum
 import errno
 import itertools
@@ -34,6 +35,7 @@ from typing import Any, Protocol, cast
 
 from . import proxyproto
 from .admin import AdminServer
+from .closing import reset
 from .config import Address, Config, ConfigError, Upstream, check_files, read_config, restart_needed
 from .health import Health, Transition
 from .identity import IdentityCache, NoIdentity
@@ -41,7 +43,7 @@ from .logs import JsonLog, utc_timestamp
 from .metrics import Stats
 from .resolver import Resolver
 from .router import Admission, Rejected, Router
-from .tls import certificate_facts, server_context
+from .tls import certificate_facts, issued_by_any, server_context, trust_anchors
 
 READ_SIZE = 256 * 1024
 MAX_RECORD = 16 * 1024  # the most plaintext one TLS record can carry
@@ -49,6 +51,9 @@ MAX_RECORD = 16 * 1024  # the most plaintext one TLS record can carry
 # flow control only sees what is written, so what is held must stay small.
 HOLD_LIMIT = 64 * 1024
 LINGER = 1.0  # seconds a refused client gets to read our goodbye before we close
+# A handshake that made progress (its ClientHello got our reply) less than this long ago
+# is not evicted to make room for a new connection (see Proxy.handshake_victim).
+HANDSHAKE_GRACE = 1.0
 HIGH_WATER = 256 * 1024
 LOW_WATER = 64 * 1024
 
@@ -195,6 +200,7 @@ class ClientConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.peer = "-"
         self.started = time.monotonic()  # for the log: uvloop's loop.time() is in whole ms
+        self.accepted = self.loop.time()
         self.incoming = ssl.MemoryBIO()
         self.outgoing = ssl.MemoryBIO()
         self.tls = proxy.ssl_context.wrap_bio(self.incoming, self.outgoing, server_side=True)
@@ -214,7 +220,16 @@ class ClientConnection(asyncio.Protocol):
         self.upstream_paused = False
         self.handshake_ms: float | None = None
         self.got_bytes = False  # has the client sent anything (set during the handshake)
+        self.progressed: float | None = None  # loop time of the handshake's last progress
         self.attempts = 0
+        self.lifetime_timer: asyncio.TimerHandle | None = None
+        # Ending: the decision and reason wait here until the client's socket is gone.
+        self.decision = ""
+        self.reason = ""
+        self.client_gone = False  # connection_lost has been called (or never will be)
+        self.close_kind = "graceful"  # graceful | abort | forced | peer (the access line)
+        self.unsent = 0  # bytes a forced close threw away
+        self.logged = False
 
     # --- asyncio callbacks from the client's TCP transport ------------------------------
 
@@ -225,16 +240,20 @@ class ClientConnection(asyncio.Protocol):
         self.peer = _peer(transport)
         proxy = self.proxy
         proxy.stats.accepted += 1
-        cap = proxy.config.max_connections
-        if cap and len(proxy.connections) >= cap:
-            # Over the global cap: no TLS work at all for this one. A bare close is the
-            # cheapest refusal; the access line and the capacity event say why.
+        full = proxy.full()
+        if full is not None and not proxy.evict_handshake(full):
+            # Over a cap, and no handshake may make room: no TLS work at all for this
+            # one. A reset is the cheapest refusal; the access line and the capacity
+            # event say why.
             self.state = State.CLOSED
+            self.close_kind = "abort"
+            self.client_gone = True
             transport.abort()
-            proxy.over_capacity(self)
+            proxy.over_capacity(self, full)
             return
         transport.set_write_buffer_limits(high=HIGH_WATER, low=LOW_WATER)
         proxy.connections.add(self)
+        proxy.handshaking[self] = None
         self.timer = self.loop.call_later(proxy.config.timeouts.handshake, self._handshake_timeout)
 
     def data_received(self, data: bytes) -> None:
@@ -254,7 +273,8 @@ class ClientConnection(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         if self.state is State.CLOSED:
-            return False  # a lingering refused client has read our goodbye: close now
+            self._close_client()  # a lingering refused client has read our goodbye
+            return True
         self.incoming.write_eof()
         if self.state is State.HANDSHAKE:
             # A TCP probe (connect, then close) sends nothing at all: say so.
@@ -270,10 +290,11 @@ class ClientConnection(asyncio.Protocol):
         return self.state is State.CLOSED
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.client_gone = True
         if self.state is State.CLOSED:
-            self._cancel_timer()  # a linger timer, if any
-            self.proxy.lingering.discard(self)
+            self._gone()
             return
+        self.close_kind = "peer"
         if self.state is State.HANDSHAKE:
             self._finish("tls_failed", "connection_lost_during_handshake")
         elif self.state is State.FORWARDING:
@@ -328,6 +349,13 @@ class ClientConnection(asyncio.Protocol):
         try:
             self.tls.do_handshake()
         except ssl.SSLWantReadError:
+            if self.outgoing.pending:
+                # Our next flight: the client's last one was whole. That is progress;
+                # bytes that do not complete a flight (a slow drip) are not.
+                self.progressed = self.loop.time()
+                handshaking = self.proxy.handshaking
+                handshaking.pop(self, None)
+                handshaking[self] = None  # to the back of the eviction order
             self._flush_tls()
             return
         except ssl.SSLError as exc:
@@ -337,6 +365,7 @@ class ClientConnection(asyncio.Protocol):
         self._flush_tls()
         self.handshake_ms = round((time.monotonic() - self.started) * 1000, 3)
         self._cancel_timer()
+        self.proxy.handshake_done(self)
         der = self.tls.getpeercert(binary_form=True)
         found = self.proxy.identities.lookup(der) if der else NoIdentity("no_client_certificate")
         if isinstance(found, NoIdentity):
@@ -412,6 +441,10 @@ class ClientConnection(asyncio.Protocol):
             side.resume_after_attach()
         if self.proxy.config.timeouts.idle > 0:
             self.timer = self.loop.call_later(self.proxy.config.timeouts.idle, self._check_idle)
+        lifetime = self.proxy.config.timeouts.max_lifetime
+        if lifetime > 0:
+            left = self.started + lifetime - time.monotonic()
+            self.lifetime_timer = self.loop.call_later(max(0.0, left), self._lifetime_over)
         if self.transport is not None and not self.transport.is_closing():
             self.transport.resume_reading()
         self._pump_from_client()  # bytes that arrived with or after the handshake
@@ -563,6 +596,21 @@ class ClientConnection(asyncio.Protocol):
         self.timer = None
         self._finish("forwarded", "idle_timeout", close_notify=True)
 
+    def _lifetime_over(self) -> None:
+        self.lifetime_timer = None
+        if self.state is State.FORWARDING:
+            self._finish("forwarded", "max_lifetime", close_notify=True)
+
+    def evict(self, why: str) -> None:
+        """Reset a stalled handshake to make room for a new connection."""
+        self._finish("over_capacity", f"handshake_evicted: {why}", abort_client=True)
+
+    def revoke(self) -> None:
+        """A reload no longer lets this connection's identity reach its upstream (or its
+        certificate no longer verifies): end it like a drain timeout does."""
+        decision = "forwarded" if self.state is State.FORWARDING else "aborted"
+        self._finish(decision, "revoked", close_notify=True)
+
     # --- ending --------------------------------------------------------------------------
 
     def _cancel_timer(self) -> None:
@@ -591,26 +639,39 @@ class ClientConnection(asyncio.Protocol):
         close_notify: bool = False,
         linger: bool = False,
     ) -> None:
-        """Close both sides, give back every slot, write the access-log line.
+        """Decide the end: give back every slot, close both sides (bounded), and write
+        the access-log line once the client's socket is gone.
 
         ``linger``: send our goodbye (alert or close_notify) and a FIN, then discard what
         the client still sends until its EOF or :data:`LINGER` seconds. Closing at once
         with unread input would make the kernel send a reset, which can destroy the
-        goodbye before the client reads it."""
+        goodbye before the client reads it.
+
+        A graceful close gives the bytes still buffered ``timeouts.close`` to reach the
+        peer, then aborts (RST): a peer that stopped reading cannot hold a socket."""
         if self.state is State.CLOSED:
             return
         self.state = State.CLOSED
+        self.decision = decision
+        self.reason = reason
         self._cancel_timer()
+        if self.lifetime_timer is not None:
+            self.lifetime_timer.cancel()
+            self.lifetime_timer = None
         if self.dial_task is not None:
             self.dial_task.cancel()
             self.dial_task = None
         if self.admission is not None:
             self.admission.release()
             self.admission = None
-        self.proxy.flush_writes()  # nothing overtakes a held write
+        proxy = self.proxy
+        proxy.handshake_done(self)
+        proxy.flush_writes()  # nothing overtakes a held write
         client = self.transport
-        if client is not None and not client.is_closing():
+        if client is not None and not self.client_gone and not client.is_closing():
             if abort_client:
+                self.close_kind = "abort"
+                self.client_gone = True  # an abort frees the socket: nothing to wait for
                 client.abort()
             else:
                 if close_notify:
@@ -618,17 +679,47 @@ class ClientConnection(asyncio.Protocol):
                 if linger and client.can_write_eof():
                     client.write_eof()
                     client.resume_reading()
-                    self.timer = self.loop.call_later(LINGER, client.close)
-                    self.proxy.lingering.add(self)
+                    self.timer = self.loop.call_later(LINGER, self._close_client)
                 else:
-                    client.close()
+                    self._close_client()
         upstream = self.upstream_transport
         if upstream is not None and not upstream.is_closing():
             if abort_upstream:
                 upstream.abort()
             else:
-                upstream.close()
-        self.proxy.connection_closed(self, decision, reason)
+                proxy.close_bounded(upstream)
+        if self.client_gone:
+            self._gone()
+
+    def _close_client(self) -> None:
+        """Close the client's side after its buffered bytes, within ``timeouts.close``."""
+        client = self.transport
+        if client is None or self.client_gone or client.is_closing():
+            return  # gone, or already closing under its own deadline
+        self._cancel_timer()  # a linger timer
+        client.close()
+        if client.get_write_buffer_size():
+            self.timer = self.loop.call_later(self.proxy.config.timeouts.close, self.force_close)
+
+    def force_close(self) -> None:
+        """``timeouts.close`` is over and the client has not taken its bytes: reset."""
+        self.timer = None
+        client = self.transport
+        if client is None or self.client_gone:
+            return
+        self.close_kind = "forced"
+        self.unsent = client.get_write_buffer_size()
+        self.client_gone = True
+        reset(client)
+        self._gone()
+
+    def _gone(self) -> None:
+        """The client's socket is gone (or going, reset): account and log, once."""
+        if self.logged or self.state is not State.CLOSED:
+            return
+        self.logged = True
+        self._cancel_timer()
+        self.proxy.connection_closed(self, self.decision, self.reason)
 
 
 @dataclass(frozen=True, slots=True)
@@ -662,11 +753,15 @@ class Proxy:
         self.log = log or JsonLog()
         self.router = Router(config)
         self.ssl_context = server_context(config.tls)
+        self.ca_pem = _read(config.tls.ca)  # as loaded: a reload compares (revocation)
         self.certificate = certificate_facts(config.tls.cert)  # what /status shows
-        self.identities = IdentityCache(config.tls.identity)
+        self.identities = IdentityCache(config.tls.identity, charset=config.tls.identity_charset)
         self.stats = Stats()
+        # Every client connection with a socket: handshaking, served, or closing.
         self.connections: set[ClientConnection] = set()
-        self.lingering: set[ClientConnection] = set()  # refused, reading our goodbye
+        # Those still in their TLS handshake, oldest progress first (eviction order).
+        self.handshaking: dict[ClientConnection, None] = {}
+        self.emptied: asyncio.Future[None] | None = None  # see wait_empty
         # Decrypted client bytes, one chunk at a time: reused while the upstream
         # transports send what they are given at once (see ClientConnection._send_up).
         self.read_buffer = memoryview(bytearray(READ_SIZE))
@@ -683,9 +778,7 @@ class Proxy:
         self.address: tuple[str, int] | None = None
         self.admin_address: tuple[str, int] | None = None
         self.draining = False
-        self.drained = asyncio.Event()
-        self.at_capacity = False
-        self.refused_at_capacity = 0
+        self.at_capacity: dict[str, list[int]] = {}  # limit -> [refused, evicted] while full
         self.last_reload: dict[str, Any] | None = None
 
     def write_soon(self, transport: asyncio.Transport, data: bytes) -> None:
@@ -792,14 +885,20 @@ class Proxy:
             return self._reload_failed(exc.key, exc.problem)
         old_keys = [u.key for u in self.config.upstreams]
         new_keys = [u.key for u in config.upstreams]
+        ca_pem = _read(config.tls.ca)
+        ca_changed = ca_pem != self.ca_pem
+        self.ca_pem = ca_pem
         self.config = config
         self.config_sha256 = digest
         self.loaded_at = utc_timestamp()
         self.ssl_context = context
         self.certificate = certificate_facts(config.tls.cert)
-        self.identities = IdentityCache(config.tls.identity)
+        self.identities = IdentityCache(config.tls.identity, charset=config.tls.identity_charset)
         self.router.reconfigure(config)
         self._sync_health_tasks()
+        revoked = 0
+        if config.authorization.on_reload == "close":
+            revoked = self.revoke(ca_changed=ca_changed)
         result = ReloadResult(
             ok=True,
             message="reloaded",
@@ -817,8 +916,33 @@ class Proxy:
             added=list(result.added),
             removed=list(result.removed),
             open_connections=len(self.connections),
+            revoked=revoked,
         )
         return result
+
+    def revoke(self, *, ca_changed: bool) -> int:
+        """``authorization.on_reload: close``: end every admitted connection whose
+        identity the new rules no longer let reach its upstream, or (when ``tls.ca``
+        changed) whose certificate the new CA bundle no longer accepts. Returns how many."""
+        anchors = trust_anchors(self.config.tls.ca) if ca_changed else ()
+        now = dt.datetime.now(dt.UTC)
+        verdicts: dict[bytes, bool] = {}
+        ended = 0
+        for conn in list(self.connections):
+            if conn.state not in (State.DIALING, State.FORWARDING):
+                continue
+            if conn.identity is None or conn.upstream is None:
+                continue
+            keep = self.router.permits(conn.identity, conn.upstream)
+            if keep and ca_changed:
+                der = conn.tls.getpeercert(binary_form=True) or b""
+                if der not in verdicts:
+                    verdicts[der] = issued_by_any(der, anchors, now)
+                keep = verdicts[der]
+            if not keep:
+                conn.revoke()
+                ended += 1
+        return ended
 
     def _reload_failed(self, key: str, problem: str) -> ReloadResult:
         message = f"{key}: {problem}" if key else problem
@@ -841,8 +965,7 @@ class Proxy:
         self.log.emit("draining", open_connections=len(self.connections), grace_s=grace)
         outcome = "drained"
         if self.connections:
-            drained = asyncio.ensure_future(self.drained.wait())
-            waits: list[asyncio.Future[Any]] = [drained]
+            waits: list[asyncio.Future[Any]] = [asyncio.ensure_future(self.wait_empty())]
             if force is not None:
                 waits.append(asyncio.ensure_future(force))
             done, pending = await asyncio.wait(
@@ -865,9 +988,12 @@ class Proxy:
             self.server.close()
         for conn in list(self.connections):
             conn.shutdown("shutdown" if reason == "forced" else reason)
-        for conn in list(self.lingering):
-            if conn.transport is not None:
-                conn.transport.close()
+        # Closing connections get timeouts.close to deliver what they hold, then a reset.
+        if self.connections:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.wait_empty(), self.config.timeouts.close + 0.5)
+        for conn in list(self.connections):
+            conn.force_close()  # cannot happen: each has a close timer
         self.resolver.cancel()
         tasks = [*self.tasks, *self.health_tasks.values()]
         for task in tasks:
@@ -881,36 +1007,114 @@ class Proxy:
 
     # --- connections ---------------------------------------------------------------------
 
-    def connection_closed(self, conn: ClientConnection, decision: str, reason: str) -> None:
-        self.connections.discard(conn)
-        self.log_access(conn, decision, reason)
-        if self.draining and not self.connections:
-            self.drained.set()
-        if self.at_capacity and len(self.connections) < self.config.max_connections:
-            self.at_capacity = False
-            self.log.emit(
-                "capacity",
-                state="available",
-                max_connections=self.config.max_connections,
-                open_connections=len(self.connections),
-                refused=self.refused_at_capacity,
-            )
-            self.refused_at_capacity = 0
+    def wait_empty(self) -> asyncio.Future[None]:
+        """A future done once no client connection is left (closing ones included)."""
+        if self.emptied is None or self.emptied.done():
+            self.emptied = self.loop.create_future()
+            if not self.connections:
+                self.emptied.set_result(None)
+        return self.emptied
 
-    def over_capacity(self, conn: ClientConnection) -> None:
-        """``conn`` was refused because ``max_connections`` are open."""
-        cap = self.config.max_connections
-        self.refused_at_capacity += 1
-        if not self.at_capacity:
-            self.at_capacity = True
+    def connection_closed(self, conn: ClientConnection, decision: str, reason: str) -> None:
+        """``conn``'s socket is gone: it stops counting, and its access line is written."""
+        self.connections.discard(conn)
+        self.handshaking.pop(conn, None)
+        self.log_access(conn, decision, reason)
+        if not self.connections and self.emptied is not None and not self.emptied.done():
+            self.emptied.set_result(None)
+        if "max_connections" in self.at_capacity and not self._at_cap("max_connections"):
+            self._capacity_available("max_connections")
+
+    # --- capacity ------------------------------------------------------------------------
+
+    def full(self) -> str | None:
+        """The cap a new connection would exceed, if any: ``max_connections`` counts
+        every socket, ``max_handshakes`` the connections still in their handshake."""
+        for limit in ("max_connections", "max_handshakes"):
+            if self._at_cap(limit):
+                return limit
+        return None
+
+    def handshake_victim(self, now: float) -> ClientConnection | None:
+        """The handshake that has waited longest without progress: one that never had
+        any (the oldest first), or whose last progress is older than
+        :data:`HANDSHAKE_GRACE`. None when every handshake is making progress."""
+        grace = min(HANDSHAKE_GRACE, self.config.timeouts.handshake)
+        for conn in self.handshaking:
+            if conn.progressed is None or now - conn.progressed >= grace:
+                return conn
+        return None
+
+    def evict_handshake(self, limit: str) -> bool:
+        """Make room for a new connection by resetting a stalled handshake (slowloris):
+        authenticated connections never wait behind unauthenticated ones."""
+        now = self.loop.time()
+        victim = self.handshake_victim(now)
+        if victim is None:
+            return False
+        waited = now - (victim.progressed if victim.progressed is not None else victim.accepted)
+        cap = getattr(self.config, limit)
+        self._capacity_full(limit, evicted=1)
+        victim.evict(f"{limit} {cap} reached, no progress for {round(waited * 1000)} ms")
+        return True
+
+    def handshake_done(self, conn: ClientConnection) -> None:
+        """``conn`` has left its handshake (finished it, or ended)."""
+        if conn not in self.handshaking:
+            return
+        del self.handshaking[conn]
+        if "max_handshakes" in self.at_capacity and not self._at_cap("max_handshakes"):
+            self._capacity_available("max_handshakes")
+
+    def _at_cap(self, limit: str) -> bool:
+        cap: int = getattr(self.config, limit)
+        count = len(self.connections if limit == "max_connections" else self.handshaking)
+        return bool(cap) and count >= cap
+
+    def over_capacity(self, conn: ClientConnection, limit: str) -> None:
+        """``conn`` was refused at accept: ``limit`` is reached and no handshake could
+        make room."""
+        cap = getattr(self.config, limit)
+        self._capacity_full(limit, refused=1)
+        self.log_access(conn, "over_capacity", f"{limit} {cap} reached")
+
+    def _capacity_full(self, limit: str, *, refused: int = 0, evicted: int = 0) -> None:
+        counts = self.at_capacity.get(limit)
+        if counts is None:
+            cap = getattr(self.config, limit)
+            counts = self.at_capacity[limit] = [0, 0]
+            what = "evicting stalled handshakes" if evicted else "refusing new connections"
             self.log.emit(
                 "capacity",
                 state="full",
-                max_connections=cap,
+                limit=limit,
+                **{limit: cap},
                 open_connections=len(self.connections),
-                message=f"max_connections ({cap}) reached: refusing new connections",
+                handshakes=len(self.handshaking),
+                message=f"{limit} ({cap}) reached: {what}",
             )
-        self.log_access(conn, "over_capacity", f"max_connections {cap} reached")
+        counts[0] += refused
+        counts[1] += evicted
+
+    def _capacity_available(self, limit: str) -> None:
+        refused, evicted = self.at_capacity.pop(limit)
+        self.log.emit(
+            "capacity",
+            state="available",
+            limit=limit,
+            **{limit: getattr(self.config, limit)},
+            open_connections=len(self.connections),
+            handshakes=len(self.handshaking),
+            refused=refused,
+            evicted=evicted,
+        )
+
+    def close_bounded(self, transport: asyncio.Transport) -> None:
+        """Close ``transport`` after its buffered bytes, resetting it if they have not
+        gone within ``timeouts.close`` (a peer that stopped reading)."""
+        transport.close()
+        if transport.get_write_buffer_size():
+            self.loop.call_later(self.config.timeouts.close, reset, transport)
 
     # --- health checks -------------------------------------------------------------------
 
@@ -1008,7 +1212,10 @@ class Proxy:
             "bytes_down": conn.bytes_down,
             "duration_ms": round((time.monotonic() - conn.started) * 1000, 3),
             "handshake_ms": conn.handshake_ms,
+            "close": conn.close_kind,
         }
+        if conn.close_kind == "forced":
+            fields["unsent_bytes"] = conn.unsent
         if conn.handshake_ms is not None:
             fields["tls_version"] = conn.tls.version()
         self.log.emit("access", **fields)
@@ -1019,3 +1226,10 @@ def _format(address: tuple[str, int] | None) -> str | None:
         return None
     host, port = address
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError:
+        return b""

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import ssl
 from pathlib import Path
 from typing import Any
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from .config import ConfigError, TlsConfig
@@ -46,6 +48,38 @@ def server_context(tls: TlsConfig) -> ssl.SSLContext:
             "tls.cert", f"cannot load the certificate {tls.cert} with key {tls.key}: {exc}"
         ) from None
     return ctx
+
+
+def trust_anchors(path: Path) -> tuple[x509.Certificate, ...]:
+    """The certificates of a CA bundle (PEM), as a reload reads ``tls.ca``; none if the
+    file cannot be read (the reload has already checked it)."""
+    try:
+        return tuple(x509.load_pem_x509_certificates(path.read_bytes()))
+    except (OSError, ValueError):
+        return ()
+
+
+def issued_by_any(der: bytes, anchors: tuple[x509.Certificate, ...], now: dt.datetime) -> bool:
+    """Would a client certificate (DER) still be accepted under ``anchors``: issued
+    directly by one of them (signature and names), and both within their validity.
+
+    This is what revocation on reload checks for open connections; the handshake of a
+    new connection does full chain verification in OpenSSL."""
+    try:
+        cert = x509.load_der_x509_certificate(der)
+    except ValueError:
+        return False
+    if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
+        return False
+    for anchor in anchors:
+        if not anchor.not_valid_before_utc <= now <= anchor.not_valid_after_utc:
+            continue
+        try:
+            cert.verify_directly_issued_by(anchor)
+        except (ValueError, TypeError, InvalidSignature):
+            continue
+        return True
+    return False
 
 
 def certificate_facts(path: Path) -> dict[str, Any]:
