@@ -70,7 +70,10 @@ def test_status_shows_upstreams_config_and_certificate(lab: Lab) -> None:
     assert body["connections"] == {
         "open": 0,
         "forwarding": 0,
+        "handshaking": 0,
+        "closing": 0,
         "max_connections": 0,
+        "max_handshakes": 256,
         "accepted": 0,
     }
 

@@ -75,10 +75,12 @@ def test_a_client_that_stops_reading_loses_its_socket_after_the_close_timeout(la
     assert left == 0
     assert gone <= 4.0
     _status, body = lab.admin_json("/status")
-    assert body["connections"]["open"] == 0
+    assert (body["connections"]["open"], body["connections"]["closing"]) == (0, 0)
     assert lab.active() == [0]
     (line,) = lab.logs.wait_for("access")
     assert (line["reason"], line["close"]) == ("idle_timeout", "forced"), line
+    _status, _headers, metrics = lab.admin("/metrics")
+    assert b'l4proxy_connection_closes_total{close="forced"} 1.0' in metrics
     assert line["unsent_bytes"] > 0
     # Idle for 1 s, then 2 s to drain: the line is written when the socket is gone.
     assert 2900 <= line["duration_ms"] - (line["handshake_ms"] or 0) < 4500, line

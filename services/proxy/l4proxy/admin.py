@@ -224,14 +224,16 @@ class ProxyCollector:
         )
         active = GaugeMetricFamily(
             "l4proxy_connections_active",
-            "Open client connections by state (handshake, admitting, dialing, forwarding).",
+            "Open client connections by state (handshake, admitting, dialing, forwarding, "
+            "closing: ended, its socket not yet gone).",
             labels=["state"],
         )
         by_state: dict[str, int] = dict.fromkeys(
-            ("handshake", "admitting", "dialing", "forwarding"), 0
+            ("handshake", "admitting", "dialing", "forwarding", "closing"), 0
         )
         for conn in proxy.connections:
-            by_state[conn.state.value] = by_state.get(conn.state.value, 0) + 1
+            name = "closing" if conn.closed else conn.state.value
+            by_state[name] = by_state.get(name, 0) + 1
         for name, count in by_state.items():
             active.add_metric([name], count)
         yield active
@@ -243,10 +245,24 @@ class ProxyCollector:
         for decision, count in sorted(stats.closed.items()):
             closed.add_metric([decision], count)
         yield closed
+        closes = CounterMetricFamily(
+            "l4proxy_connection_closes",
+            "How client sockets ended: graceful, abort (a reset we decided), forced "
+            "(timeouts.close ran out with bytes unsent), peer (the client left first).",
+            labels=["close"],
+        )
+        for kind, count in sorted(stats.closes.items()):
+            closes.add_metric([kind], count)
+        yield closes
         yield GaugeMetricFamily(
             "l4proxy_max_connections",
             "The global cap on open client connections (0: none).",
             value=proxy.config.max_connections,
+        )
+        yield GaugeMetricFamily(
+            "l4proxy_max_handshakes",
+            "The cap on connections still in their TLS handshake (0: none).",
+            value=proxy.config.max_handshakes,
         )
 
         ups_active = GaugeMetricFamily(
@@ -390,7 +406,7 @@ def status(proxy: Proxy) -> dict[str, Any]:
                 },
             }
         )
-    states = [conn.state.value for conn in proxy.connections]
+    states = ["closing" if conn.closed else conn.state.value for conn in proxy.connections]
     return {
         "state": "draining" if proxy.draining else "serving",
         "ready": ready,
@@ -408,7 +424,10 @@ def status(proxy: Proxy) -> dict[str, Any]:
         "connections": {
             "open": len(states),
             "forwarding": states.count("forwarding"),
+            "handshaking": states.count("handshake"),
+            "closing": states.count("closing"),
             "max_connections": proxy.config.max_connections,
+            "max_handshakes": proxy.config.max_handshakes,
             "accepted": proxy.stats.accepted,
         },
         "upstreams": upstreams,

@@ -69,6 +69,7 @@ class Stats:
     def __init__(self) -> None:
         self.accepted = 0
         self.closed: Counter[str] = Counter()  # by access-log decision
+        self.closes: Counter[str] = Counter()  # by how the socket ended (access "close")
         self.handshake_failures: Counter[str] = Counter()  # by reason
         self.rate_limited: Counter[tuple[str, str]] = Counter()  # (client, reason)
         self.denied: Counter[str] = Counter()  # by client
@@ -97,9 +98,11 @@ class Stats:
         upstream: str | None,
         bytes_up: int,
         bytes_down: int,
+        close: str = "graceful",
     ) -> None:
         """One access-log line's worth of counting."""
         self.closed[decision] += 1
+        self.closes[close] += 1
         if decision == "forwarded":
             if upstream is not None:
                 self.bytes_closed[upstream, "up"] += bytes_up

@@ -1198,6 +1198,7 @@ class Proxy:
             upstream=upstream.key if upstream else None,
             bytes_up=conn.bytes_up,
             bytes_down=conn.bytes_down,
+            close=conn.close_kind,
         )
         fields: dict[str, Any] = {
             "conn": conn.id,
