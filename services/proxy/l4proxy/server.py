@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
-import enum
 import errno
 import itertools
 import socket
@@ -39,6 +38,7 @@ from .closing import reset
 from .config import Address, Config, ConfigError, Upstream, check_files, read_config, restart_needed
 from .health import Health, Transition
 from .identity import IdentityCache, NoIdentity
+from .lifecycle import End, Event, HalfClose, Kind, Lifecycle, Phase, Side
 from .logs import JsonLog, utc_timestamp
 from .metrics import Stats
 from .resolver import Resolver
@@ -58,12 +58,7 @@ HIGH_WATER = 256 * 1024
 LOW_WATER = 64 * 1024
 
 
-class State(enum.Enum):
-    HANDSHAKE = "handshake"
-    ADMITTING = "admitting"
-    DIALING = "dialing"
-    FORWARDING = "forwarding"
-    CLOSED = "closed"
+State = Phase  # the connection's phase, decided by the lifecycle table
 
 
 # Looking up an Enum member costs a descriptor call (~50 ns); the per-chunk paths compare
@@ -196,7 +191,8 @@ class ClientConnection(asyncio.Protocol):
         self.proxy = proxy
         self.loop = proxy.loop
         self.id = next(proxy.ids)
-        self.state = State.HANDSHAKE
+        self.life = Lifecycle()
+        self.state = self.life.phase  # a copy the per-chunk paths can read cheaply
         self.transport: asyncio.Transport | None = None
         self.peer = "-"
         self.started = time.monotonic()  # for the log: uvloop's loop.time() is in whole ms
@@ -214,8 +210,6 @@ class ClientConnection(asyncio.Protocol):
         self.last_activity = self.loop.time()
         self.bytes_up = 0  # client -> upstream (plaintext)
         self.bytes_down = 0  # upstream -> client (plaintext)
-        self.client_eof = False
-        self.upstream_eof_seen = False
         self.client_paused = False
         self.upstream_paused = False
         self.handshake_ms: float | None = None
@@ -245,7 +239,7 @@ class ClientConnection(asyncio.Protocol):
             # Over a cap, and no handshake may make room: no TLS work at all for this
             # one. A reset is the cheapest refusal; the access line and the capacity
             # event say why.
-            self.state = State.CLOSED
+            self.life.phase = self.state = State.CLOSED
             self.close_kind = "abort"
             self.client_gone = True
             transport.abort()
@@ -279,7 +273,7 @@ class ClientConnection(asyncio.Protocol):
         if self.state is State.HANDSHAKE:
             # A TCP probe (connect, then close) sends nothing at all: say so.
             reason = "eof_during_handshake" if self.got_bytes else "closed_without_data"
-            self._reject("tls_failed", reason)
+            self._on(Kind.CLIENT_EOF, reason)
         elif self.state is State.FORWARDING:
             self._pump_from_client()
         # Our write side stays open; we close when both directions are done.
@@ -295,14 +289,7 @@ class ClientConnection(asyncio.Protocol):
             self._gone()
             return
         self.close_kind = "peer"
-        if self.state is State.HANDSHAKE:
-            self._finish("tls_failed", "connection_lost_during_handshake")
-        elif self.state is State.FORWARDING:
-            self._finish(
-                "forwarded", "client_reset" if exc else "client_closed", abort_upstream=True
-            )
-        else:
-            self._finish("aborted", "client_closed_before_upstream")
+        self._on(Kind.CLIENT_LOST, "reset" if exc else "closed")
 
     def pause_writing(self) -> None:
         """The client's send buffer is full: stop reading from the upstream."""
@@ -360,7 +347,7 @@ class ClientConnection(asyncio.Protocol):
             return
         except ssl.SSLError as exc:
             self._flush_tls()  # the alert tells the client why
-            self._reject("tls_failed", describe_tls_error(exc))
+            self._on(Kind.HANDSHAKE_FAILED, describe_tls_error(exc))
             return
         self._flush_tls()
         self.handshake_ms = round((time.monotonic() - self.started) * 1000, 3)
@@ -369,26 +356,25 @@ class ClientConnection(asyncio.Protocol):
         der = self.tls.getpeercert(binary_form=True)
         found = self.proxy.identities.lookup(der) if der else NoIdentity("no_client_certificate")
         if isinstance(found, NoIdentity):
-            self._reject("tls_failed", found.reason)
+            self._on(Kind.HANDSHAKE_FAILED, found.reason)
             return
         self.identity = found.name
         self._admit()
 
     def _handshake_timeout(self) -> None:
-        if self.state is State.HANDSHAKE:
-            self._finish("handshake_timeout", "handshake_not_finished", abort_client=True)
+        self._on(Kind.HANDSHAKE_TIMEOUT)
 
     def _admit(self) -> None:
         assert self.transport is not None
         assert self.identity is not None
-        self.state = State.ADMITTING
+        self._on(Kind.IDENTIFIED)
         self.transport.pause_reading()
         result = self.proxy.router.admit(self.identity, self.loop.time())
         if isinstance(result, Rejected):
-            self._reject(result.decision, result.reason)
+            self._on(Kind.REJECTED, result.reason, result.decision)
             return
         self.admission = result
-        self.state = State.DIALING
+        self._on(Kind.ADMITTED)
         self.dial_task = self.loop.create_task(self._dial(), name=f"dial-{self.id}")
 
     async def _dial(self) -> None:
@@ -416,7 +402,7 @@ class ClientConnection(asyncio.Protocol):
                 self.proxy.log_transition(upstream, transition, passive=True)
             if isinstance(picked, Rejected):
                 self.admission = None  # dial_failed gave every slot back
-                self._reject(picked.decision, picked.reason)
+                self._on(Kind.REJECTED, picked.reason, picked.decision)
                 return
         self.dial_task = None
         if self.state is not State.DIALING:  # cannot happen: closing cancels this task
@@ -427,12 +413,12 @@ class ClientConnection(asyncio.Protocol):
                 header = self._proxy_header()
             except ValueError as exc:  # an identity too long for a TLV (tens of KiB)
                 transport.close()
-                self._reject("dial_failed", f"proxy_protocol: {exc}")
+                self._on(Kind.REJECTED, f"proxy_protocol: {exc}", "dial_failed")
                 return
             # Before any client byte: the header is the first thing the upstream reads.
             transport.write(header)
         self.upstream_transport = transport
-        self.state = State.FORWARDING
+        self._on(Kind.CONNECTED)
         self.last_activity = self.loop.time()
         side.attach(self)  # may replay an early EOF or reset, which can end the connection
         if self.closed:
@@ -503,12 +489,10 @@ class ClientConnection(asyncio.Protocol):
             self._send_up(buffer, filled)
         if failed is not None:
             self._flush_tls()
-            self._finish(
-                "forwarded", f"client_tls_error: {describe_tls_error(failed)}", abort_upstream=True
-            )
+            self._on(Kind.CLIENT_TLS_ERROR, describe_tls_error(failed))
             return
         if ended:
-            self._on_client_eof()
+            self._on(Kind.CLIENT_EOF)
         if self.outgoing.pending:
             self._flush_tls()  # e.g. key-update responses
 
@@ -536,54 +520,24 @@ class ClientConnection(asyncio.Protocol):
             buffer = self.proxy.read_buffer = memoryview(bytearray(READ_SIZE))
         return buffer
 
-    def _on_client_eof(self) -> None:
-        if self.client_eof:
-            return
-        self.client_eof = True
-        self.proxy.flush_writes()  # nothing overtakes a held write
-        _write_eof(self.upstream_transport)
-        if self.upstream_eof_seen:
-            self._finish("forwarded", "eof")
-
     def upstream_data(self, data: bytes) -> None:
         self.last_activity = self.loop.time()
         self.bytes_down += len(data)
         try:
             self.tls_core.write(data)
         except ssl.SSLError as exc:  # e.g. we already sent close_notify: a bug, not load
-            self._finish(
-                "forwarded",
-                f"tls_write_error: {describe_tls_error(exc)}",
-                abort_client=True,
-                abort_upstream=True,
-            )
+            self._on(Kind.TLS_WRITE_ERROR, describe_tls_error(exc))
             return
         transport = self.transport
         if transport is not None and not transport.is_closing():
             self.proxy.write_soon(transport, self.outgoing.read())
 
     def upstream_eof(self) -> None:
-        if self.upstream_eof_seen:
-            return
-        self.upstream_eof_seen = True
-        self.proxy.flush_writes()  # nothing overtakes a held write
-        # close_notify, then FIN: the client learns the stream ended cleanly, and may
-        # keep sending (TLS 1.3 and TCP both allow a half-closed connection).
-        self._send_close_notify()
-        _write_eof(self.transport)
-        if self.client_eof:
-            self._finish("forwarded", "eof")
+        self._on(Kind.UPSTREAM_EOF)
 
     def upstream_lost(self, exc: Exception | None) -> None:
-        if self.state is not State.FORWARDING:
-            return
-        if exc is not None:
-            # The upstream died mid-stream: the client must not mistake it for a clean end.
-            self._finish(
-                "forwarded", f"upstream_error: {describe_os_error(exc)}", abort_client=True
-            )
-        elif not (self.client_eof and self.upstream_eof_seen):
-            self._finish("forwarded", "upstream_closed", abort_client=not self.upstream_eof_seen)
+        if self.state is State.FORWARDING:
+            self._on(Kind.UPSTREAM_LOST, describe_os_error(exc) if exc is not None else "")
 
     def _check_idle(self) -> None:
         if self.state is not State.FORWARDING:
@@ -594,22 +548,20 @@ class ClientConnection(asyncio.Protocol):
             self.timer = self.loop.call_later(remaining, self._check_idle)
             return
         self.timer = None
-        self._finish("forwarded", "idle_timeout", close_notify=True)
+        self._on(Kind.IDLE)
 
     def _lifetime_over(self) -> None:
         self.lifetime_timer = None
-        if self.state is State.FORWARDING:
-            self._finish("forwarded", "max_lifetime", close_notify=True)
+        self._on(Kind.LIFETIME)
 
     def evict(self, why: str) -> None:
         """Reset a stalled handshake to make room for a new connection."""
-        self._finish("over_capacity", f"handshake_evicted: {why}", abort_client=True)
+        self._on(Kind.EVICTED, why)
 
     def revoke(self) -> None:
         """A reload no longer lets this connection's identity reach its upstream (or its
         certificate no longer verifies): end it like a drain timeout does."""
-        decision = "forwarded" if self.state is State.FORWARDING else "aborted"
-        self._finish(decision, "revoked", close_notify=True)
+        self._on(Kind.REVOKED)
 
     # --- ending --------------------------------------------------------------------------
 
@@ -618,42 +570,40 @@ class ClientConnection(asyncio.Protocol):
             self.timer.cancel()
             self.timer = None
 
-    def _reject(self, decision: str, reason: str) -> None:
-        """End a connection that will not be forwarded. After a completed handshake the
-        client gets close_notify, so it sees a clean close with no reply."""
-        close_notify = self.state in (State.ADMITTING, State.DIALING)
-        self._finish(decision, reason, close_notify=close_notify, linger=True)
-
     def shutdown(self, reason: str = "shutdown") -> None:
         """The proxy is stopping (``reason``: ``shutdown`` or ``drain_timeout``)."""
-        decision = "forwarded" if self.state is State.FORWARDING else "aborted"
-        self._finish(decision, reason, close_notify=self.state is not State.HANDSHAKE)
+        self._on(Kind.SHUTDOWN, reason)
 
-    def _finish(
-        self,
-        decision: str,
-        reason: str,
-        *,
-        abort_client: bool = False,
-        abort_upstream: bool = False,
-        close_notify: bool = False,
-        linger: bool = False,
-    ) -> None:
-        """Decide the end: give back every slot, close both sides (bounded), and write
-        the access-log line once the client's socket is gone.
+    def _on(self, kind: Kind, detail: str = "", decision: str = "") -> None:
+        """Feed an event to the lifecycle table and carry out what it says."""
+        actions = self.life.step(Event(kind, detail, decision))
+        self.state = self.life.phase
+        for action in actions:
+            if action is HalfClose.UPSTREAM:
+                self.proxy.flush_writes()  # nothing overtakes a held write
+                _write_eof(self.upstream_transport)
+            elif action is HalfClose.CLIENT:
+                # close_notify, then FIN: the client learns the stream ended cleanly,
+                # and may keep sending (TLS 1.3 and TCP both allow a half-closed one).
+                self.proxy.flush_writes()
+                self._send_close_notify()
+                _write_eof(self.transport)
+            elif isinstance(action, End):
+                self._finish(action)
 
-        ``linger``: send our goodbye (alert or close_notify) and a FIN, then discard what
+    def _finish(self, end: End) -> None:
+        """Carry out an :class:`End`: give back every slot, close both sides as it says
+        (bounded), and write the access-log line once the client's socket is gone.
+
+        ``LINGER``: send our goodbye (alert or close_notify) and a FIN, then discard what
         the client still sends until its EOF or :data:`LINGER` seconds. Closing at once
         with unread input would make the kernel send a reset, which can destroy the
         goodbye before the client reads it.
 
         A graceful close gives the bytes still buffered ``timeouts.close`` to reach the
-        peer, then aborts (RST): a peer that stopped reading cannot hold a socket."""
-        if self.state is State.CLOSED:
-            return
-        self.state = State.CLOSED
-        self.decision = decision
-        self.reason = reason
+        peer, then resets: a peer that stopped reading cannot hold a socket."""
+        self.decision = end.decision
+        self.reason = end.reason
         self._cancel_timer()
         if self.lifetime_timer is not None:
             self.lifetime_timer.cancel()
@@ -669,14 +619,14 @@ class ClientConnection(asyncio.Protocol):
         proxy.flush_writes()  # nothing overtakes a held write
         client = self.transport
         if client is not None and not self.client_gone and not client.is_closing():
-            if abort_client:
+            if end.client is Side.ABORT:
                 self.close_kind = "abort"
                 self.client_gone = True  # an abort frees the socket: nothing to wait for
                 client.abort()
-            else:
-                if close_notify:
+            elif end.client is not Side.KEEP:
+                if end.close_notify:
                     self._send_close_notify()
-                if linger and client.can_write_eof():
+                if end.client is Side.LINGER and client.can_write_eof():
                     client.write_eof()
                     client.resume_reading()
                     self.timer = self.loop.call_later(LINGER, self._close_client)
@@ -684,9 +634,9 @@ class ClientConnection(asyncio.Protocol):
                     self._close_client()
         upstream = self.upstream_transport
         if upstream is not None and not upstream.is_closing():
-            if abort_upstream:
+            if end.upstream is Side.ABORT:
                 upstream.abort()
-            else:
+            elif end.upstream is not Side.KEEP:
                 proxy.close_bounded(upstream)
         if self.client_gone:
             self._gone()
