@@ -47,6 +47,7 @@ ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
 RESULTS = BENCH / "results"
 PROXY_DIR = ROOT / "services" / "proxy"
+COMMON_DIR = ROOT / "services" / "common"  # l4common, which the proxy imports
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 KINDS = ("ours", "haproxy")
 WORKLOADS = ("bulk", "pingpong", "churn", "idle")
@@ -538,7 +539,7 @@ def start_ours(setup: Setup, tag: str, ports: Sequence[int], deadline: float) ->
     path = setup.tmp / f"{tag}-ours.yaml"
     path.write_text(config)
     log = setup.tmp / f"{tag}-ours.log"
-    env = {**os.environ, "PYTHONPATH": str(PROXY_DIR)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(PROXY_DIR), str(COMMON_DIR)])}
     child = Child(
         "ours",
         [sys.executable, "-m", "l4proxy", "--config", str(path)],

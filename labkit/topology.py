@@ -32,6 +32,7 @@ from __future__ import annotations
 import copy
 import ipaddress
 import re
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +41,14 @@ from typing import Any
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
+# The services' shared package (durations): labkit runs on the host from the repository
+# root (python lab.py, the pytest plugin), where services/common is not on the path.
+if str(ROOT / "services" / "common") not in sys.path:
+    sys.path.append(str(ROOT / "services" / "common"))
+
+from l4common.durations import parse_duration as _parse_duration  # noqa: E402
+from l4common.errors import ConfigError  # noqa: E402
+
 TOPOLOGY_DIR = ROOT / "lab" / "topologies"
 REFERENCE_PROXY_CONFIG = ROOT / "lab" / "proxy.yaml"
 
@@ -53,21 +62,13 @@ class TopologyError(ValueError):
     """A topology file is missing or malformed; the message names the file and key."""
 
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?|\.\d+)\s*(ms|s|m|h)?\s*$")
-_UNIT = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
-
-
 def parse_duration(value: object, key: str = "duration") -> float:
-    """``"500ms"``, ``"2s"``, ``"1m"`` or a number of seconds -> float seconds."""
-    if isinstance(value, bool):
-        raise TopologyError(f"{key}: expected a duration such as '500ms', got {value!r}")
-    if isinstance(value, int | float):
-        return float(value)
-    if isinstance(value, str):
-        match = _DURATION.match(value)
-        if match:
-            return float(match.group(1)) * _UNIT[match.group(2)]
-    raise TopologyError(f"{key}: expected a duration such as '500ms' or '2s', got {value!r}")
+    """``"500ms"``, ``"2s"``, ``"1m"`` or a number of seconds -> float seconds (0 too),
+    read exactly as the services read it (:mod:`l4common.durations`)."""
+    try:
+        return _parse_duration(value, key, allow_zero=True)
+    except ConfigError as exc:
+        raise TopologyError(str(exc)) from None
 
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")

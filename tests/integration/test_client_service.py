@@ -31,6 +31,7 @@ from client import decide as client_decide
 from client import transfer as client_transfer
 from client.tlsstream import TlsStream
 from tests.support.harness import Lab
+from tests.support.paths import service_env
 
 CLIENT_DIR = Path(__file__).resolve().parents[2] / "services" / "client"
 REPLY = b"Reply from upstream u-test"
@@ -180,6 +181,7 @@ async def start_client(certs: Path, port: int, *args: str) -> asyncio.subprocess
         str(certs),
         *args,
         cwd=CLIENT_DIR,
+        env=service_env(CLIENT_DIR),
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )

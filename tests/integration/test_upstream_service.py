@@ -25,11 +25,12 @@ from typing import IO, Any, cast
 import pytest
 import uvloop
 
+from l4common.logs import JsonLog
 from tests.support.loops import await_condition
+from tests.support.paths import service_env
 from upstream import cli as up_cli
 from upstream import config as up_config
 from upstream import decide as up_decide
-from upstream import logs as up_logs
 from upstream import server as up_server
 from upstream import trust as up_trust
 
@@ -104,7 +105,7 @@ class Capture:
 @contextlib.asynccontextmanager
 async def running(capture: Capture, **options: Any) -> AsyncIterator[Any]:
     config = up_config.Config(host="127.0.0.1", port=0, name=NAME, **options)
-    server = await up_server.serve(config, up_logs.JsonLog(cast("IO[str]", capture)))
+    server = await up_server.serve(config, JsonLog(cast("IO[str]", capture)))
     try:
         yield server
     finally:
@@ -372,7 +373,7 @@ def test_stop_aborts_connections_that_outlive_the_grace() -> None:
     async def main() -> None:
         logs = Capture()
         config = up_config.Config(host="127.0.0.1", port=0, name=NAME, mode="echo")
-        server = await up_server.serve(config, up_logs.JsonLog(cast("IO[str]", logs)))
+        server = await up_server.serve(config, JsonLog(cast("IO[str]", logs)))
         assert server.address is not None
         reader, writer = await asyncio.open_connection(*server.address)
         try:
@@ -693,7 +694,10 @@ def test_mode_none_passes_a_header_through_as_payload() -> None:
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_subprocess_serves_and_exits_cleanly_on_signal(sig: signal.Signals) -> None:
-    env = dict(os.environ, UPSTREAM_NAME="u-env", UPSTREAM_MODE="reply", UPSTREAM_DELAY="10ms")
+    env = service_env(
+        UPSTREAM_DIR,
+        dict(os.environ, UPSTREAM_NAME="u-env", UPSTREAM_MODE="reply", UPSTREAM_DELAY="10ms"),
+    )
 
     async def main() -> None:
         proc = await asyncio.create_subprocess_exec(
@@ -764,7 +768,8 @@ def test_configuration_precedence_and_parsing() -> None:
     assert (config.host, config.port, config.name) == ("::1", 9000, "[::1]:9000")
     assert (config.mode, config.delay, config.fault) == ("echo", 0.25, "reset")
     assert up_config.load_config(["--mode", "sink"], env).mode == "sink"
-    assert [up_config.parse_duration(t, "x") for t in ("2s", "1m", ".5", "0")] == [2, 60, 0.5, 0]
+    durations = [up_config.parse_duration(t, "x", allow_zero=True) for t in ("2s", "1m", ".5", "0")]
+    assert durations == [2, 60, 0.5, 0]
     for bad in ("-1s", "2 days", "", "1e9999"):
         with pytest.raises(up_config.ConfigError):
             up_config.parse_duration(bad, "x")

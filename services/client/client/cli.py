@@ -11,9 +11,10 @@ from typing import Any
 
 import uvloop
 
+from l4common.logs import JsonLog
+
 from .attempt import client_context
 from .config import Config, ConfigError, load_config
-from .logs import JsonLog
 from .runner import Runner
 
 

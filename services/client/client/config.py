@@ -6,20 +6,22 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
-import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+# The shared parsers and error, re-exported ("X as X"): the other modules and the tests
+# import them from here.
+from l4common.addresses import format_address
+from l4common.addresses import parse_address as parse_address  # noqa: PLC0414
+from l4common.durations import parse_duration as parse_duration  # noqa: PLC0414
+from l4common.errors import ConfigError as ConfigError  # noqa: PLC0414
+
 DEFAULT_CERTS = Path("/certs")
 DEFAULT_INTERVAL_MIN = "200ms"
 DEFAULT_INTERVAL_MAX = "1s"
 DEFAULT_TIMEOUT = "5s"
-
-
-class ConfigError(ValueError):
-    """A bad option value; the message names the option."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,36 +50,11 @@ class Config:
 
     @property
     def proxy(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        return format_address(self.host, self.port)
 
     @property
     def message(self) -> bytes:
         return f"Hello from {self.client_id}\n".encode()
-
-
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?|\.\d+)\s*(ms|s|m|h)?\s*$")
-# Seconds per unit as (multiplier, divisor): dividing keeps "250ms" exactly 250 / 1000.
-_UNITS: dict[str | None, tuple[float, float]] = {
-    "ms": (1.0, 1000.0),
-    "s": (1.0, 1.0),
-    "m": (60.0, 1.0),
-    "h": (3600.0, 1.0),
-    None: (1.0, 1.0),
-}
-
-
-def parse_duration(text: str, what: str) -> float:
-    """``"250ms"``, ``"2s"``, ``"1m"``, ``"1h"`` or plain seconds (``"0.5"``) as float seconds."""
-    match = _DURATION.match(text)
-    if not match:
-        raise ConfigError(
-            f"{what}: expected a duration such as '250ms', '2s' or '1m', got {text!r}"
-        )
-    multiplier, divisor = _UNITS[match.group(2)]
-    seconds = float(match.group(1)) * multiplier / divisor
-    if not math.isfinite(seconds):
-        raise ConfigError(f"{what}: must be a finite duration, got {text!r}")
-    return seconds
 
 
 _SIZE = re.compile(r"^\s*(\d+)\s*(|b|k|kib|m|mib|g|gib)\s*$", re.IGNORECASE)
@@ -91,21 +68,9 @@ def parse_size(text: str, what: str) -> int:
     match = _SIZE.match(text)
     if not match:
         raise ConfigError(
-            f"{what}: expected a size such as '65536', '512KiB' or '4MiB', got {text!r}"
+            what, f"expected a size such as '65536', '512KiB' or '4MiB', got {text!r}"
         )
     return int(match.group(1)) * _SIZE_UNITS[match.group(2).lower()]
-
-
-def parse_address(text: str, what: str) -> tuple[str, int]:
-    """``host:port`` or ``[v6]:port``, port 1..65535."""
-    value = text.strip()
-    if value.startswith("["):
-        host, sep, port_text = value[1:].partition("]:")
-    else:
-        host, sep, port_text = value.rpartition(":")
-    if not sep or not host or not port_text.isdigit() or not 0 < int(port_text) <= 65535:
-        raise ConfigError(f"{what}: expected HOST:PORT with a port 1..65535, got {text!r}")
-    return host, int(port_text)
 
 
 def default_server_name(host: str) -> str:
@@ -171,45 +136,46 @@ def load_config(argv: Sequence[str] | None) -> Config:
     args = build_parser().parse_args(argv)
     client_id = str(args.id)
     if not client_id or not client_id.isprintable() or len(client_id) > 200:
-        raise ConfigError("--id: must be 1..200 printable characters")
-    host, port = parse_address(str(args.proxy), "--proxy")
-    interval_min = parse_duration(str(args.interval_min), "--interval-min")
-    interval_max = parse_duration(str(args.interval_max), "--interval-max")
+        raise ConfigError("--id", "must be 1..200 printable characters")
+    proxy = parse_address(str(args.proxy), "--proxy")  # port 0 is no place to connect to
+    interval_min = parse_duration(str(args.interval_min), "--interval-min", allow_zero=True)
+    interval_max = parse_duration(str(args.interval_max), "--interval-max", allow_zero=True)
     if interval_min > interval_max:
         raise ConfigError(
-            f"--interval-min ({args.interval_min}) must not exceed --interval-max "
-            f"({args.interval_max})"
+            "--interval-min",
+            f"{args.interval_min} must not exceed --interval-max ({args.interval_max})",
         )
     timeout = parse_duration(str(args.timeout), "--timeout")
-    if timeout <= 0:
-        raise ConfigError("--timeout: must be greater than zero")
     if args.count is not None and args.count < 1:
-        raise ConfigError(f"--count: must be at least 1, got {args.count}")
-    duration = None if args.duration is None else parse_duration(str(args.duration), "--duration")
+        raise ConfigError("--count", f"must be at least 1, got {args.count}")
+    duration = None
+    if args.duration is not None:
+        duration = parse_duration(str(args.duration), "--duration", allow_zero=True)
     if args.concurrency < 1:
-        raise ConfigError(f"--concurrency: must be at least 1, got {args.concurrency}")
+        raise ConfigError("--concurrency", f"must be at least 1, got {args.concurrency}")
     cert_stem = None if args.no_cert else str(args.cert_stem or client_id)
     transfer_bytes = None
     if args.transfer_bytes is not None:
         transfer_bytes = parse_size(str(args.transfer_bytes), "--transfer-bytes")
         if transfer_bytes < 1:
-            raise ConfigError("--transfer-bytes: must be at least 1 byte")
+            raise ConfigError("--transfer-bytes", "must be at least 1 byte")
     transfer_time = 0.0
     if args.transfer_time is not None:
         if transfer_bytes is None:
-            raise ConfigError("--transfer-time: needs --transfer-bytes")
-        transfer_time = parse_duration(str(args.transfer_time), "--transfer-time")
+            raise ConfigError("--transfer-time", "needs --transfer-bytes")
+        transfer_time = parse_duration(str(args.transfer_time), "--transfer-time", allow_zero=True)
         if transfer_time >= timeout:
             raise ConfigError(
-                f"--timeout ({args.timeout}) must be longer than --transfer-time "
-                f"({args.transfer_time}): it bounds the whole transfer"
+                "--timeout",
+                f"{args.timeout} must be longer than --transfer-time ({args.transfer_time}): "
+                "it bounds the whole transfer",
             )
     return Config(
         client_id=client_id,
-        host=host,
-        port=port,
+        host=proxy.host,
+        port=proxy.port,
         certs=Path(args.certs),
-        server_name=args.server_name or default_server_name(host),
+        server_name=args.server_name or default_server_name(proxy.host),
         interval_min=interval_min,
         interval_max=interval_max,
         timeout=timeout,

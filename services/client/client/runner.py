@@ -12,10 +12,11 @@ import asyncio
 import random
 import ssl
 
+from l4common.logs import JsonLog, utc_timestamp
+
 from .attempt import Result, attempt, transfer
 from .config import Config
 from .decide import StopReason, Tally, next_wait, reply_text, stop_reason
-from .logs import JsonLog, utc_timestamp
 
 
 class Runner:

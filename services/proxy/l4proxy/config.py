@@ -8,7 +8,6 @@ This module does no I/O beyond reading the one file in :func:`load_config`.
 from __future__ import annotations
 
 import hashlib
-import ipaddress
 import math
 import re
 from collections.abc import Callable, Mapping
@@ -17,6 +16,13 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar, get_args
 
 import yaml
+
+# The shared parsers and error, re-exported ("X as X"): the proxy's modules and its
+# tests import them from here.
+from l4common.addresses import Address as Address  # noqa: PLC0414
+from l4common.addresses import parse_address as parse_address  # noqa: PLC0414
+from l4common.durations import parse_duration as parse_duration  # noqa: PLC0414
+from l4common.errors import ConfigError as ConfigError  # noqa: PLC0414
 
 from .identity import Refusal, normalize_identity
 
@@ -35,24 +41,6 @@ BALANCERS: tuple[BalancerName, ...] = get_args(BalancerName)
 ACTIONS: tuple[Action, ...] = get_args(Action)
 PROXY_PROTOCOLS: tuple[ProxyProtocol, ...] = get_args(ProxyProtocol)
 ANY = "*"
-
-
-class ConfigError(ValueError):
-    """Bad configuration. ``key`` is the dotted path of the offending key."""
-
-    def __init__(self, key: str, problem: str) -> None:
-        super().__init__(f"{key}: {problem}" if key else problem)
-        self.key = key
-        self.problem = problem
-
-
-@dataclass(frozen=True, slots=True)
-class Address:
-    host: str
-    port: int
-
-    def __str__(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,66 +136,7 @@ class Config:
 
 
 # --- scalar parsers -------------------------------------------------------------------
-
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?|\.\d+)\s*(ms|s|m|h)?\s*$")
-# (multiplier, divisor): dividing by 1000 keeps "250ms" exactly equal to 250 / 1000.
-_UNITS: dict[str | None, tuple[float, float]] = {
-    "ms": (1.0, 1000.0),
-    "s": (1.0, 1.0),
-    "m": (60.0, 1.0),
-    "h": (3600.0, 1.0),
-    None: (1.0, 1.0),
-}
-
-
-def parse_duration(value: object, key: str, *, allow_zero: bool = False) -> float:
-    """``"3s"``, ``"250ms"``, ``"1m"``, ``"1h"`` or a number of seconds, as float seconds."""
-    seconds: float
-    if isinstance(value, bool):
-        raise ConfigError(key, f"expected a duration such as '3s' or '250ms', got {value!r}")
-    if isinstance(value, int | float):
-        seconds = float(value)
-    elif isinstance(value, str):
-        match = _DURATION.match(value)
-        if not match:
-            raise ConfigError(
-                key, f"expected a duration such as '3s', '250ms' or '1m', got {value!r}"
-            )
-        multiplier, divisor = _UNITS[match.group(2)]
-        seconds = float(match.group(1)) * multiplier / divisor
-    else:
-        raise ConfigError(key, f"expected a duration such as '3s' or '250ms', got {value!r}")
-    if not math.isfinite(seconds) or seconds < 0:
-        raise ConfigError(key, f"must be a finite, non-negative duration, got {value!r}")
-    if seconds == 0 and not allow_zero:
-        raise ConfigError(key, "must be greater than zero")
-    return seconds
-
-
-def parse_address(value: object, key: str, *, allow_port_zero: bool = False) -> Address:
-    """``host:port`` or ``[v6]:port``. Port 0 (any free port) only where allowed."""
-    if not isinstance(value, str) or not value.strip():
-        raise ConfigError(key, f"expected an address 'host:port', got {value!r}")
-    text = value.strip()
-    if text.startswith("["):
-        end = text.find("]")
-        if end < 0 or text[end + 1 : end + 2] != ":":
-            raise ConfigError(key, f"expected '[ipv6]:port', got {value!r}")
-        host, port_text = text[1:end], text[end + 2 :]
-        try:
-            host = str(ipaddress.IPv6Address(host))  # one spelling per address
-        except ValueError:
-            raise ConfigError(key, f"{host!r} is not an IPv6 address") from None
-    else:
-        host, sep, port_text = text.rpartition(":")
-        if not sep or not host:
-            raise ConfigError(key, f"expected an address 'host:port', got {value!r}")
-        if ":" in host:
-            raise ConfigError(key, f"write IPv6 addresses as '[{host}]:{port_text}'")
-    lowest = 0 if allow_port_zero else 1
-    if not port_text.isdigit() or not lowest <= int(port_text) < 65536:
-        raise ConfigError(key, f"port must be a number from {lowest} to 65535, got {port_text!r}")
-    return Address(host, int(port_text))
+# parse_duration and parse_address are l4common's (shared with the lab's services).
 
 
 def _int(value: object, key: str, minimum: int) -> int:

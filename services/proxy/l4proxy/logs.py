@@ -1,30 +1,8 @@
-"""JSON lines on stdout: one object per event, stable field names (see README)."""
+"""JSON lines on stdout: the shared writer (:mod:`l4common.logs`), under the name the
+proxy's modules import it by."""
 
 from __future__ import annotations
 
-import json
-import sys
-from datetime import UTC, datetime
-from typing import IO, Any
+from l4common.logs import JsonLog, utc_timestamp
 
-
-def utc_timestamp() -> str:
-    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-class JsonLog:
-    """Writes one JSON object per line. ``ts`` and ``event`` come first in every line."""
-
-    def __init__(self, stream: IO[str] | None = None) -> None:
-        self.stream = stream if stream is not None else sys.stdout
-
-    def emit(self, event: str, /, **fields: Any) -> None:
-        record: dict[str, Any] = {"ts": utc_timestamp(), "event": event}
-        record.update(fields)
-        line = json.dumps(record, separators=(",", ":"), default=str)
-        try:
-            self.stream.write(line + "\n")
-            self.stream.flush()
-        except (BrokenPipeError, ValueError):
-            # stdout is gone (reader exited, or closed at shutdown): nothing to log to.
-            pass
+__all__ = ["JsonLog", "utc_timestamp"]

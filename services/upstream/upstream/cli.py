@@ -11,8 +11,9 @@ from typing import Any
 
 import uvloop
 
+from l4common.logs import JsonLog
+
 from .config import Config, ConfigError, load_config
-from .logs import JsonLog
 from .server import serve
 
 

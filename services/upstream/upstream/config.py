@@ -7,12 +7,16 @@ Pure: :func:`load_config` takes ``argv`` and an environment mapping and returns 
 from __future__ import annotations
 
 import argparse
-import ipaddress
-import math
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal, cast, get_args
+
+# The shared parsers and error, re-exported ("X as X"): the other modules and the tests
+# import them from here.
+from l4common.addresses import format_address as format_address  # noqa: PLC0414
+from l4common.addresses import parse_address as parse_address  # noqa: PLC0414
+from l4common.durations import parse_duration as parse_duration  # noqa: PLC0414
+from l4common.errors import ConfigError as ConfigError  # noqa: PLC0414
 
 from .trust import TrustError, TrustSpec, parse_trusted
 
@@ -39,10 +43,6 @@ ENV_CONTROL = "UPSTREAM_CONTROL"
 NO_TRUST_LIST = TrustSpec()
 
 
-class ConfigError(ValueError):
-    """A bad option or environment value; the message names it."""
-
-
 @dataclass(frozen=True, slots=True)
 class Config:
     host: str
@@ -60,55 +60,6 @@ class Config:
     @property
     def listen(self) -> str:
         return format_address(self.host, self.port)
-
-
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?|\.\d+)\s*(ms|s|m|h)?\s*$")
-# Seconds per unit as (multiplier, divisor): dividing keeps "250ms" exactly 250 / 1000.
-_UNITS: dict[str | None, tuple[float, float]] = {
-    "ms": (1.0, 1000.0),
-    "s": (1.0, 1.0),
-    "m": (60.0, 1.0),
-    "h": (3600.0, 1.0),
-    None: (1.0, 1.0),
-}
-
-
-def parse_duration(text: str, what: str) -> float:
-    """``"2s"``, ``"250ms"``, ``"1m"``, ``"1h"`` or plain seconds (``"0.5"``) as float seconds."""
-    match = _DURATION.match(text)
-    if not match:
-        raise ConfigError(
-            f"{what}: expected a duration such as '2s', '250ms' or '1m', got {text!r}"
-        )
-    multiplier, divisor = _UNITS[match.group(2)]
-    seconds = float(match.group(1)) * multiplier / divisor
-    if not math.isfinite(seconds):
-        raise ConfigError(f"{what}: must be a finite duration, got {text!r}")
-    return seconds
-
-
-def parse_address(text: str, what: str) -> tuple[str, int]:
-    """``host:port`` or ``[v6]:port`` (port 0 = any free port)."""
-    value = text.strip()
-    if value.startswith("["):
-        host, sep, port_text = value[1:].partition("]:")
-    else:
-        host, sep, port_text = value.rpartition(":")
-    if not sep or not host or not port_text.isdigit():
-        raise ConfigError(f"{what}: expected HOST:PORT, got {text!r}")
-    port = int(port_text)
-    if port > 65535:
-        raise ConfigError(f"{what}: port must be 0..65535, got {port}")
-    if value.startswith("["):
-        try:
-            ipaddress.IPv6Address(host)
-        except ValueError as exc:
-            raise ConfigError(f"{what}: {host!r} is not an IPv6 address") from exc
-    return host, port
-
-
-def format_address(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
@@ -187,16 +138,17 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
 def _choice(value: str, choices: Sequence[str], what: str) -> str:
     text = value.strip().lower()
     if text not in choices:
-        raise ConfigError(f"{what}: expected one of {', '.join(choices)}, got {value!r}")
+        raise ConfigError(what, f"expected one of {', '.join(choices)}, got {value!r}")
     return text
 
 
 def load_config(argv: Sequence[str] | None, environ: Mapping[str, str]) -> Config:
     args = build_parser(environ).parse_args(argv)
-    host, port = parse_address(str(args.listen), f"--listen/{ENV_LISTEN}")
+    # Port 0: the kernel picks a free port (the listening line says which).
+    listen = parse_address(str(args.listen), f"--listen/{ENV_LISTEN}", allow_port_zero=True)
     name = str(args.name) if args.name else str(args.listen).strip()
     if len(name) > 200 or not name.isprintable():
-        raise ConfigError(f"--name/{ENV_NAME}: must be printable and at most 200 characters")
+        raise ConfigError(f"--name/{ENV_NAME}", "must be printable and at most 200 characters")
     mode = cast(Mode, _choice(str(args.mode), MODES, f"--mode/{ENV_MODE}"))
     fault = cast(Fault, _choice(str(args.fault), FAULTS, f"--fault/{ENV_FAULT}"))
     proxy_protocol = cast(
@@ -211,21 +163,23 @@ def load_config(argv: Sequence[str] | None, environ: Mapping[str, str]) -> Confi
     try:
         trusted = parse_trusted(entries)
     except TrustError as exc:
-        raise ConfigError(f"--trusted-proxy/{ENV_TRUSTED_PROXIES}: {exc}") from exc
+        raise ConfigError(f"--trusted-proxy/{ENV_TRUSTED_PROXIES}", str(exc)) from exc
     if trusted.enabled and proxy_protocol != "v2":
         raise ConfigError(
-            f"--trusted-proxy/{ENV_TRUSTED_PROXIES}: only with --proxy-protocol v2 "
-            "(without PROXY headers there is nothing to trust)"
+            f"--trusted-proxy/{ENV_TRUSTED_PROXIES}",
+            "only with --proxy-protocol v2 (without PROXY headers there is nothing to trust)",
         )
     return Config(
-        host=host,
-        port=port,
+        host=listen.host,
+        port=listen.port,
         name=name,
         mode=mode,
-        delay=parse_duration(str(args.delay), f"--delay/{ENV_DELAY}"),
+        delay=parse_duration(str(args.delay), f"--delay/{ENV_DELAY}", allow_zero=True),
         fault=fault,
-        empty_log_interval=parse_duration(str(args.empty_log_interval), "--empty-log-interval"),
-        idle_timeout=parse_duration(str(args.idle_timeout), "--idle-timeout"),
+        empty_log_interval=parse_duration(
+            str(args.empty_log_interval), "--empty-log-interval", allow_zero=True
+        ),
+        idle_timeout=parse_duration(str(args.idle_timeout), "--idle-timeout", allow_zero=True),
         proxy_protocol=proxy_protocol,
         trusted_proxies=trusted,
         control=str(args.control) if args.control else None,

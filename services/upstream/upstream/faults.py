@@ -39,7 +39,7 @@ def parse_seconds(text: object, what: str) -> float:
         seconds = float(text)
     else:
         try:
-            seconds = parse_duration(str(text), what)
+            seconds = parse_duration(str(text), what, allow_zero=True)  # 0: refused below
         except ConfigError as exc:
             raise RequestError(str(exc)) from None
     if not math.isfinite(seconds) or not 0 < seconds <= MAX_SECONDS:

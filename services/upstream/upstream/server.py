@@ -41,6 +41,8 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any, Literal, cast
 
+from l4common.logs import JsonLog
+
 from .config import Config, format_address
 from .decide import (
     MESSAGE_CAP,
@@ -55,7 +57,6 @@ from .decide import (
     reply_bytes,
 )
 from .faults import Fault, FaultSwitch, RequestError, parse_request
-from .logs import JsonLog
 from .proxyproto import Complete, Header, HeaderReader, NeedMore
 from .trust import TrustedPeers
 

@@ -1,4 +1,9 @@
-"""JSON lines on stdout: one object per event, ``ts`` and ``event`` first (see README)."""
+"""JSON lines on stdout: one object per event, ``ts`` and ``event`` first, flushed.
+
+The services' common log format (see the README). Which events a service writes and
+which fields they carry are the service's own: the upstream's throttling of ``empty``
+lines, the client's attempt fields; this module only writes the line.
+"""
 
 from __future__ import annotations
 
@@ -14,7 +19,8 @@ def utc_timestamp() -> str:
 
 
 class JsonLog:
-    """Writes one compact JSON object per line and flushes it."""
+    """Writes one compact JSON object per line and flushes it. ``ts`` and ``event``
+    come first in every line; values JSON cannot hold are written as ``str(value)``."""
 
     def __init__(self, stream: IO[str] | None = None) -> None:
         self.stream = stream if stream is not None else sys.stdout
