@@ -9,7 +9,7 @@ import pytest
 import uvloop
 
 from tests.support.harness import Lab
-from tests.support.loops import await_condition
+from tests.support.loops import await_condition, wait_for
 from tests.support.tlsclient import End, TlsClient, client_context, exchange
 
 REPLY = "Reply from upstream "
@@ -97,6 +97,47 @@ def test_rate_limit_admits_the_burst_rejects_the_rest_and_spares_other_clients(l
     # Another identity has its own bucket.
     assert replies(lab, "client.e", 4) == ["u1"] * 4
     assert lab.active() == [0]
+
+
+def test_the_running_proxy_forgets_a_bucket_once_unused_and_full_again(lab: Lab) -> None:
+    """The clean-up loop runs in the proxy (``rate_limit.cleanup_interval``): a client's
+    bucket is forgotten once unused for the interval *and* full again, never sooner
+    (forgetting it must not hand out tokens), and not much later either."""
+    rate, burst, interval = 2.0, 2, 0.2
+    lab.start_upstreams(["reply"])
+    proxy = lab.start_proxy(
+        lab.config(rate_limit={"rate": rate, "burst": burst, "cleanup_interval": "200ms"})
+    )
+    limiter = proxy.router.limiter
+    assert replies(lab, "client.b", 2) == ["u1", "u1"]  # the whole burst: the bucket is empty
+
+    seen: list[tuple[float, float, float, float]] = []  # last_used, tokens, updated, at
+    gone_at: list[float] = []
+
+    def forgotten() -> bool:
+        def look() -> bool:
+            now = proxy.loop.time()
+            bucket = limiter.buckets.get("client.b")
+            if bucket is None:
+                gone_at.append(now)
+                return True
+            seen.append((bucket.last_used, bucket.tokens, bucket.updated, now))
+            return False
+
+        return lab.proxy_loop.call(look)
+
+    wait_for("client.b's bucket forgotten", forgotten, timeout=5)
+    assert seen, "the bucket was gone at the first look: too late to check when it went"
+    last_used, tokens, updated, _ = seen[-1]
+    full_again = updated + (burst - tokens) / rate
+    # uvloop's clock is in whole milliseconds: one of slack.
+    assert gone_at[0] >= last_used + interval - 0.001, (gone_at, seen[-1])
+    assert gone_at[0] >= full_again - 0.001, (gone_at, full_again)
+    # At the first clean-up after both hold (one interval apart), with slack for a busy box.
+    assert gone_at[0] <= max(last_used + interval, full_again) + interval + 0.5, gone_at
+    assert lab.proxy_loop.call(lambda: dict(limiter.buckets)) == {}
+    # A client that comes back starts from a full bucket: its whole burst again.
+    assert replies(lab, "client.b", 2) == ["u1", "u1"]
 
 
 def test_max_concurrent_caps_open_connections_per_identity(lab: Lab) -> None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -24,6 +23,7 @@ import yaml
 
 from tests.support.harness import Lab
 from tests.support.loops import await_condition
+from tests.support.paths import service_env
 from tests.support.tlsclient import End, TlsClient, client_context
 from tests.support.upstreams import free_port
 
@@ -32,10 +32,7 @@ PROXY_DIR = REPO / "services" / "proxy"
 
 
 def child_env() -> dict[str, str]:
-    env = dict(os.environ)
-    paths = [str(PROXY_DIR), env.get("PYTHONPATH", "")]
-    env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
-    return env
+    return service_env(PROXY_DIR)
 
 
 def command(config: Path, *extra: str) -> list[str]:
@@ -474,6 +471,7 @@ def test_admin_address_in_use_exits_1_naming_admin_listen(lab: Lab, tmp_path: Pa
 
 
 def test_silent_client_is_closed_at_the_handshake_timeout(lab: Lab, tmp_path: Path) -> None:
+    """Cut at the configured 300 ms: not before, and well before the 5 s default."""
     (upstream,) = lab.start_upstreams(["echo"])
     config = write_config(
         tmp_path / "proxy.yaml", lab.certs, [upstream.address], timeouts={"handshake": "300ms"}
@@ -481,19 +479,19 @@ def test_silent_client_is_closed_at_the_handshake_timeout(lab: Lab, tmp_path: Pa
     with proxy_process(config) as child:
         address = child.address()
         with socket.create_connection(address, timeout=10) as silent:
+            started = time.monotonic()  # once connected: no later than the proxy's accept
             silent.settimeout(3)
-            started = time.monotonic()
             assert silent.recv(1024) == b""  # EOF, not a timeout or a reset
             waited = time.monotonic() - started
         line = child.wait_for("access")
         child.proc.send_signal(signal.SIGTERM)
         code = child.proc.wait(timeout=5)
         child.join()
-    assert waited < 3
+    assert 0.3 * 0.9 <= waited < 1.5, waited
     assert line["decision"] == "handshake_timeout"
     assert line["reason"] == "handshake_not_finished"
     assert line["client"] is None
-    assert line["duration_ms"] >= 300 * 0.9, line
+    assert 300 * 0.9 <= line["duration_ms"] < 1500, line
     assert code == 0, child.stderr
     assert "Traceback" not in child.stderr
     # Nothing reached the upstream (its only connection is the start-up health check).

@@ -159,15 +159,17 @@ def test_health_checks_write_no_application_bytes(lab: Lab) -> None:
     (upstream,) = lab.start_upstreams(["record"])
     lab.start_proxy()
 
-    def stats() -> tuple[int, int, list[bytes]]:
+    def stats() -> tuple[int, int, int, list[bytes]]:
         s = upstream.stats
-        return s.accepted, s.empty, list(s.received)
+        return s.accepted, s.empty, s.open, list(s.received)
 
     wait_for("3 finished check connections", lambda: lab.up_loop.call(stats)[1] >= 3)
-    accepted, empty, received = lab.up_loop.call(stats)
+    accepted, empty, still_open, received = lab.up_loop.call(stats)
     assert empty >= 3
     assert received == []
-    assert accepted >= empty
+    # Every connection that ended was empty; the others are a check still closing.
+    assert accepted == empty + still_open
+    assert still_open <= 1  # checks are one at a time
     assert checks(lab)[0] >= 3
     assert lab.logs.events("access") == []
 
@@ -231,7 +233,6 @@ def test_all_dials_failing_is_dial_failed_then_no_healthy_upstream(lab: Lab) -> 
     assert uvloop.run(refused(lab)) == (b"", End.CLOSE_NOTIFY)
     _, second = lab.logs.wait_for("access", count=2)
     assert second["decision"] == "no_healthy_upstream"
-    assert second["decision"] not in ("dial_failed", "denied")
     assert second["reason"] == "all 2 allowed upstreams are down"
     assert second["attempts"] == 0
     assert second["upstream"] is None

@@ -1,8 +1,9 @@
 """Upstream names: dials never wait for DNS, and a hanging resolver cannot starve them.
 
 The first group drives :class:`l4proxy.resolver.Resolver` with a scripted lookup on a
-real event loop; the second runs the proxy with an upstream named ``localhost`` and then
-makes every lookup hang, as Docker's resolver does for a stopped container's name.
+real event loop; then the proxy resolves an upstream named ``localhost`` through the
+real lookup (``loop.getaddrinfo``, answered offline by the hosts file); the last makes
+every lookup hang, as Docker's resolver does for a stopped container's name.
 """
 
 from __future__ import annotations
@@ -99,6 +100,40 @@ def test_ip_literals_are_never_looked_up() -> None:
         assert lookup.calls == 0
 
     uvloop.run(main())
+
+
+def test_a_name_is_resolved_by_the_real_lookup_checked_and_served(lab: Lab) -> None:
+    """Nothing scripted: the proxy asks the system for ``localhost`` through the
+    resolver's own ``loop.getaddrinfo`` path, logs the address it found, checks the
+    upstream there and dials it for clients."""
+    # What the system answers first for localhost (127.0.0.1, or ::1 on some hosts):
+    # the upstream listens there, so the test holds wherever localhost points.
+    expected = socket.getaddrinfo("localhost", None, type=socket.SOCK_STREAM)[0][4][0]
+    (upstream,) = lab.start_upstreams(["reply"], host=str(expected))
+    named = f"localhost:{upstream.port}"
+    proxy = lab.start_proxy(lab.config([named]))
+    # The real lookup is in force: no test replaced it.
+    assert lab.proxy_loop.call(lambda: proxy.resolver.lookup == proxy.resolver._getaddrinfo)
+    (checked,) = lab.logs.wait_for("health", upstream=named)  # after the lookup
+    assert (checked["old"], checked["new"], checked["reason"]) == ("unknown", "up", "connected")
+    (resolved,) = lab.logs.events("resolve", upstream=named)
+    assert resolved["address"] == expected
+    key = Address("localhost", upstream.port)
+    assert lab.proxy_loop.call(lambda: proxy.resolver.cached(key)) == expected
+
+    ctx = client_context(lab.certs, "client.b")
+    data, end = uvloop.run(exchange(lab.address, ctx))
+    assert (data, end) == (b"Reply from upstream u1", End.CLOSE_NOTIFY)
+    (line,) = lab.logs.wait_for("access", decision="forwarded")
+    assert (line["upstream"], line["reason"]) == (named, "eof")
+    # Later checks look the name up again (one at a time) and find the same address:
+    # no second resolve line, which is written only when the address changes.
+    wait_for(
+        "two more passing checks",
+        lambda: lab.proxy_loop.call(lambda: proxy.stats.checks[named].ok) >= 3,
+    )
+    assert len(lab.logs.events("resolve")) == 1
+    assert lab.logs.events("health", new="down") == []
 
 
 def test_a_hanging_resolver_does_not_stop_clients_or_checks(

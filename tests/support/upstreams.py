@@ -113,8 +113,10 @@ class TestUpstream:
         *,
         banner: bytes = b"",
         reset_after: int = 0,
+        host: str = "127.0.0.1",
     ) -> None:
         self.name = name
+        self.host = host  # the IP it listens on
         self.mode = mode
         self.banner = banner
         self.reset_after = reset_after
@@ -126,12 +128,12 @@ class TestUpstream:
 
     @property
     def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
     async def start(self, port: int = 0) -> TestUpstream:
         loop = asyncio.get_running_loop()
         self.server = await loop.create_server(
-            lambda: _Conn(self), "127.0.0.1", port or self.port, reuse_address=True, backlog=1024
+            lambda: _Conn(self), self.host, port or self.port, reuse_address=True, backlog=1024
         )
         self.port = self.server.sockets[0].getsockname()[1]
         return self

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -104,9 +106,34 @@ def test_bad_requests_get_an_error_response(head: bytes, status: int) -> None:
     assert got.status == status
 
 
-@given(st.binary(max_size=200))
+# RFC 9112's request line as the admin listener takes it: an upper-case method, an
+# origin-form target of visible ASCII, HTTP/1.0 or HTTP/1.1.
+REQUEST_LINE = re.compile(rb"[A-Z]+ /[\x21-\x7e]* HTTP/1\.[01]")
+
+
+@given(
+    st.binary(max_size=200)
+    | st.tuples(
+        st.sampled_from([b"GET / HTTP/1.1", b"POST /reload HTTP/1.0", b"GET /status HTTP/1.1"]),
+        st.binary(max_size=60),
+    ).map(lambda parts: parts[0] + b"\r\n" + parts[1])
+)
 def test_any_bytes_parse_to_a_request_or_an_error_never_an_exception(head: bytes) -> None:
-    assert isinstance(parse_request(head + b"\r\n\r\n"), Request | Response)
+    got = parse_request(head + b"\r\n\r\n")
+    line = head.split(b"\r\n", 1)[0]
+    if not head.isascii():
+        assert isinstance(got, Response), got
+        assert (got.status, got.body) == (400, b"bad request: the head must be ASCII\n")
+    elif not REQUEST_LINE.fullmatch(line):
+        assert isinstance(got, Response), got
+        assert got.status == 400
+        assert got.body.startswith(b"bad request line"), got.body
+    elif isinstance(got, Request):  # a good request line: the headers decided
+        method, target, _ = line.decode().split(" ")
+        assert (got.method, got.path) == (method, target.split("?", 1)[0])
+    else:  # refused for a header, never for the request line
+        assert got.status in (400, 413), got
+        assert not got.body.startswith(b"bad request"), got.body
 
 
 def test_response_encoding_and_head() -> None:

@@ -214,12 +214,13 @@ def test_dial_failed_on_every_upstream_returns_everything() -> None:
     seen = [adm.lease.index]
     for attempt in (1, 2):
         transition, retry = router.dial_failed(adm, float(attempt), "timeout")
-        assert transition is not None
+        assert transition == Transition(
+            Health.UNKNOWN, Health.DOWN, "dial failed: timeout", float(attempt)
+        )
         assert isinstance(retry, Lease)
         seen.append(retry.index)
     transition, final = router.dial_failed(adm, 3.0, "timeout")
-    assert transition is not None
-    assert transition.new is Health.DOWN
+    assert transition == Transition(Health.UNKNOWN, Health.DOWN, "dial failed: timeout", 3.0)
     assert isinstance(final, Rejected)
     assert final.decision == "dial_failed"
     assert "timeout" in final.reason
@@ -272,7 +273,7 @@ def test_dial_failed_on_an_already_down_upstream_has_no_transition() -> None:
     adm2 = admission(router.admit("client.b", 0.0))
     adm2_first = adm2.lease.index
     transition, _ = router.dial_failed(adm1, 1.0, "refused")
-    assert transition is not None
+    assert transition == Transition(Health.UNKNOWN, Health.DOWN, "dial failed: refused", 1.0)
     # adm2's upstream goes down (say, a health check) before adm2's dial fails too
     router.pool.health[adm2_first].mark_down(1.0, "also down")
     transition2, retry = router.dial_failed(adm2, 2.0, "refused")
@@ -303,7 +304,7 @@ def test_no_healthy_upstream_after_a_dial_failure_marks_the_last_one_down() -> N
     adm = admission(router.admit("client.a", 0.0))
     assert adm.lease.index == 0
     transition, final = router.dial_failed(adm, 1.0, "reset")
-    assert transition is not None
+    assert transition == Transition(Health.UNKNOWN, Health.DOWN, "dial failed: reset", 1.0)
     assert isinstance(final, Rejected)
     assert final.decision == "dial_failed"
     assert_idle(router)
@@ -408,9 +409,23 @@ def test_no_counter_drift_on_any_path(
 def test_every_balancer_retries_and_drains(balancer: BalancerName) -> None:
     router = make_router(balancer=balancer, seed=3)
     held = [admission(router.admit(f"client-{i}", 0.0)) for i in range(9)]
+    first = [adm.lease.index for adm in held[:3]]
+    assert sorted(first) == [0, 1, 2]  # with this seed, whatever the balancer
+    outcomes = []
     for adm in held[:3]:
-        _, outcome = router.dial_failed(adm, 1.0, "refused")
-        assert isinstance(outcome, Lease | Rejected)
+        transition, outcome = router.dial_failed(adm, 1.0, "refused")
+        assert transition == Transition(Health.UNKNOWN, Health.DOWN, "dial failed: refused", 1.0)
+        outcomes.append(outcome)
+    # The first retry goes to either upstream still up (the balancer's choice); the
+    # second to the only one left; the third finds every upstream down.
+    retry, last, final = outcomes
+    assert isinstance(retry, Lease)
+    assert retry.index in {first[1], first[2]}
+    assert isinstance(last, Lease)
+    assert last.index == first[2]
+    assert final == Rejected("dial_failed", "refused (after 1 attempt(s))")
+    assert sum(router.pool.active) == 8  # 9 held, 1 refused
+    assert router.limiter.open == {f"client-{i}": 1 for i in range(9) if i != 2}
     for adm in held:
         adm.release()
     assert_idle(router)
@@ -465,7 +480,9 @@ def test_dial_retry_after_a_reload_follows_the_new_rules_and_upstream_list() -> 
     rules = [{"client": "client.a", "action": "deny", "upstream": denied}]
     router.reconfigure(router_config(upstreams=[first, denied], rules=rules))
     transition, outcome = router.dial_failed(adm, 1.0, "refused")
-    assert transition is not None  # the failed upstream is still in the pool: marked down
+    # The failed upstream is still in the pool: marked down.
+    assert transition == Transition(Health.UNKNOWN, Health.DOWN, "dial failed: refused", 1.0)
+    assert [m.state for m in router.pool.health] == [Health.DOWN, Health.UNKNOWN]
     assert isinstance(outcome, Rejected)  # removed is gone, denied is denied, first was tried
     assert outcome.decision == "dial_failed"
     assert_idle(router)

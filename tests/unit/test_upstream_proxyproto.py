@@ -18,11 +18,13 @@ from upstream.proxyproto import (
     SIGNATURE,
     Command,
     Complete,
+    Family,
     Header,
     HeaderReader,
     Invalid,
     NeedMore,
     SslInfo,
+    Transport,
     parse_v2,
 )
 
@@ -477,13 +479,154 @@ def test_any_split_yields_the_same_header_and_payload(
     assert complete.payload + after == payload
 
 
-@settings(max_examples=500, deadline=None)
-@given(st.binary(max_size=80), st.booleans())
-def test_arbitrary_bytes_give_a_value_never_an_exception(tail: bytes, signed: bool) -> None:
-    data = SIG + tail if signed else tail
+# What the spec (proxy-protocol.txt 2.2) says each family/transport byte is, and the size
+# of its address block.
+SPEC_FAMILIES: dict[int, tuple[Family, Transport]] = {
+    UNSPEC: ("unspec", "unspec"),
+    TCP4: ("inet", "stream"),
+    UDP4: ("inet", "dgram"),
+    TCP6: ("inet6", "stream"),
+    UDP6: ("inet6", "dgram"),
+    UNIX_STREAM: ("unix", "stream"),
+    UNIX_DGRAM: ("unix", "dgram"),
+}
+SPEC_ADDRESS_BLOCK: dict[Family, int] = {"unspec": 0, "inet": 12, "inet6": 36, "unix": 216}
+
+
+def spec_split(data: bytes) -> list[tuple[int, bytes]] | None:
+    """TLVs back to back (type, 16-bit length, value) to the end, or None if they are not."""
+    found = []
+    while data:
+        if len(data) < 3 or len(data) < 3 + int.from_bytes(data[1:3], "big"):
+            return None
+        size = int.from_bytes(data[1:3], "big")
+        found.append((data[0], data[3 : 3 + size]))
+        data = data[3 + size :]
+    return found
+
+
+def spec_header(data: bytes) -> NeedMore | Invalid | Header | None:
+    """What the spec decides for ``data``: ``Invalid("")`` (any reason) when it cannot be
+    a v2 header, ``NeedMore`` with the fewest bytes that can change that answer, the
+    whole Header otherwise, or None when an SSL TLV is in it (its value decides: a
+    Header with the spec's addresses and TLVs, or Invalid)."""
+    if not SIG.startswith(data[:12]):
+        return Invalid("")
+    if len(data) < 13:
+        return NeedMore(len(data) + 1)  # the next byte may break the signature
+    version, command = data[12] >> 4, data[12] & 0x0F
+    if version != 2 or command not in (LOCAL, PROXY):
+        return Invalid("")
+    if len(data) < 14:
+        return NeedMore(14)
+    if data[13] not in SPEC_FAMILIES:
+        return Invalid("")
+    if len(data) < 16:
+        return NeedMore(16)
+    total = 16 + int.from_bytes(data[14:16], "big")
+    if len(data) < total:
+        return NeedMore(total)
+    family, transport = SPEC_FAMILIES[data[13]]
+    name: Command = "local" if command == LOCAL else "proxy"
+    if command == LOCAL or family == "unspec":  # the addresses (and TLVs) are ignored
+        return Header(name, family, transport, total)
+    body, need = data[16:total], SPEC_ADDRESS_BLOCK[family]
+    tlvs = spec_split(body[need:]) if len(body) >= need else None
+    if tlvs is None:
+        return Invalid("")
+    source = destination = None
+    source_path = destination_path = None
+    if family == "unix":
+        source_path, destination_path = (body[i : i + 108].split(b"\0", 1)[0] for i in (0, 108))
+    else:
+        width = 4 if family == "inet" else 16
+        ips = [str(ipaddress.ip_address(body[i : i + width])) for i in (0, width)]
+        ports = [int.from_bytes(body[2 * width + i : 2 * width + i + 2], "big") for i in (0, 2)]
+        source, destination = (ips[0], ports[0]), (ips[1], ports[1])
+    known = [(kind, value) for kind, value in tlvs if kind in KNOWN_TYPES]
+    values = dict(known)
+    if len(values) < len(known):  # a known TLV twice: which one holds is ambiguous
+        return Invalid("")
+    identity = values.get(0xE0)
+    if identity is not None:
+        try:
+            identity.decode("utf-8")
+        except UnicodeDecodeError:
+            return Invalid("")
+    if 0x20 in values:  # the SSL TLV's own layout decides (see the tests above)
+        return None
+    unique_id = values.get(0x05)
+    return Header(
+        name,
+        family,
+        transport,
+        total,
+        tlvs=tuple(tlvs),
+        unique_id=None if unique_id is None else unique_id.decode("ascii", "backslashreplace"),
+        identity=None if identity is None else identity.decode("utf-8"),
+        source=source,
+        destination=destination,
+        source_path=source_path,
+        destination_path=destination_path,
+    )
+
+
+@st.composite
+def v2_inputs(draw: st.DrawFn) -> bytes:
+    """Arbitrary bytes; the signature then arbitrary bytes; and (half the time) a fixed
+    part that is mostly valid, an address block of about its family's size, TLVs that
+    mostly split (known types among them), cut anywhere."""
+    kind = draw(st.integers(0, 3))
+    if kind == 0:
+        return draw(st.binary(max_size=80))
+    if kind == 1:
+        return SIG + draw(st.binary(max_size=80))
+    command = draw(st.sampled_from([LOCAL, PROXY, PROXY, PROXY]) | st.integers(0, 15))
+    version = 2 if draw(st.integers(0, 9)) else draw(st.integers(0, 15))
+    # A valid family byte, a near miss (another low or high nibble), or any byte.
+    family = draw(
+        st.sampled_from(sorted(SPEC_FAMILIES)) | st.integers(0, 0x4F) | st.integers(0, 255)
+    )
+    block = SPEC_ADDRESS_BLOCK.get(SPEC_FAMILIES.get(family, ("unspec",))[0], 0)
+    address = draw(st.binary(min_size=block, max_size=block) | st.binary(max_size=block + 2))
+    values = st.binary(max_size=12) | st.sampled_from([v for _, v in FULL_TLVS])
+    kinds = st.sampled_from(sorted(KNOWN_TYPES)) | st.integers(0, 255)
+    tlvs = b"".join(tlv(k, v) for k, v in draw(st.lists(st.tuples(kinds, values), max_size=3)))
+    body = address + tlvs + (draw(st.binary(max_size=3)) if not draw(st.integers(0, 4)) else b"")
+    data = v2(command, family, body, version=version) + draw(st.binary(max_size=4))
+    if not draw(st.integers(0, 3)):
+        data = data[: draw(st.integers(0, len(data)))]
+    return data
+
+
+def test_every_version_command_and_family_byte_is_decided_as_the_spec_says() -> None:
+    """Exhaustively, each value of byte 12 (version, command) and byte 13 (family,
+    transport) in an otherwise valid LOCAL header: the spec's answer, exactly."""
+    for byte in range(256):
+        for data in (
+            SIG + bytes([byte, UNSPEC]) + b"\x00\x00",
+            SIG + bytes([0x20 | LOCAL, byte]) + b"\x00\x00",
+        ):
+            expected, got = spec_header(data), parse_v2(data)
+            if isinstance(expected, Invalid):  # any reason will do
+                assert isinstance(got, Invalid), (data.hex(), got)
+            else:
+                assert got == expected, data.hex()
+
+
+@settings(max_examples=1000, deadline=None)
+@given(v2_inputs())
+def test_arbitrary_bytes_give_the_value_the_spec_decides(data: bytes) -> None:
     result = parse_v2(data)
-    assert isinstance(result, NeedMore | Invalid | Header)
-    if isinstance(result, NeedMore):
-        assert result.needed > len(data)
-    if isinstance(result, Header):
-        assert 16 <= result.length <= len(data)
+    expected = spec_header(data)
+    if isinstance(expected, Invalid):
+        assert isinstance(result, Invalid), result
+    elif expected is not None:
+        assert result == expected
+    elif isinstance(result, Header):  # the SSL TLV was well formed: the rest is the spec's
+        total = 16 + int.from_bytes(data[14:16], "big")
+        tlvs = spec_split(data[16 + SPEC_ADDRESS_BLOCK[result.family] : total])
+        assert (result.command, result.length, result.tlvs) == ("proxy", total, tuple(tlvs or ()))
+        assert result.ssl is not None
+    else:
+        assert isinstance(result, Invalid), result  # never NeedMore: the header is all there

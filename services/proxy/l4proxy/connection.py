@@ -520,10 +520,21 @@ class ClientConnection(asyncio.Protocol):
         if self.state is State.FORWARDING:
             self._on(Kind.UPSTREAM_LOST, describe_os_error(exc) if exc is not None else "")
 
+    def rearm_idle(self) -> None:
+        """A reload changed ``timeouts.idle``: the new value applies now (a longer or a
+        shorter one, 0 turning it off, or a first one for a connection opened without)."""
+        if self.state is not State.FORWARDING:
+            return
+        self._cancel_timer()
+        self._check_idle()
+
     def _check_idle(self) -> None:
         if self.state is not State.FORWARDING:
             return
         idle = self.proxy.config.timeouts.idle
+        if idle <= 0:  # turned off by a reload
+            self.timer = None
+            return
         remaining = self.last_activity + idle - self.loop.time()
         if remaining > 0:
             self.timer = self.loop.call_later(remaining, self._check_idle)

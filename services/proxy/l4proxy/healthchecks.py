@@ -24,9 +24,13 @@ class HealthChecks:
     resolver: Resolver
     stats: Stats
     health_tasks: dict[str, asyncio.Task[None]]
+    stopping: bool
 
     def _sync_health_tasks(self) -> None:
-        """One check loop per configured upstream: start new ones, stop removed ones."""
+        """One check loop per configured upstream: start new ones, stop removed ones
+        (none once the proxy is stopping: a reload then must not start any)."""
+        if self.stopping:
+            return
         wanted = {u.key for u in self.config.upstreams}
         for key in [k for k in self.health_tasks if k not in wanted]:
             self.health_tasks.pop(key).cancel()

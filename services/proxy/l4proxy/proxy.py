@@ -91,6 +91,7 @@ class Proxy(Capacity, HealthChecks, AccessLog):
         self.address: tuple[str, int] | None = None
         self.admin_address: tuple[str, int] | None = None
         self.draining = False
+        self.stopping = False  # stop() has begun: no health loop may start again
         self.at_capacity: dict[str, list[int]] = {}  # limit -> [refused, evicted] while full
         self.last_reload: dict[str, Any] | None = None
 
@@ -201,6 +202,7 @@ class Proxy(Capacity, HealthChecks, AccessLog):
         ca_pem = _read(config.tls.ca)
         ca_changed = ca_pem != self.ca_pem
         self.ca_pem = ca_pem
+        old_idle = self.config.timeouts.idle
         self.config = config
         self.config_sha256 = digest
         self.loaded_at = utc_timestamp()
@@ -209,6 +211,9 @@ class Proxy(Capacity, HealthChecks, AccessLog):
         self.identities = IdentityCache(config.tls.identity, charset=config.tls.identity_charset)
         self.router.reconfigure(config)
         self._sync_health_tasks()
+        if config.timeouts.idle != old_idle:
+            for conn in list(self.connections):
+                conn.rearm_idle()
         revoked = 0
         if config.authorization.on_reload == "close":
             revoked = self.revoke(ca_changed=ca_changed)
@@ -297,6 +302,7 @@ class Proxy(Capacity, HealthChecks, AccessLog):
         ``reason`` goes into the ``stopped`` line and, except ``forced`` (which closes
         with ``shutdown`` like a plain stop), into the access line of each connection."""
         left = len(self.connections)
+        self.stopping = True
         if self.server is not None:
             self.server.close()
         for conn in list(self.connections):
