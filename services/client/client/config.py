@@ -57,7 +57,9 @@ class Config:
         return f"Hello from {self.client_id}\n".encode()
 
 
-_SIZE = re.compile(r"^\s*(\d+)\s*(|b|k|kib|m|mib|g|gib)\s*$", re.IGNORECASE)
+# ASCII digits only (\d would take fullwidth and Arabic-Indic digits), and at most 15
+# of them (int() of thousands of digits is slow and then refused).
+_SIZE = re.compile(r"^[ \t]*([0-9]{1,15})[ \t]*(|b|k|kib|m|mib|g|gib)[ \t]*$", re.IGNORECASE)
 _SIZE_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mib": 1 << 20}
 _SIZE_UNITS |= {"g": 1 << 30, "gib": 1 << 30}
 

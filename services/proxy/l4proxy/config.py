@@ -150,9 +150,13 @@ def _int(value: object, key: str, minimum: int) -> int:
 def _number(value: object, key: str) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ConfigError(key, f"expected a number, got {value!r}")
-    if not math.isfinite(value) or value <= 0:
+    try:
+        number = float(value)
+    except OverflowError:  # an integer beyond any float
+        raise ConfigError(key, "must be a finite number; this one is too large") from None
+    if not math.isfinite(number) or number <= 0:
         raise ConfigError(key, f"must be a positive number, got {value!r}")
-    return float(value)
+    return number
 
 
 def _bool(value: object, key: str) -> bool:
@@ -535,6 +539,10 @@ def _parse_text(text: str, path: Path) -> Config:
         if mark is not None:
             where = f" at line {mark.line + 1}, column {mark.column + 1}"
         raise ConfigError("", f"{path} is not valid YAML{where}") from None
+    except (ValueError, OverflowError) as exc:  # a value YAML cannot build, e.g. a date
+        raise ConfigError("", f"{path} has a value YAML cannot read: {exc}") from None
+    except RecursionError:
+        raise ConfigError("", f"{path} is nested too deeply") from None
     return parse_config(raw, path.resolve().parent)
 
 
