@@ -155,10 +155,20 @@ def test_local_is_a_health_check_and_its_block_is_ignored() -> None:
     assert parse_v2(v2(LOCAL, TCP4, junk) + b"payload") == Header("local", "inet", "stream", 19)
 
 
-def test_unspec_proxy_ignores_addresses_and_tlvs() -> None:
-    body = b"\x01\x02\x03" + tlv(0xE0, b"not used")
+def test_unspec_proxy_has_no_addresses_but_its_tlvs_count() -> None:
+    """The proxy sends UNSPEC when it could not learn the client's address; the
+    identity it sends along must still arrive. (LOCAL, above, discards everything.)"""
+    body = tlv(0xE0, b"client.a") + tlv(0x05, b"7")
     header = parse_v2(v2(PROXY, UNSPEC, body))
-    assert header == Header("proxy", "unspec", "unspec", 16 + len(body))
+    assert isinstance(header, Header)
+    assert (header.family, header.source, header.identity, header.unique_id) == (
+        "unspec",
+        None,
+        "client.a",
+        "7",
+    )
+    # Bytes that are no TLV are invalid here, as after any other family's addresses.
+    assert isinstance(parse_v2(v2(PROXY, UNSPEC, b"\x01\x02\x03")), Invalid)
 
 
 def test_unknown_tlvs_are_skipped_but_kept() -> None:
@@ -380,13 +390,15 @@ def headers(draw: st.DrawFn) -> tuple[bytes, Header]:
     family_byte = draw(st.sampled_from(sorted(FAMILIES)))
     family, transport = FAMILIES[family_byte]
     command_bits = LOCAL if command == "local" else PROXY
-    if command == "local" or family == "unspec":
+    if command == "local":
         raw = v2(command_bits, family_byte, draw(st.binary(max_size=64)))
         return raw, Header(command, family, transport, len(raw))
 
     source = destination = None
     source_path = destination_path = None
-    if family == "unix":
+    if family == "unspec":
+        addresses = b""  # no address block; the TLVs follow the fixed bytes
+    elif family == "unix":
         paths = st.binary(max_size=107).map(lambda b: b.replace(b"\0", b"/"))
         source_path, destination_path = draw(paths), draw(paths)
         addresses = unix(source_path, destination_path)
@@ -528,7 +540,7 @@ def spec_header(data: bytes) -> NeedMore | Invalid | Header | None:
         return NeedMore(total)
     family, transport = SPEC_FAMILIES[data[13]]
     name: Command = "local" if command == LOCAL else "proxy"
-    if command == LOCAL or family == "unspec":  # the addresses (and TLVs) are ignored
+    if command == LOCAL:  # not a client's connection: everything after is ignored
         return Header(name, family, transport, total)
     body, need = data[16:total], SPEC_ADDRESS_BLOCK[family]
     tlvs = spec_split(body[need:]) if len(body) >= need else None
@@ -538,7 +550,7 @@ def spec_header(data: bytes) -> NeedMore | Invalid | Header | None:
     source_path = destination_path = None
     if family == "unix":
         source_path, destination_path = (body[i : i + 108].split(b"\0", 1)[0] for i in (0, 108))
-    else:
+    elif family != "unspec":
         width = 4 if family == "inet" else 16
         ips = [str(ipaddress.ip_address(body[i : i + width])) for i in (0, width)]
         ports = [int.from_bytes(body[2 * width + i : 2 * width + i + 2], "big") for i in (0, 2)]

@@ -15,9 +15,11 @@ Layout: 12-byte signature, version/command byte, family/transport byte, 16-bit b
 length of the rest (addresses, then TLVs). For a ``PROXY`` command with an IP or UNIX
 family, the addresses are decoded and the TLVs after them are parsed strictly (a TLV that
 runs past the end is invalid; unknown types are kept in ``tlvs`` and otherwise ignored).
-A ``LOCAL`` command (the sender's own health check) and the ``UNSPEC`` family carry no
-usable addresses: as the spec says, the receiver discards everything after the 16 fixed
-bytes (``tlvs`` is empty). ``PP2_TYPE_CRC32C`` is not verified.
+A ``LOCAL`` command (the sender's own health check) is not about a client: the receiver
+discards everything after the 16 fixed bytes (``tlvs`` is empty). A ``PROXY`` command
+with the ``UNSPEC`` family has no addresses to use (the spec: the receiver ignores
+address information), but its TLVs are read: the proxy sends the client's identity there
+even when it could not learn the client's address. ``PP2_TYPE_CRC32C`` is not verified.
 """
 
 from __future__ import annotations
@@ -178,8 +180,8 @@ def parse_v2(buffer: bytes | bytearray) -> Parsed:
         return NeedMore(total)
     family, transport = FAMILIES[head[13]]
     header = Header(COMMANDS[command], family, transport, total)
-    if header.command == "local" or family == "unspec":
-        return header  # the spec: ignore the addresses (and with them the TLVs)
+    if header.command == "local":
+        return header  # not a client's connection: nothing after the fixed bytes counts
     return _parse_body(header, bytes(buffer[FIXED_LENGTH:total]))
 
 
@@ -228,7 +230,7 @@ def _signature_reason(head: bytes) -> str:
 
 
 def _parse_body(header: Header, body: bytes) -> Header | Invalid:
-    """Addresses and TLVs of a PROXY command with an inet, inet6 or unix family."""
+    """Addresses and TLVs of a PROXY command (no addresses for the unspec family)."""
     family = header.family
     need = ADDRESS_LENGTHS[family]
     if len(body) < need:
@@ -237,7 +239,9 @@ def _parse_body(header: Header, body: bytes) -> Header | Invalid:
     destination: Address | None = None
     source_path: bytes | None = None
     destination_path: bytes | None = None
-    if family == "unix":
+    if family == "unspec":
+        pass  # no address block: the TLVs start at once
+    elif family == "unix":
         source_path = body[:UNIX_PATH_LENGTH].split(b"\0", 1)[0]
         destination_path = body[UNIX_PATH_LENGTH:need].split(b"\0", 1)[0]
     else:
