@@ -20,7 +20,7 @@ import time
 from typing import TYPE_CHECKING, Protocol, cast
 
 from . import proxyproto
-from .closing import reset
+from .closing import reset, reset_not_eof
 from .config import Upstream
 from .identity import NoIdentity
 from .lifecycle import End, Event, HalfClose, Kind, Lifecycle, Phase, Side
@@ -140,6 +140,12 @@ class UpstreamSide(asyncio.Protocol):
                 self.transport.pause_reading()  # one chunk is enough until attach
 
     def eof_received(self) -> bool:
+        # (Once our FIN has gone, a FIN back also leaves the socket CLOSED: no telling.)
+        sent_fin = self.conn is not None and self.conn.life.client_eof
+        if not sent_fin and reset_not_eof(self.transport):
+            # A reset whose error a send consumed: the stream was cut, not ended.
+            self.connection_lost(ConnectionResetError(errno.ECONNRESET, "reset"))
+            return False
         if self.conn is not None:
             self.conn.upstream_eof()
         elif self._early is not None:
@@ -250,6 +256,17 @@ class ClientConnection(asyncio.Protocol):
         if self.state is State.CLOSED:
             self._close_client()  # a lingering refused client has read our goodbye
             return True
+        life = self.life
+        if (
+            life.phase is Phase.FORWARDING
+            and not life.upstream_eof
+            and reset_not_eof(self.transport)
+        ):
+            # A reset whose error a send consumed: the upload was cut, not finished;
+            # passing it on as a FIN would make a truncated upload look complete.
+            self.close_kind = "peer"
+            self._on(Kind.CLIENT_LOST, "reset")
+            return False
         self.incoming.write_eof()
         if self.state is State.HANDSHAKE:
             # A TCP probe (connect, then close) sends nothing at all: say so.
