@@ -31,13 +31,13 @@ class ScriptedLookup:
         self.answers: asyncio.Queue[str | BaseException] = asyncio.Queue()
         self.started = asyncio.Event()
 
-    async def __call__(self, host: str, port: int) -> str:
+    async def __call__(self, host: str, port: int) -> list[str]:
         self.calls += 1
         self.started.set()
         answer = await self.answers.get()
         if isinstance(answer, BaseException):
             raise answer
-        return answer
+        return [answer]
 
 
 def test_one_lookup_at_a_time_and_the_cache_answers_while_it_hangs() -> None:
@@ -148,10 +148,10 @@ def test_a_hanging_resolver_does_not_stop_clients_or_checks(
     upstream prove that dials use the address from the cache and never ask DNS."""
     lookups: list[str] = []
 
-    async def scripted(_self: Resolver, host: str, port: int) -> str:
+    async def scripted(_self: Resolver, host: str, port: int) -> list[str]:
         lookups.append(host)
         if len(lookups) == 1:
-            return "127.0.0.1"
+            return ["127.0.0.1"]
         await asyncio.Event().wait()  # hangs until the proxy stops (cancelled)
         raise AssertionError("unreachable")
 
