@@ -1,4 +1,5 @@
-"""Upstream names: dials never wait for DNS, and a hanging resolver cannot starve them.
+"""Upstream names: dials never wait for DNS, and a hanging resolver cannot starve them;
+discovered groups get every address of a name, or why there is none.
 
 The first group drives :class:`l4proxy.resolver.Resolver` with a scripted lookup on a
 real event loop; then the proxy resolves an upstream named ``localhost`` through the
@@ -15,6 +16,7 @@ import pytest
 import uvloop
 
 from l4proxy.config import Address
+from l4proxy.discovery import Answer, LookupFailed, Resolution
 from l4proxy.resolver import Resolver
 from tests.support.harness import Lab
 from tests.support.loops import wait_for
@@ -31,13 +33,13 @@ class ScriptedLookup:
         self.answers: asyncio.Queue[str | BaseException] = asyncio.Queue()
         self.started = asyncio.Event()
 
-    async def __call__(self, host: str, port: int) -> str:
+    async def __call__(self, host: str, port: int) -> list[str]:
         self.calls += 1
         self.started.set()
         answer = await self.answers.get()
         if isinstance(answer, BaseException):
             raise answer
-        return answer
+        return [answer]
 
 
 def test_one_lookup_at_a_time_and_the_cache_answers_while_it_hangs() -> None:
@@ -102,6 +104,72 @@ def test_ip_literals_are_never_looked_up() -> None:
     uvloop.run(main())
 
 
+@pytest.mark.parametrize(
+    ("outcome", "expected"),
+    [
+        (["10.0.0.2", "10.0.0.1", "10.0.0.2"], Answer(("10.0.0.2", "10.0.0.1"))),
+        ([], Answer(())),
+        (socket.gaierror(socket.EAI_NODATA, "No address associated with hostname"), Answer(())),
+        (
+            socket.gaierror(socket.EAI_NONAME, "Name or service not known"),
+            LookupFailed("dns: Name or service not known"),
+        ),
+        (
+            socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution"),
+            LookupFailed("dns: Temporary failure in name resolution"),
+        ),
+        (TimeoutError(), LookupFailed("timeout")),
+    ],
+    ids=["answer", "empty-list", "nodata", "nxdomain", "again", "timeout"],
+)
+def test_a_groups_lookup_is_a_value_every_address_or_why_none(
+    outcome: list[str] | BaseException, expected: Resolution
+) -> None:
+    """What a discovered group gets from one lookup: every address (each once, in the
+    system's order), an empty answer when the name exists without address records, or
+    the failure (the name does not exist, the resolver failed or timed out)."""
+
+    async def lookup(host: str, port: int) -> list[str]:
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
+
+    async def main() -> Resolution:
+        return await Resolver(asyncio.get_running_loop(), lookup).resolution(NAME)
+
+    assert uvloop.run(main()) == expected
+
+
+def test_a_group_and_a_named_upstream_share_one_lookup_per_name() -> None:
+    """A named upstream and a group naming the same name wait for the same lookup; the
+    upstream dials the first address, the group gets them all."""
+
+    async def main() -> None:
+        lookup = ScriptedLookup()
+        resolver = Resolver(asyncio.get_running_loop(), lookup)
+        changes: list[tuple[Address, str | None]] = []
+        resolver.changed = lambda address, ip: changes.append((address, ip))
+        first = asyncio.ensure_future(resolver.resolve(NAME))
+        group = asyncio.ensure_future(resolver.resolution(NAME))
+        await lookup.started.wait()
+        lookup.answers.put_nowait("10.0.0.7")
+        assert await first == "10.0.0.7"
+        assert await group == Answer(("10.0.0.7",))
+        assert lookup.calls == 1
+        assert changes == [(NAME, "10.0.0.7")]
+        # A group's lookup alone updates no named upstream's address.
+        again = asyncio.ensure_future(resolver.resolution(NAME))
+        lookup.answers.put_nowait("10.0.0.8")
+        assert await again == Answer(("10.0.0.8",))
+        assert resolver.cached(NAME) == "10.0.0.7"
+        assert changes == [(NAME, "10.0.0.7")]
+        assert await resolver.resolution(Address("10.1.2.3", 80)) == Answer(("10.1.2.3",))
+        assert lookup.calls == 2
+        resolver.cancel()
+
+    uvloop.run(main())
+
+
 def test_a_name_is_resolved_by_the_real_lookup_checked_and_served(lab: Lab) -> None:
     """Nothing scripted: the proxy asks the system for ``localhost`` through the
     resolver's own ``loop.getaddrinfo`` path, logs the address it found, checks the
@@ -148,10 +216,10 @@ def test_a_hanging_resolver_does_not_stop_clients_or_checks(
     upstream prove that dials use the address from the cache and never ask DNS."""
     lookups: list[str] = []
 
-    async def scripted(_self: Resolver, host: str, port: int) -> str:
+    async def scripted(_self: Resolver, host: str, port: int) -> list[str]:
         lookups.append(host)
         if len(lookups) == 1:
-            return "127.0.0.1"
+            return ["127.0.0.1"]
         await asyncio.Event().wait()  # hangs until the proxy stops (cancelled)
         raise AssertionError("unreachable")
 

@@ -21,6 +21,7 @@ import certgen
 from l4proxy.adminctl import ADMIN_HEADERS
 from l4proxy.config import Config, parse_config, read_config
 from l4proxy.logs import JsonLog
+from l4proxy.resolver import Lookup
 from l4proxy.server import Proxy
 
 from .loops import LoopThread
@@ -142,11 +143,37 @@ class Lab:
         self.upstreams = self.up_loop.run(start())
         return self.upstreams
 
-    def config(self, upstreams: Sequence[str] | None = None, **overrides: Any) -> Config:
+    def start_upstreams_on(
+        self, hosts: Sequence[str], mode: str = "echo", **options: Any
+    ) -> list[TestUpstream]:
+        """One upstream per host (``u1``... in that order), all on one port, as the
+        members of a discovered group are (loopback answers on 127.0.0.1-127.255.255.254).
+        A port that is taken on one of the hosts is given up for another."""
+
+        async def start() -> list[TestUpstream]:
+            for _ in range(20):
+                made = [await TestUpstream("u1", mode, host=hosts[0], **options).start()]
+                try:
+                    for i, host in enumerate(hosts[1:], 2):
+                        upstream = TestUpstream(f"u{i}", mode, host=host, **options)
+                        made.append(await upstream.start(made[0].port))
+                except OSError:
+                    for upstream in made:
+                        await upstream.stop()
+                    continue
+                return made
+            raise AssertionError(f"no port free on all of {hosts}")
+
+        self.upstreams = self.up_loop.run(start())
+        return self.upstreams
+
+    def config(
+        self, upstreams: Sequence[str | dict[str, Any]] | None = None, **overrides: Any
+    ) -> Config:
         return parse_config(self.config_raw(upstreams, **overrides), self.certs)
 
     def write_config(
-        self, path: Path, upstreams: Sequence[str] | None = None, **overrides: Any
+        self, path: Path, upstreams: Sequence[str | dict[str, Any]] | None = None, **overrides: Any
     ) -> Path:
         """The same config as :meth:`config`, as a YAML file (for reloads)."""
         text = yaml.safe_dump(self.config_raw(upstreams, **overrides), sort_keys=False)
@@ -154,7 +181,7 @@ class Lab:
         return path
 
     def config_raw(
-        self, upstreams: Sequence[str] | None = None, **overrides: Any
+        self, upstreams: Sequence[str | dict[str, Any]] | None = None, **overrides: Any
     ) -> dict[str, Any]:
         raw: dict[str, Any] = {
             "listen": "127.0.0.1:0",
@@ -179,8 +206,10 @@ class Lab:
         *,
         wait_healthy: bool = True,
         path: Path | None = None,
+        lookup: Lookup | None = None,
     ) -> Proxy:
-        """Start the proxy with ``config``, or from the file at ``path`` (reloadable)."""
+        """Start the proxy with ``config``, or from the file at ``path`` (reloadable);
+        ``lookup`` stands in for DNS (see :class:`l4proxy.resolver.Resolver`)."""
         digest = None
         if path is not None:
             config, digest = read_config(path)
@@ -188,7 +217,7 @@ class Lab:
 
         async def start() -> Proxy:
             log = JsonLog(self.logs)  # type: ignore[arg-type]
-            proxy = Proxy(cfg, log, config_path=path, config_sha256=digest)
+            proxy = Proxy(cfg, log, config_path=path, config_sha256=digest, lookup=lookup)
             await proxy.start()
             return proxy
 

@@ -11,8 +11,18 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from l4proxy.authz import Authorizer, Verdict
-from l4proxy.config import IDENTITY_CHARSETS, Action, Config, IdentityCharset, Rule, parse_config
+from l4proxy.config import (
+    IDENTITY_CHARSETS,
+    Action,
+    Config,
+    IdentityCharset,
+    Rule,
+    member,
+    parse_config,
+)
+from l4proxy.discovery import Answer
 from l4proxy.identity import normalize_identity
+from l4proxy.router import Admission, Router
 
 UPSTREAMS = ["127.0.0.1:8000", "127.0.0.1:8001", "127.0.0.1:8002"]
 
@@ -309,3 +319,71 @@ def test_rules_can_be_built_directly() -> None:
     c = config([])
     authz = Authorizer([Rule(("client.a",), "deny", ("127.0.0.1:8001",))], "allow", c.upstreams)
     assert authz.allowed("client.a") == (0, 2)
+
+
+# ---------------------------------------------------------------- discovered groups
+
+GROUPED = ["127.0.0.1:7000", {"discover": "tasks.upstream:8000", "name": "up"}]
+
+
+def test_a_rule_naming_a_group_holds_for_every_member_now_and_later() -> None:
+    c = config(
+        [deny("client.a", "up"), allow("client.b", "up"), deny("client.b", "*")],
+        default="allow",
+        ups=GROUPED,
+    )
+    group = c.groups[0]
+    authz = Authorizer(c.authorization.rules, c.authorization.default, c.upstreams)
+    for ip in ("10.0.1.7", "10.0.1.8", "fd00::7"):
+        found = member(group, ip)
+        assert authz.decide("client.a", found) == Verdict("deny", 0)
+        assert authz.decide("client.b", found) == Verdict("allow", 1)
+        assert authz.decide("client.c", found) == Verdict("allow", None)
+    fixed = c.upstreams[0]
+    assert authz.decide("client.a", fixed) == Verdict("allow", None)  # not in the group
+    assert authz.decide("client.b", fixed) == Verdict("deny", 2)
+    assert not authz.group_allows("client.a", "up")
+    assert authz.group_allows("client.b", "up")
+    assert authz.group_allows("client.c", "up")
+
+
+def test_a_rule_naming_one_member_by_address_or_name_holds_for_it_alone() -> None:
+    c = config(
+        [deny("client.a", "10.0.1.7:8000"), deny("client.b", "up@[fd00::7]")],
+        ups=GROUPED,
+    )
+    group = c.groups[0]
+    authz = Authorizer(c.authorization.rules, c.authorization.default, c.upstreams)
+    assert not authz.decide("client.a", member(group, "10.0.1.7")).allowed
+    assert authz.decide("client.a", member(group, "10.0.1.8")).allowed
+    assert not authz.decide("client.b", member(group, "fd00:0::7")).allowed
+    assert authz.decide("client.b", member(group, "10.0.1.7")).allowed
+    assert authz.group_allows("client.a", "up")  # member rules do not speak for the group
+
+
+def test_the_router_applies_group_rules_to_members_as_they_come() -> None:
+    c = parse_config(
+        {
+            "tls": {"ca": "ca.pem", "cert": "s.pem", "key": "s.key"},
+            "upstreams": GROUPED,
+            "rate_limit": {"enabled": False},
+            "authorization": {"rules": [deny("client.a", "up")]},
+        },
+        Path("/etc/layer4lab"),
+    )
+    router = Router(c)
+    assert router.authorizer.allowed("client.a") == (0,)
+    router.discovered("up", Answer(("10.0.1.7", "10.0.1.8")), 1.0)
+    assert router.authorizer.allowed("client.a") == (0,)
+    assert router.authorizer.allowed("client.b") == (0, 1, 2)
+    router.discovered("up", Answer(("10.0.1.9", "10.0.1.7", "10.0.1.8")), 2.0)
+    assert router.authorizer.allowed("client.a") == (0,)
+    assert router.authorizer.allowed("client.b") == (0, 1, 2, 3)
+    for _ in range(4):  # client.a only ever reaches the fixed upstream
+        admission = router.admit("client.a", 3.0)
+        assert isinstance(admission, Admission)
+        assert admission.lease.upstream.key == "127.0.0.1:7000"
+        admission.release()
+    member_of_up = member(c.groups[0], "10.0.1.9")
+    assert not router.permits("client.a", member_of_up)
+    assert router.permits("client.b", member_of_up)

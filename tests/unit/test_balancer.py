@@ -302,10 +302,19 @@ def test_reconfigure_applies_new_rise_and_fall_to_kept_machines() -> None:
     assert (pool.health[0].rise, pool.health[0].fall) == (3, 2)
 
 
-def test_reconfigure_to_no_upstreams_is_refused() -> None:
-    pool = make_pool("least_connections", 1)
-    with pytest.raises(ValueError, match="at least one upstream"):
-        reconfigure(pool, ())
+def test_reconfigure_to_no_upstreams_retires_them_all_and_picks_nothing() -> None:
+    """A discovered group whose name stops answering leaves the pool empty: every open
+    lease still finds its (retired) slot, and nothing new is picked."""
+    ups = upstreams(2)
+    pool = make_pool("least_connections", 2)
+    held = lease(pool.pick((0, 1), "k"))
+    reconfigure(pool, ())
+    assert (pool.upstreams, pool.active, pool.retired) == ((), [], {held.upstream.key: 1})
+    assert pool.pick((), "k") == NoUpstream("no_healthy_upstream")
+    held.release()
+    assert pool.retired == {}
+    reconfigure(pool, ups[:1])
+    assert pool.active == [0]
 
 
 # ------------------------------------------------------------------------ eligibility
@@ -354,9 +363,13 @@ def test_unknown_upstreams_are_eligible(name: BalancerName) -> None:
     assert lease(pool.pick((0, 2), "k")).index == 2
 
 
-def test_a_pool_needs_an_upstream() -> None:
-    with pytest.raises(ValueError, match="at least one upstream"):
-        UpstreamPool((), LeastConnections(0))
+@pytest.mark.parametrize("name", BALANCERS)
+def test_an_empty_pool_picks_nothing(name: BalancerName) -> None:
+    """Config validation asks for at least one upstream entry; a discovered group with no
+    members yet can still leave the pool empty."""
+    pool = UpstreamPool((), make_strategy(name, ()))
+    assert pool.pick((), "k") == NoUpstream("no_healthy_upstream")
+    assert pool.total_active() == 0
 
 
 # ---------------------------------------------------------------------------- round_robin

@@ -16,6 +16,7 @@ from l4proxy.config import (
     Address,
     Config,
     ConfigError,
+    Group,
     Rule,
     Upstream,
     check_files,
@@ -795,3 +796,140 @@ def test_read_config_refuses_a_file_that_is_not_utf8(tmp_path: Path) -> None:
     path.write_bytes(b"listen: \xff\n")
     with pytest.raises(ConfigError, match="not UTF-8"):
         read_config(path)
+
+
+# ---------------------------------------------------------------- discovered upstreams
+
+DISCOVER = {"discover": "tasks.upstream:8000", "name": "up"}
+
+
+def test_discover_makes_a_group_beside_the_fixed_upstreams() -> None:
+    config = parse(
+        minimal(
+            proxy_protocol="v2",
+            upstreams=[
+                "127.0.0.1:8000",
+                DISCOVER,
+                {"discover": "[fd00::53]:9000", "name": "v6", "proxy_protocol": "none"},
+            ],
+        )
+    )
+    assert config.upstreams == (Upstream(Address("127.0.0.1", 8000), "127.0.0.1:8000", "v2"),)
+    assert config.groups == (
+        Group("up", Address("tasks.upstream", 8000), "v2"),
+        Group("v6", Address("fd00::53", 9000), "none"),
+    )
+
+
+def test_a_config_may_have_only_discovered_upstreams() -> None:
+    config = parse(minimal(upstreams=[DISCOVER]))
+    assert (config.upstreams, [g.name for g in config.groups]) == ((), ["up"])
+
+
+@pytest.mark.parametrize(
+    ("entry", "key", "problem"),
+    [
+        ({"discover": "tasks.upstream:8000"}, "upstreams[1].name", "is required with discover"),
+        ({"discover": "tasks.upstream", "name": "up"}, "upstreams[1].discover", "host:port"),
+        ({"discover": "tasks.upstream:0", "name": "up"}, "upstreams[1].discover", "port must"),
+        ({"discover": "tasks.upstream:x", "name": "up"}, "upstreams[1].discover", "port must"),
+        ({"discover": "fd00::1:80", "name": "up"}, "upstreams[1].discover", "IPv6"),
+        ({"discover": 8000, "name": "up"}, "upstreams[1].discover", "expected an address"),
+        ({"discover": "", "name": "up"}, "upstreams[1].discover", "expected an address"),
+        (
+            {"discover": "tasks.upstream:8000", "address": "10.0.0.1:8000", "name": "up"},
+            "upstreams[1].discover",
+            "not both",
+        ),
+        ({"discover": "t:1", "name": "has space"}, "upstreams[1].name", "use letters"),
+        ({"discover": "t:1", "name": "up@x"}, "upstreams[1].name", "use letters"),
+        (
+            {"discover": "t:1", "name": "up", "proxy_protocol": "v1"},
+            "upstreams[1].proxy_protocol",
+            "one of",
+        ),
+        ({"discover": "t:1", "name": "up", "weight": 1}, "upstreams[1].weight", "unknown key"),
+        ({"name": "up"}, "upstreams[1].address", "or discover"),
+    ],
+)
+def test_discover_errors_name_the_key(entry: dict[str, Any], key: str, problem: str) -> None:
+    error = error_of(minimal(upstreams=["127.0.0.1:8000", entry]))
+    assert error.key == key
+    assert problem in error.problem
+
+
+@pytest.mark.parametrize(
+    ("entries", "problem"),
+    [
+        (
+            [{"address": "127.0.0.1:8000", "name": "up"}, DISCOVER],
+            "'up' is already used by upstreams[0]",
+        ),
+        (
+            [DISCOVER, {"address": "127.0.0.1:8000", "name": "up"}],
+            "'up' is already used by upstreams[0]",
+        ),
+        (
+            [DISCOVER, {**DISCOVER, "discover": "other:8000"}],
+            "'up' is already used by upstreams[0]",
+        ),
+        (
+            [DISCOVER, {**DISCOVER, "name": "up2"}],
+            "'tasks.upstream:8000' is already used by upstreams[0]",
+        ),
+        (
+            ["tasks.upstream:8000", DISCOVER],
+            "'tasks.upstream:8000' is already used by upstreams[0]",
+        ),
+    ],
+    ids=["fixed-then-group", "group-then-fixed", "two-groups", "one-name-twice", "fixed-name"],
+)
+def test_a_group_name_or_name_to_discover_used_twice_is_an_error(
+    entries: list[Any], problem: str
+) -> None:
+    error = error_of(minimal(upstreams=entries))
+    assert (error.key, error.problem) == ("upstreams[1]", problem)
+
+
+def member_rule(target: object) -> dict[str, Any]:
+    return minimal(
+        upstreams=["127.0.0.1:7000", DISCOVER, {"discover": "v6.test:9000", "name": "v6"}],
+        authorization=rules({"client": "c", "action": "deny", "upstream": target}),
+    )
+
+
+@pytest.mark.parametrize(
+    ("written", "stored"),
+    [
+        ("up", "up"),  # the group: every member, now and later
+        ("10.0.1.7:8000", "10.0.1.7:8000"),  # one member, by address (the group's port)
+        ("10.0.1.7:08000", "10.0.1.7:8000"),
+        ("[fd00::7]:9000", "[fd00::7]:9000"),
+        ("[fd00:0::7]:9000", "[fd00::7]:9000"),
+        ("up@10.0.1.7", "up@10.0.1.7"),  # one member, by name
+        ("v6@[fd00:0::7]", "v6@[fd00::7]"),
+        ("127.0.0.1:7000", "127.0.0.1:7000"),  # the fixed one, as before
+    ],
+)
+def test_rules_name_a_group_or_one_of_its_members(written: str, stored: str) -> None:
+    assert parse(member_rule(written)).authorization.rules[0].upstreams == (stored,)
+
+
+@pytest.mark.parametrize(
+    "written",
+    [
+        "down",  # no such group
+        "10.0.1.7:8001",  # no group has that port
+        "tasks.upstream:8000",  # the name looked up is not an upstream
+        "other.name:8000",  # a host name is not a member's address
+        "nope@10.0.1.7",  # no such group
+        "up@not-an-ip",
+        "up@fd00::7",  # IPv6 in brackets, as members are named
+        "up@[10.0.1.7]",
+    ],
+)
+def test_rules_naming_no_group_nor_a_possible_member_are_errors(written: str) -> None:
+    error = error_of(member_rule(written))
+    assert error.key == "authorization.rules[0].upstream"
+    assert "a member of a discovered group" in error.problem
+    assert "up" in error.problem

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import ipaddress
 import math
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -46,6 +47,8 @@ from l4proxy.config import (
     Config,
     ConfigError,
     check_files,
+    member_name,
+    parse_address,
     parse_config,
     read_config,
     restart_needed,
@@ -70,7 +73,7 @@ SECTIONS: dict[str, tuple[str, ...]] = {
     "timeouts": ("handshake", "connect", "idle", "drain", "close", "max_lifetime"),
     "admin": ("listen",),
 }
-UPSTREAM_KEYS = ("address", "name", "proxy_protocol")
+UPSTREAM_KEYS = ("address", "discover", "name", "proxy_protocol")
 RULE_KEYS = ("client", "action", "upstream")
 # What each leaf holds: the kind of value its parser wants.
 LEAVES: dict[str, str] = {
@@ -243,10 +246,17 @@ VALID_UPSTREAMS = st.lists(
             "name": st.sampled_from(["u1", "u2", "web-2"]),
             "proxy_protocol": st.sampled_from(PROXY_PROTOCOLS),
         },
+    )
+    | st.fixed_dictionaries(
+        {
+            "discover": st.sampled_from(["tasks.up:8000", "svc:80", "[fd00::53]:9000"]),
+            "name": st.sampled_from(["up", "grp", "u1"]),
+        },
+        optional={"proxy_protocol": st.sampled_from(PROXY_PROTOCOLS)},
     ),
     min_size=1,
     max_size=3,
-    unique_by=lambda u: str(u["address"] if isinstance(u, dict) else u),
+    unique_by=lambda u: str(u.get("address", u.get("discover")) if isinstance(u, dict) else u),
 )
 VALID_TLS = st.fixed_dictionaries(
     {"ca": VALID["path"], "cert": VALID["path"], "key": VALID["path"]},
@@ -256,6 +266,15 @@ VALID_TLS = st.fixed_dictionaries(
     },
 )
 TARGET_SPELLINGS = ["*", "localhost:08000", "[0:0::1]:8000", "h:\u00b2", "127.0.0.1:08000", "u1"]
+# Members of discovered groups, by address (a group's port or not) and by name.
+MEMBER_SPELLINGS = [
+    "10.0.1.7:8000",
+    "10.0.1.7:81",
+    "[fd00:0::7]:9000",
+    "up@10.0.1.7",
+    "grp@[fd00::7]",
+    "up@x",
+]
 INDEX = st.integers(0, 1 << 10)  # taken modulo a list's length
 ODDS = st.integers(0, 99)  # percent
 EXTRA_KEY = (
@@ -290,6 +309,10 @@ def draw_upstream_entry(draw: st.DrawFn, odds: int) -> object:
     entry: dict[object, object] = {}
     if draw(ODDS) >= odds // 3:
         entry["address"] = draw(FUZZED["address"] if draw(ODDS) < odds else VALID["address"])
+    if draw(ODDS) < 25:  # a discovered group (and now and then an address as well)
+        entry["discover"] = draw(FUZZED["address"] if draw(ODDS) < odds else VALID["address"])
+        if draw(ODDS) >= odds // 3:
+            entry.pop("address", None)
     if draw(ODDS) < 50:
         entry["name"] = draw(NAMES | anything if draw(ODDS) < odds else NAMES)
     if draw(ODDS) < 50:
@@ -303,7 +326,7 @@ def draw_upstream_entry(draw: st.DrawFn, odds: int) -> object:
 def draw_rule(draw: st.DrawFn, targets: list[str], odds: int) -> object:
     """One authorization rule, wrong in some way with ``odds`` percent for each part."""
     rule: dict[object, object] = {}
-    names = [*targets, *TARGET_SPELLINGS]
+    names = [*targets, *TARGET_SPELLINGS, *MEMBER_SPELLINGS]
 
     def target() -> str:
         return names[draw(INDEX) % len(names)] if draw(ODDS) < 80 else "*"
@@ -428,6 +451,20 @@ def check_error(exc: ConfigError, raw: object) -> None:
     event(f"ConfigError at {shape}")
 
 
+def names_a_member(target: str, config: Config) -> bool:
+    """``target`` is how a rule names one member of a discovered group, canonically:
+    ``IP:PORT`` with a group's port, or ``GROUP@IP`` (``GROUP@[IPv6]``)."""
+    group, at, ip = target.rpartition("@")
+    if at:
+        if group not in {g.name for g in config.groups}:
+            return False
+        bare = ip[1:-1] if ip.startswith("[") else ip
+        return member_name(group, str(ipaddress.ip_address(bare))) == target
+    address = parse_address(target, "rule")
+    ipaddress.ip_address(address.host)
+    return str(address) == target and address.port in {g.address.port for g in config.groups}
+
+
 def check_config(config: Config) -> None:
     """A Config that parsed holds values in range."""
     assert isinstance(config, Config)
@@ -439,6 +476,14 @@ def check_config(config: Config) -> None:
     names = [u.name for u in config.upstreams]
     assert len(set(keys)) == len(keys)
     assert len(set(names)) == len(names)
+    groups = [g.name for g in config.groups]
+    assert len(set(groups)) == len(groups)
+    assert not set(groups) & set(names)
+    for group in config.groups:
+        assert 1 <= group.address.port <= 65535
+        assert group.proxy_protocol in PROXY_PROTOCOLS
+        assert group.address.host
+    assert config.upstreams or config.groups
     durations = [
         config.health_check.interval,
         config.health_check.timeout,
@@ -461,11 +506,11 @@ def check_config(config: Config) -> None:
     assert config.health_check.rise >= 1
     assert config.health_check.fall >= 1
     assert min(config.max_connections, config.max_handshakes, config.rate_limit.max_concurrent) >= 0
-    known = {*keys, *names, "*"}
+    known = {*keys, *names, *groups, "*"}
     charset = config.tls.identity_charset
     for rule in config.authorization.rules:
         assert rule.upstreams
-        assert set(rule.upstreams) <= known
+        assert all(t in known or names_a_member(t, config) for t in rule.upstreams), rule
         for name in rule.clients:
             assert name == "*" or normalize_identity(name, charset) == name
     admin = config.admin.listen

@@ -80,6 +80,18 @@ def test_check_done_keeps_the_last_result() -> None:
     assert check.latency.count == 2
 
 
+def test_lookup_done_counts_results_per_group_and_keeps_the_last() -> None:
+    stats = Stats()
+    stats.lookup_done("up", result="ok", reason="answer", wall_time=100.0)
+    stats.lookup_done("up", result="failed", reason="timeout", wall_time=101.0)
+    stats.lookup_done("up", result="failed", reason="timeout", wall_time=102.0)
+    stats.lookup_done("other", result="empty", reason="no address records", wall_time=103.0)
+    up = stats.lookups["up"]
+    assert dict(up.results) == {"ok": 1, "failed": 2}
+    assert (up.last_result, up.last_reason, up.last_at) == ("failed", "timeout", 102.0)
+    assert dict(stats.lookups["other"].results) == {"empty": 1}
+
+
 # --- HTTP edge ------------------------------------------------------------------------------
 
 

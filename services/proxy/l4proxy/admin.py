@@ -285,12 +285,32 @@ class ProxyCollector:
         yield health
         retired = GaugeMetricFamily(
             "l4proxy_upstream_retired_connections",
-            "Open connections to upstreams a reload removed (they finish, none are added).",
+            "Open connections to upstreams a reload or a lookup removed (they finish, "
+            "none are added).",
             labels=["upstream"],
         )
         for key, count in sorted(pool.retired.items()):
             retired.add_metric([key], count)
         yield retired
+        members = GaugeMetricFamily(
+            "l4proxy_discovered_members",
+            "Members of each discovered group: the addresses its name last answered.",
+            labels=["group"],
+        )
+        for name, group in proxy.router.groups.items():
+            members.add_metric([name], len(group.members))
+        yield members
+        yield _labelled_counter(
+            "l4proxy_discovery_lookups",
+            "Lookups of discovered groups' names, by result (ok: an answer; empty: the "
+            "name has no address records; failed: no answer, members kept).",
+            ["group", "result"],
+            {
+                (name, result): n
+                for name, lookups in stats.lookups.items()
+                for result, n in lookups.results.items()
+            },
+        )
 
         moved = dict(stats.bytes_closed)
         for conn in proxy.connections:  # open connections count as they go
@@ -396,6 +416,7 @@ def status(proxy: Proxy) -> dict[str, Any]:
                 "health_reason": machine.last_reason,
                 "active_connections": count,
                 "proxy_protocol": upstream.proxy_protocol,
+                "group": upstream.group,
                 "last_check": None
                 if check is None or check.last_at is None
                 else {
@@ -435,6 +456,26 @@ def status(proxy: Proxy) -> dict[str, Any]:
             {"address": key, "active_connections": count}
             for key, count in sorted(pool.retired.items())
         ],
+        "groups": [_group_status(proxy, name) for name in proxy.router.groups],
+    }
+
+
+def _group_status(proxy: Proxy, name: str) -> dict[str, Any]:
+    """One discovered group in ``/status``: its name to look up, members, last lookup."""
+    state = proxy.router.groups[name]
+    lookups = proxy.stats.lookups.get(name)
+    return {
+        "name": name,
+        "discover": str(state.group.address),
+        "proxy_protocol": state.group.proxy_protocol,
+        "members": [{"name": u.name, "address": u.key} for u in state.members],
+        "last_lookup": None
+        if lookups is None or lookups.last_at is None
+        else {
+            "result": lookups.last_result,
+            "reason": lookups.last_reason,
+            "at": _iso(lookups.last_at),
+        },
     }
 
 

@@ -133,7 +133,9 @@ class UpstreamPool:
 
     :meth:`reconfigure` swaps in a new upstream list (a config reload): an upstream that
     stays, keyed by its address, keeps its count and health; a removed one is *retired*
-    (no new picks) until its last lease is released; a new one starts UNKNOWN."""
+    (no new picks) until its last lease is released; a new one starts UNKNOWN. Members of
+    discovered groups come and go through :meth:`reconfigure` too, so the pool may be
+    empty for a while (a group whose name has not answered yet): it then picks nothing."""
 
     def __init__(
         self,
@@ -143,8 +145,6 @@ class UpstreamPool:
         rise: int = 1,
         fall: int = 1,
     ) -> None:
-        if not upstreams:
-            raise ValueError("a pool needs at least one upstream")
         self.upstreams = tuple(upstreams)
         self.strategy = strategy
         self.health = [HealthMachine(rise, fall) for _ in upstreams]
@@ -181,8 +181,6 @@ class UpstreamPool:
     def reconfigure(
         self, upstreams: Sequence[Upstream], strategy: Strategy, *, rise: int, fall: int
     ) -> None:
-        if not upstreams:
-            raise ValueError("a pool needs at least one upstream")
         counts = dict(self.retired)
         machines: dict[str, HealthMachine] = {}
         for i, upstream in enumerate(self.upstreams):

@@ -8,6 +8,7 @@ This module does no I/O beyond reading the one file in :func:`load_config`.
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import math
 import re
 from collections.abc import Callable, Mapping
@@ -48,11 +49,40 @@ class Upstream:
     address: Address
     name: str
     proxy_protocol: ProxyProtocol = "none"  # "v2": a PROXY v2 header starts each connection
+    group: str | None = None  # the discovered group this upstream is a member of, if any
 
     @property
     def key(self) -> str:
         """The canonical ``host:port`` string, as written in logs and rules."""
         return str(self.address)
+
+
+@dataclass(frozen=True, slots=True)
+class Group:
+    """``{discover: "tasks.upstream:8000", name: up}``: upstreams found through DNS. Every
+    A/AAAA record of ``address.host`` is a member: an upstream at ``ip:port`` named
+    ``up@ip`` (:func:`member`), in the pool like any other while the name answers it."""
+
+    name: str
+    address: Address  # the name to look up and the members' port
+    proxy_protocol: ProxyProtocol = "none"
+
+
+def member_name(group: str, ip: str) -> str:
+    """``up@10.0.1.7``, ``up@[fd00::7]``: a member's name, a function of its address only."""
+    return f"{group}@[{ip}]" if ":" in ip else f"{group}@{ip}"
+
+
+def member(group: Group, ip: str) -> Upstream:
+    """The member of ``group`` at ``ip`` (an IP literal, any spelling; ``ValueError`` if
+    it is not one): keyed ``ip:port`` like any upstream, named ``group@ip``."""
+    canonical = str(ipaddress.ip_address(ip))
+    return Upstream(
+        Address(canonical, group.address.port),
+        member_name(group.name, canonical),
+        group.proxy_protocol,
+        group.name,
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,7 +152,8 @@ class AdminConfig:
 @dataclass(frozen=True, slots=True)
 class Config:
     tls: TlsConfig
-    upstreams: tuple[Upstream, ...]
+    upstreams: tuple[Upstream, ...]  # the fixed ones (``address``); may be empty with groups
+    groups: tuple[Group, ...] = ()  # the discovered ones (``discover``)
     listen: Address = DEFAULT_LISTEN
     balancer: BalancerName = "least_connections"
     health_check: HealthCheckConfig = field(default_factory=HealthCheckConfig)
@@ -262,40 +293,73 @@ def _parse_tls(raw: Mapping[str, Any], base_dir: Path) -> TlsConfig:
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 
 
-def _parse_upstreams(raw: Mapping[str, Any], default_pp: ProxyProtocol) -> tuple[Upstream, ...]:
+def _parse_upstreams(
+    raw: Mapping[str, Any], default_pp: ProxyProtocol
+) -> tuple[tuple[Upstream, ...], tuple[Group, ...]]:
+    """The fixed upstreams and the discovered groups, each in the order written."""
     value = raw["upstreams"]
     if not isinstance(value, list) or not value:
         raise ConfigError("upstreams", "expected a non-empty list of 'host:port' or mappings")
-    result: list[Upstream] = []
+    entries: list[Upstream | Group] = []
     for i, item in enumerate(value):
         key = f"upstreams[{i}]"
-        proxy_protocol = default_pp
-        if isinstance(item, Mapping):
-            _check_keys(item, key, ("address", "name", "proxy_protocol"), ("address",))
-            address = parse_address(item["address"], f"{key}.address")
-            name = _string(item["name"], f"{key}.name") if "name" in item else str(address)
-            if "name" in item and not _NAME.match(name):
-                raise ConfigError(
-                    f"{key}.name",
-                    f"{name!r}: use letters, digits, '.', '-' and '_' (at most 63 characters)",
-                )
-            if "proxy_protocol" in item:
-                proxy_protocol = _choice(
-                    item["proxy_protocol"], f"{key}.proxy_protocol", PROXY_PROTOCOLS
-                )
-        else:
+        if not isinstance(item, Mapping):
             address = parse_address(item, key)
-            name = str(address)
-        result.append(Upstream(address, name, proxy_protocol))
+            entries.append(Upstream(address, str(address), default_pp))
+            continue
+        _check_keys(item, key, ("address", "discover", "name", "proxy_protocol"))
+        if "address" in item and "discover" in item:
+            raise ConfigError(
+                f"{key}.discover",
+                "give address (one upstream) or discover (the upstreams a DNS name answers), "
+                "not both",
+            )
+        if "address" not in item and "discover" not in item:
+            raise ConfigError(
+                f"{key}.address",
+                "is required (or discover: 'name:port' for upstreams found through DNS)",
+            )
+        # The address first, then the name, then proxy_protocol (the order errors come in).
+        field_name = "discover" if "discover" in item else "address"
+        address = parse_address(item[field_name], f"{key}.{field_name}")
+        if field_name == "discover" and "name" not in item:
+            raise ConfigError(
+                f"{key}.name",
+                "is required with discover: it names the group (in rules) and its members "
+                "(NAME@IP)",
+            )
+        name = _string(item["name"], f"{key}.name") if "name" in item else str(address)
+        if "name" in item and not _NAME.match(name):
+            raise ConfigError(
+                f"{key}.name",
+                f"{name!r}: use letters, digits, '.', '-' and '_' (at most 63 characters)",
+            )
+        proxy_protocol = default_pp
+        if "proxy_protocol" in item:
+            proxy_protocol = _choice(
+                item["proxy_protocol"], f"{key}.proxy_protocol", PROXY_PROTOCOLS
+            )
+        if field_name == "discover":
+            entries.append(Group(name, address, proxy_protocol))
+        else:
+            entries.append(Upstream(address, name, proxy_protocol))
     seen: dict[str, int] = {}
-    for i, upstream in enumerate(result):
-        for label in {upstream.key, upstream.name}:
+    for i, entry in enumerate(entries):
+        labels = (
+            {entry.key, entry.name}
+            if isinstance(entry, Upstream)
+            else {entry.name, str(entry.address)}
+        )
+        for label in labels:
             if label in seen and seen[label] != i:
                 raise ConfigError(
                     f"upstreams[{i}]", f"{label!r} is already used by upstreams[{seen[label]}]"
                 )
             seen[label] = i
-    return tuple(result)
+    return (
+        tuple(e for e in entries if isinstance(e, Upstream)),
+        tuple(e for e in entries if isinstance(e, Group)),
+    )
 
 
 def _parse_health(raw: Mapping[str, Any]) -> HealthCheckConfig:
@@ -383,7 +447,10 @@ def _clients(
 
 
 def _parse_authorization(
-    raw: Mapping[str, Any], upstreams: tuple[Upstream, ...], charset: IdentityCharset
+    raw: Mapping[str, Any],
+    upstreams: tuple[Upstream, ...],
+    groups: tuple[Group, ...],
+    charset: IdentityCharset,
 ) -> AuthorizationConfig:
     section = _section(raw, "authorization", ("default", "rules", "on_reload"))
     default: Action = _opt(
@@ -392,7 +459,7 @@ def _parse_authorization(
     rules_raw = section.get("rules") or []
     if not isinstance(rules_raw, list):
         raise ConfigError("authorization.rules", "expected a list of rules")
-    known = {u.key for u in upstreams} | {u.name for u in upstreams}
+    known = {u.key for u in upstreams} | {u.name for u in upstreams} | {g.name for g in groups}
     rules: list[Rule] = []
     seen: dict[str, tuple[str, str]] = {}  # identity -> (first spelling, its key)
     for i, item in enumerate(rules_raw):
@@ -404,24 +471,12 @@ def _parse_authorization(
             )
         _check_keys(item, key, ("client", "action", "upstream"), ("client", "action", "upstream"))
         targets = _names(item["upstream"], f"{key}.upstream")
-        for target in targets:
-            if target != ANY and target not in known:
-                # Canonicalise spellings such as "localhost:08000" before giving up.
-                try:
-                    canonical = str(parse_address(target, f"{key}.upstream"))
-                except ConfigError:
-                    canonical = target
-                if canonical not in known:
-                    raise ConfigError(
-                        f"{key}.upstream",
-                        f"{target!r} is not a configured upstream address or name "
-                        f"(known: {', '.join(sorted(known))}, or '*')",
-                    )
+        canonical = tuple(_rule_target(t, f"{key}.upstream", known, groups) for t in targets)
         rules.append(
             Rule(
                 clients=_clients(item["client"], f"{key}.client", charset, seen),
                 action=_choice(item["action"], f"{key}.action", ACTIONS),
-                upstreams=tuple(_canonical_target(t, known) for t in targets),
+                upstreams=canonical,
             )
         )
     on_reload: OnReload = _opt(
@@ -430,10 +485,58 @@ def _parse_authorization(
     return AuthorizationConfig(default=default, rules=tuple(rules), on_reload=on_reload)
 
 
-def _canonical_target(target: str, known: set[str]) -> str:
+def _rule_target(target: str, key: str, known: set[str], groups: tuple[Group, ...]) -> str:
+    """A rule's upstream as stored: ``*``, a configured upstream's address or name, a
+    discovered group's name, or one member of a group (which DNS has not named yet):
+    ``IP:PORT`` with a group's port, or ``GROUP@IP``. Spellings are made canonical
+    (``localhost:08000`` is ``localhost:8000``); anything else is an error."""
     if target == ANY or target in known:
         return target
-    return str(parse_address(target, "authorization"))
+    try:
+        address: Address | None = parse_address(target, key)
+    except ConfigError:
+        address = None
+    if address is not None and str(address) in known:
+        return str(address)
+    if groups:
+        found = _member_target(target, address, groups)
+        if found is not None:
+            return found
+    members = (
+        ", or a member of a discovered group ('IP:PORT' with the group's port, or 'GROUP@IP')"
+        if groups
+        else ""
+    )
+    raise ConfigError(
+        key,
+        f"{target!r} is not a configured upstream address or name "
+        f"(known: {', '.join(sorted(known))}, or '*'{members})",
+    )
+
+
+def _member_target(target: str, address: Address | None, groups: tuple[Group, ...]) -> str | None:
+    """The canonical spelling of ``target`` if it can name a member of one of ``groups``."""
+    if address is not None:
+        try:
+            ip = ipaddress.ip_address(address.host)
+        except ValueError:
+            return None
+        if any(g.address.port == address.port for g in groups):
+            return str(Address(str(ip), address.port))
+        return None
+    name, at, host = target.rpartition("@")
+    if not at or name not in {g.name for g in groups}:
+        return None
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        if ":" not in host:
+            return None
+    elif ":" in host:
+        return None  # IPv6 is written in brackets, as in the member's name
+    try:
+        return member_name(name, str(ipaddress.ip_address(host)))
+    except ValueError:
+        return None
 
 
 def _parse_timeouts(raw: Mapping[str, Any]) -> Timeouts:
@@ -485,7 +588,7 @@ def parse_config(raw: object, base_dir: Path) -> Config:
     proxy_protocol: ProxyProtocol = _opt(
         raw, "proxy_protocol", "none", lambda v: _choice(v, "proxy_protocol", PROXY_PROTOCOLS)
     )
-    upstreams = _parse_upstreams(raw, proxy_protocol)
+    upstreams, groups = _parse_upstreams(raw, proxy_protocol)
     listen = _opt(
         raw, "listen", DEFAULT_LISTEN, lambda v: parse_address(v, "listen", allow_port_zero=True)
     )
@@ -494,12 +597,13 @@ def parse_config(raw: object, base_dir: Path) -> Config:
         listen=listen,
         tls=tls,
         upstreams=upstreams,
+        groups=groups,
         balancer=_opt(
             raw, "balancer", "least_connections", lambda v: _choice(v, "balancer", BALANCERS)
         ),
         health_check=_parse_health(raw),
         rate_limit=_parse_rate_limit(raw),
-        authorization=_parse_authorization(raw, upstreams, tls.identity_charset),
+        authorization=_parse_authorization(raw, upstreams, groups, tls.identity_charset),
         timeouts=_parse_timeouts(raw),
         admin=_parse_admin(raw),
         max_connections=_opt(raw, "max_connections", 0, lambda v: _int(v, "max_connections", 0)),

@@ -63,6 +63,16 @@ class CheckStats:
     last_latency: float | None = None
 
 
+@dataclass(slots=True)
+class LookupStats:
+    """One discovered group's lookups."""
+
+    results: Counter[str] = field(default_factory=Counter)  # "ok" | "empty" | "failed"
+    last_result: str | None = None
+    last_reason: str = "not looked up yet"
+    last_at: float | None = None  # wall-clock (Unix) time of the last result
+
+
 class Stats:
     """Counters of everything that has happened since start (never reset by a reload)."""
 
@@ -77,6 +87,7 @@ class Stats:
         self.bytes_closed: Counter[tuple[str, str]] = Counter()  # (upstream, "up"|"down")
         self.checks: dict[str, CheckStats] = {}  # by upstream key
         self.reloads: Counter[str] = Counter()  # "ok" | "error"
+        self.lookups: dict[str, LookupStats] = {}  # by discovered group name
         self._clients: set[str] = set()
 
     def client_label(self, identity: str | None) -> str:
@@ -131,3 +142,12 @@ class Stats:
         stats.last_reason = reason
         stats.last_at = wall_time
         stats.last_latency = latency
+
+    def lookup_done(self, group: str, *, result: str, reason: str, wall_time: float) -> None:
+        stats = self.lookups.get(group)
+        if stats is None:
+            stats = self.lookups[group] = LookupStats()
+        stats.results[result] += 1
+        stats.last_result = result
+        stats.last_reason = reason
+        stats.last_at = wall_time

@@ -30,7 +30,7 @@ from .healthchecks import HealthChecks
 from .identity import IdentityCache
 from .logs import JsonLog, utc_timestamp
 from .metrics import Stats
-from .resolver import Resolver
+from .resolver import Lookup, Resolver
 from .router import Router
 from .tls import certificate_facts, issued_by_any, server_context, trust_anchors
 
@@ -57,7 +57,9 @@ class Proxy(Capacity, HealthChecks, AccessLog):
         *,
         config_path: Path | None = None,
         config_sha256: str | None = None,
+        lookup: Lookup | None = None,
     ) -> None:
+        """``lookup``: how names are resolved (default: the system's getaddrinfo)."""
         self.config = config
         self.config_path = config_path
         self.config_sha256 = config_sha256
@@ -82,11 +84,12 @@ class Proxy(Capacity, HealthChecks, AccessLog):
         self.held: list[tuple[asyncio.Transport, bytes]] = []  # see write_soon
         self.held_bytes = 0
         self.loop = asyncio.get_running_loop()
-        self.resolver = Resolver(self.loop)
+        self.resolver = Resolver(self.loop, lookup)
         self.resolver.changed = self._log_resolved
         self.server: asyncio.Server | None = None
         self.admin: AdminServer | None = None
         self.health_tasks: dict[str, asyncio.Task[None]] = {}  # by upstream key
+        self.discovery_tasks: dict[str, asyncio.Task[None]] = {}  # by group name
         self.tasks: list[asyncio.Task[None]] = []
         self.address: tuple[str, int] | None = None
         self.admin_address: tuple[str, int] | None = None
@@ -161,12 +164,14 @@ class Proxy(Capacity, HealthChecks, AccessLog):
                 message = f"cannot listen on {admin_listen} (admin.listen): {exc.strerror}"
                 raise OSError(exc.errno, message) from exc
         self._sync_health_tasks()
+        self._sync_discovery_tasks()
         self.tasks.append(self.loop.create_task(self._cleanup_loop(), name="ratelimit-cleanup"))
         self.log.emit(
             "listening",
             address=f"{self.address[0]}:{self.address[1]}",
             admin=_format(self.admin_address),
             upstreams=[u.key for u in self.config.upstreams],
+            groups={g.name: str(g.address) for g in self.config.groups},
             balancer=self.config.balancer,
             max_connections=self.config.max_connections,
             config_sha256=self.config_sha256,
@@ -197,8 +202,7 @@ class Proxy(Capacity, HealthChecks, AccessLog):
             restart_needed(self.config, config)
         except ConfigError as exc:
             return self._reload_failed(exc.key, exc.problem)
-        old_keys = [u.key for u in self.config.upstreams]
-        new_keys = [u.key for u in config.upstreams]
+        old_keys = [u.key for u in self.router.pool.upstreams]
         ca_pem = _read(config.tls.ca)
         ca_changed = ca_pem != self.ca_pem
         self.ca_pem = ca_pem
@@ -210,7 +214,9 @@ class Proxy(Capacity, HealthChecks, AccessLog):
         self.certificate = certificate_facts(config.tls.cert)
         self.identities = IdentityCache(config.tls.identity, charset=config.tls.identity_charset)
         self.router.reconfigure(config)
+        new_keys = [u.key for u in self.router.pool.upstreams]  # members of kept groups too
         self._sync_health_tasks()
+        self._sync_discovery_tasks()
         if config.timeouts.idle != old_idle:
             for conn in list(self.connections):
                 conn.rearm_idle()
@@ -231,6 +237,7 @@ class Proxy(Capacity, HealthChecks, AccessLog):
             result="ok",
             config_sha256=digest,
             upstreams=new_keys,
+            groups={g.name: str(g.address) for g in config.groups},
             added=list(result.added),
             removed=list(result.removed),
             open_connections=len(self.connections),
@@ -314,12 +321,13 @@ class Proxy(Capacity, HealthChecks, AccessLog):
         for conn in list(self.connections):
             conn.force_close()  # cannot happen: each has a close timer
         self.resolver.cancel()
-        tasks = [*self.tasks, *self.health_tasks.values()]
+        tasks = [*self.tasks, *self.health_tasks.values(), *self.discovery_tasks.values()]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self.tasks.clear()
         self.health_tasks.clear()
+        self.discovery_tasks.clear()
         if self.admin is not None:
             await self.admin.stop()
         self.log.emit("stopped", open_connections=left, reason=reason)

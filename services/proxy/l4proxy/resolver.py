@@ -10,6 +10,10 @@ a hanging name holds one worker, and nothing waits for it but its own health che
 An address stays in use while lookups fail for a temporary reason (a timeout, a
 resolver that cannot be reached); a name that no longer exists drops it, so a stale
 address that the network may hand to someone else is not dialled for long.
+
+A lookup finds every address of a name. A named upstream uses the first (``resolve``,
+``cached``); a discovered group uses them all (:meth:`Resolver.resolution`), as a value
+for :func:`l4proxy.discovery.plan`. Both share the one lookup in flight per name.
 """
 
 from __future__ import annotations
@@ -18,13 +22,17 @@ import asyncio
 import contextlib
 import ipaddress
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 
 from .config import Address
+from .connection import describe_os_error
+from .discovery import Answer, LookupFailed, Resolution
 
-# host, port -> the first address found (an IP literal)
-Lookup = Callable[[str, int], Awaitable[str]]
-GONE = {socket.EAI_NONAME, getattr(socket, "EAI_NODATA", socket.EAI_NONAME)}
+# host, port -> every address found (IP literals), in the order the system gives them
+Lookup = Callable[[str, int], Awaitable[Sequence[str]]]
+# The name exists but has no address (A/AAAA) records.
+NODATA = getattr(socket, "EAI_NODATA", None)
+GONE = {socket.EAI_NONAME, NODATA if NODATA is not None else socket.EAI_NONAME}
 
 
 def is_ip(host: str) -> bool:
@@ -40,7 +48,8 @@ class Resolver:
         self.loop = loop
         self.lookup: Lookup = lookup or self._getaddrinfo
         self.addresses: dict[Address, str] = {}
-        self.pending: dict[Address, asyncio.Future[str]] = {}
+        self.pending: dict[Address, asyncio.Future[str]] = {}  # refresh(): the first address
+        self.lookups: dict[Address, asyncio.Future[tuple[str, ...]]] = {}  # every address
         self.changed: Callable[[Address, str | None], None] = lambda _address, _ip: None
 
     def cached(self, address: Address) -> str | None:
@@ -63,7 +72,7 @@ class Resolver:
         return await asyncio.shield(lookup)
 
     def refresh(self, address: Address) -> asyncio.Future[str]:
-        """The running lookup for ``address``, or a new one."""
+        """The running refresh of ``address``'s first IP, or a new one."""
         running = self.pending.get(address)
         if running is not None and not running.done():
             return running
@@ -72,31 +81,74 @@ class Resolver:
         task.add_done_callback(_retrieve)
         return task
 
+    def lookup_all(self, address: Address) -> asyncio.Future[tuple[str, ...]]:
+        """The running lookup of every address of ``address``'s name, or a new one (one
+        in flight per name, whoever asks)."""
+        running = self.lookups.get(address)
+        if running is not None and not running.done():
+            return running
+        task = self.loop.create_task(self._lookup(address), name=f"lookup-{address}")
+        self.lookups[address] = task
+        task.add_done_callback(_retrieve)
+        return task
+
+    async def _lookup(self, address: Address) -> tuple[str, ...]:
+        found = await self.lookup(address.host, address.port)
+        return tuple(dict.fromkeys(str(ip) for ip in found))  # each address once, in order
+
     async def _refresh(self, address: Address) -> str:
         try:
-            found = await self.lookup(address.host, address.port)
+            # Shielded: the lookup may be shared with a group's resolution.
+            found = await asyncio.shield(self.lookup_all(address))
         except socket.gaierror as exc:
-            if exc.errno in GONE and self.addresses.pop(address, None) is not None:
-                self.changed(address, None)
+            if exc.errno in GONE:
+                self._forget(address)
             raise
-        if self.addresses.get(address) != found:
-            self.addresses[address] = found
-            self.changed(address, found)
-        return found
+        if not found:
+            self._forget(address)
+            raise socket.gaierror(socket.EAI_NONAME, f"{address.host}: no address")
+        first = found[0]
+        if self.addresses.get(address) != first:
+            self.addresses[address] = first
+            self.changed(address, first)
+        return first
 
-    async def _getaddrinfo(self, host: str, port: int) -> str:
+    def _forget(self, address: Address) -> None:
+        """The name is gone: its address is not dialled any more."""
+        if self.addresses.pop(address, None) is not None:
+            self.changed(address, None)
+
+    async def resolution(self, address: Address) -> Resolution:
+        """Every address ``address``'s name has now, as a value: an :class:`Answer`
+        (empty when the name exists without address records: ``EAI_NODATA``, or an
+        empty list from the lookup) or :class:`LookupFailed` (the name does not exist,
+        the resolver failed or timed out). Waits for the lookup in flight, if any."""
+        if is_ip(address.host):
+            return Answer((address.host,))
+        try:
+            found = await asyncio.shield(self.lookup_all(address))
+        except socket.gaierror as exc:
+            if NODATA is not None and exc.errno == NODATA:
+                return Answer(())
+            return LookupFailed(describe_os_error(exc))
+        except OSError as exc:  # TimeoutError included
+            return LookupFailed(describe_os_error(exc))
+        return Answer(found)
+
+    async def _getaddrinfo(self, host: str, port: int) -> list[str]:
         infos = await self.loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-        if not infos:
-            raise socket.gaierror(socket.EAI_NONAME, f"{host}: no address")
-        return str(infos[0][4][0])
+        return [str(info[4][0]) for info in infos]
 
     def cancel(self) -> None:
         for task in self.pending.values():
             task.cancel()
+        for lookup in self.lookups.values():
+            lookup.cancel()
         self.pending.clear()
+        self.lookups.clear()
 
 
-def _retrieve(task: asyncio.Future[str]) -> None:
+def _retrieve(task: asyncio.Future[str] | asyncio.Future[tuple[str, ...]]) -> None:
     """A failed lookup nobody awaited (the cache answered) is not an unhandled error:
     the health check that needs it sees the failure through its own await."""
     if not task.cancelled():
