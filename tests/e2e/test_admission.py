@@ -114,7 +114,11 @@ def test_authorization_follows_the_reference_rules(
         assert len(attempts) == 8, (client_id, attempts)
         wrong = [a for a in attempts if not ck.follows_rules(a, allowed)]
         assert not wrong, f"{client_id} (allowed {sorted(allowed)}): {wrong}"
-    assert set(replies(routed["client.a"])) == {"u2", "u3"}  # balanced over both
+    # Not asserted: that client.a's 8 replies name both u2 and u3. With connections this
+    # short, least connections meets ties and takes the upstream after the last pick,
+    # whoever made it: right after client.c's pick (always u3) that is u2, so all 8 can
+    # land on u2 (seen once). Balancing is held by test_admission (integration).
+    assert set(replies(routed["client.a"])) <= {"u2", "u3"}
     assert set(replies(routed["client.c"])) == {"u3"}
 
     # The proxy says why: each of client.x's connections denied, none forwarded.
