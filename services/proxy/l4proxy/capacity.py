@@ -33,9 +33,11 @@ class Capacity:
     def full(self) -> str | None:
         """The cap a new connection would exceed, if any: ``max_connections`` counts
         every socket, ``max_handshakes`` the connections still in their handshake."""
-        for limit in ("max_connections", "max_handshakes"):
-            if self._at_cap(limit):
-                return limit
+        config = self.config  # on every accept: plain attribute reads, no getattr
+        if config.max_connections and len(self.connections) >= config.max_connections:
+            return "max_connections"
+        if config.max_handshakes and len(self.handshaking) >= config.max_handshakes:
+            return "max_handshakes"
         return None
 
     def handshake_victim(self, now: float) -> ClientConnection | None:

@@ -174,6 +174,45 @@ class UpstreamSide(asyncio.Protocol):
 class ClientConnection(asyncio.Protocol):
     """One client connection, from accept to the access-log line."""
 
+    # Slots: each of thousands of idle connections saves an instance dictionary.
+    __slots__ = (
+        "accepted",
+        "admission",
+        "attempts",
+        "bytes_down",
+        "bytes_up",
+        "client_gone",
+        "client_paused",
+        "close_kind",
+        "decision",
+        "dial_task",
+        "got_bytes",
+        "handshake_ms",
+        "id",
+        "identity",
+        "incoming",
+        "last_activity",
+        "life",
+        "lifetime_timer",
+        "logged",
+        "loop",
+        "outgoing",
+        "peer",
+        "progressed",
+        "proxy",
+        "reason",
+        "started",
+        "state",
+        "timer",
+        "tls",
+        "tls_core",
+        "transport",
+        "unsent",
+        "upstream",
+        "upstream_paused",
+        "upstream_transport",
+    )
+
     def __init__(self, proxy: Proxy) -> None:
         self.proxy = proxy
         self.loop = proxy.loop
@@ -257,8 +296,11 @@ class ClientConnection(asyncio.Protocol):
             self._close_client()  # a lingering refused client has read our goodbye
             return True
         life = self.life
+        # Only while the TLS stream has not ended (after close_notify nothing can be cut)
+        # and our own FIN has not gone.
         if (
             life.phase is Phase.FORWARDING
+            and not life.client_eof
             and not life.upstream_eof
             and reset_not_eof(self.transport)
         ):
