@@ -33,7 +33,7 @@ import asyncio
 import json
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -237,23 +237,19 @@ class ProxyCollector:
         for name, count in by_state.items():
             active.add_metric([name], count)
         yield active
-        closed = CounterMetricFamily(
+        yield _labelled_counter(
             "l4proxy_connections_closed",
             "Client connections ended, by access-log decision.",
-            labels=["decision"],
+            ["decision"],
+            stats.closed,
         )
-        for decision, count in sorted(stats.closed.items()):
-            closed.add_metric([decision], count)
-        yield closed
-        closes = CounterMetricFamily(
+        yield _labelled_counter(
             "l4proxy_connection_closes",
             "How client sockets ended: graceful, abort (a reset we decided), forced "
             "(timeouts.close ran out with bytes unsent), peer (the client left first).",
-            labels=["close"],
+            ["close"],
+            stats.closes,
         )
-        for kind, count in sorted(stats.closes.items()):
-            closes.add_metric([kind], count)
-        yield closes
         yield GaugeMetricFamily(
             "l4proxy_max_connections",
             "The global cap on open client connections (0: none).",
@@ -393,11 +389,15 @@ def _counter(name: str, documentation: str, value: float) -> CounterMetricFamily
 
 
 def _labelled_counter(
-    name: str, documentation: str, labels: list[str], values: dict[tuple[str, ...], int]
+    name: str,
+    documentation: str,
+    labels: list[str],
+    values: Mapping[Any, int],  # keys: a label value, or a tuple of them
 ) -> CounterMetricFamily:
+    """One counter family from plain counts, keyed by a label value or a tuple of them."""
     family = CounterMetricFamily(name, documentation, labels=labels)
     for key, count in sorted(values.items()):
-        family.add_metric(list(key), count)
+        family.add_metric([key] if isinstance(key, str) else list(key), count)
     return family
 
 
