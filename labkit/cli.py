@@ -27,7 +27,7 @@ from . import fault_cli
 from . import topology as topo
 from .compose_isolation import isolation_on_compose
 from .engine import Engine, EngineError, EngineUnavailable
-from .images import ImageError, ensure_images
+from .images import ImageError, ensure_images, image_tag
 from .progress import Progress
 from .result import ScenarioResult
 from .run import (
@@ -39,7 +39,7 @@ from .run import (
     remove_labelled,
     terminate_as_interrupt,
 )
-from .scenarios import SCENARIOS, ScenarioUnfit, missing, run_scenario
+from .scenarios import SCENARIOS, ScenarioUnfit, missing, run_scenario, scale
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -56,7 +56,12 @@ def parser() -> argparse.ArgumentParser:
     sub.add_parser("list", help="list the scenarios and topologies")
     sc = sub.add_parser("scenario", help="run a scenario (or 'all') and print its verdicts")
     sc.add_argument(
-        "name", choices=[*SCENARIOS, "all"], metavar="NAME", help="|".join([*SCENARIOS, "all"])
+        "name",
+        choices=[*SCENARIOS, scale.NAME, "all"],
+        metavar="NAME",
+        help="|".join([*SCENARIOS, scale.NAME, "all"])
+        + " (all: every scenario on one engine; scale runs alone: it makes the engine a "
+        "swarm node for the run)",
     )
     sc.add_argument("--keep", action="store_true", help="leave the containers running afterwards")
     sc.add_argument("--json", action="store_true", help="print the verdicts as JSON on stdout")
@@ -152,6 +157,8 @@ def cmd_scenario(args: argparse.Namespace, engine: Engine, progress: Progress) -
         if args.json:
             print(json.dumps(result.to_json(), indent=2))
         return 0 if result.passed else EXIT_FAILED
+    if args.name == scale.NAME:
+        return cmd_scale(args, engine, progress)
     names = list(SCENARIOS) if args.name == "all" else [args.name]
     reference = topo.load_reference_config()
     for name in names:  # fail before starting anything if a topology is broken or unfit
@@ -198,6 +205,21 @@ def cmd_scenario(args: argparse.Namespace, engine: Engine, progress: Progress) -
         args.report.mkdir(parents=True, exist_ok=True)
         (args.report / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return 0 if all(r.passed for r in results) else EXIT_FAILED
+
+
+def cmd_scale(args: argparse.Namespace, engine: Engine, progress: Progress) -> int:
+    if args.topology or args.keep or args.compose:
+        print(
+            "lab.py: scale runs on its own swarm stack (no --topology, --keep, --compose)",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    ensure_images(engine, progress, rebuild=args.rebuild)
+    result = scale.run(engine, progress, args.report, image_tag())
+    render(result, sys.stderr if args.json else sys.stdout)
+    if args.json:
+        print(json.dumps(result.to_json(), indent=2))
+    return 0 if result.passed else EXIT_FAILED
 
 
 def cmd_up(args: argparse.Namespace, engine: Engine, progress: Progress) -> int:

@@ -374,3 +374,97 @@ class Engine:
                     Labelled("volume", item["Name"], item["Name"], dict(item.get("Labels") or {}))
                 )
         return found
+
+    # --- swarm (labkit.swarm) ---------------------------------------------------------------------
+
+    def swarm_node(self) -> tuple[str, str]:
+        """This engine's swarm state (``inactive``, ``active``, ``pending``, ``error``,
+        ``locked``) and its node id (``""`` when inactive)."""
+        with _api("reading the engine's swarm state"):
+            swarm = self._api.info().get("Swarm") or {}
+        return str(swarm.get("LocalNodeState") or "inactive"), str(swarm.get("NodeID") or "")
+
+    def swarm_init(self, advertise_addr: str, listen_addr: str) -> None:
+        with _api(f"initialising a swarm on {advertise_addr}"):
+            self._api.init_swarm(advertise_addr=advertise_addr, listen_addr=listen_addr)
+
+    def swarm_leave(self) -> None:
+        with _api("leaving the swarm"):
+            self._api.leave_swarm(force=True)
+
+    def node_labels(self, node_id: str) -> dict[str, str]:
+        with _api(f"inspecting swarm node {node_id[:12]}"):
+            return dict((self._api.inspect_node(node_id).get("Spec") or {}).get("Labels") or {})
+
+    def set_node_labels(self, node_id: str, labels: dict[str, str]) -> None:
+        """Replace the node's labels (kept in the swarm itself: they outlive this process
+        and vanish with the swarm)."""
+        with _api(f"labelling swarm node {node_id[:12]}"):
+            attrs = self._api.inspect_node(node_id)
+            spec = dict(attrs.get("Spec") or {})
+            spec["Labels"] = labels
+            self._api.update_node(node_id, attrs["Version"]["Index"], spec)
+
+    def network_drivers(self) -> dict[str, str]:
+        """Every network's name and driver (``bridge``, ``overlay``, ...)."""
+        with _api("listing networks"):
+            return {str(n["Name"]): str(n.get("Driver") or "") for n in self._api.networks()}
+
+    def remove_network_named(self, name: str) -> None:
+        with _api(f"removing network {name}"):
+            self._api.remove_network(name)
+
+    def services(self, label: str | None = None) -> list[dict[str, Any]]:
+        """Swarm services carrying ``label`` (``key`` or ``key=value``; None: all), as
+        the engine describes them."""
+        with _api(f"listing services labelled {label}"):
+            return list(self._api.services(filters={"label": label} if label else None))
+
+    def service_tasks(self, service: str) -> list[dict[str, Any]]:
+        with _api(f"listing the tasks of {service}"):
+            return list(self._api.tasks(filters={"service": service}))
+
+    def scale_service(self, service: str, replicas: int) -> None:
+        """Set a replicated service's replica count and nothing else, as ``docker service
+        scale`` does: the current spec goes back unchanged but for the count (any other
+        difference, e.g. networks moved by the SDK's spec merging, would make swarm
+        replace every task in a rolling update)."""
+        with _api(f"scaling {service} to {replicas}"):
+            attrs = self._api.inspect_service(service)
+            spec = attrs["Spec"]
+            self._api.update_service(
+                service,
+                attrs["Version"]["Index"],
+                task_template=spec["TaskTemplate"],
+                name=spec["Name"],
+                labels=spec.get("Labels"),
+                mode={"Replicated": {"Replicas": replicas}},
+                update_config=spec.get("UpdateConfig"),
+                rollback_config=spec.get("RollbackConfig"),
+                endpoint_spec=spec.get("EndpointSpec"),
+            )
+
+    def swarm_objects(self, label: str) -> list[Labelled]:
+        """Services, secrets and configs carrying ``label`` (swarm mode only: an
+        inactive engine has none)."""
+        state, _ = self.swarm_node()
+        if state != "active":
+            return []
+        found: list[Labelled] = []
+        with _api(f"listing swarm objects labelled {label}"):
+            for item in self._api.services(filters={"label": label}):
+                spec = item.get("Spec") or {}
+                found.append(
+                    Labelled("service", item["ID"], spec.get("Name", ""), spec.get("Labels") or {})
+                )
+            for item in self._api.secrets(filters={"label": label}):
+                spec = item.get("Spec") or {}
+                found.append(
+                    Labelled("secret", item["ID"], spec.get("Name", ""), spec.get("Labels") or {})
+                )
+            for item in self._api.configs(filters={"label": label}):
+                spec = item.get("Spec") or {}
+                found.append(
+                    Labelled("config", item["ID"], spec.get("Name", ""), spec.get("Labels") or {})
+                )
+        return found

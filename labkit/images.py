@@ -29,10 +29,15 @@ class ImageError(RuntimeError):
     pass
 
 
+def image_tag() -> str:
+    """``latest``, or another tag from ``LAYER4LAB_IMAGE_TAG`` (to try a change in
+    images while another checkout's runs use the released ones)."""
+    return os.environ.get("LAYER4LAB_IMAGE_TAG") or "latest"
+
+
 def image(service: str) -> str:
-    """``layer4lab/<service>:latest``, or another tag from ``LAYER4LAB_IMAGE_TAG`` (to
-    try a change in images while another checkout's runs use the released ones)."""
-    return f"layer4lab/{service}:{os.environ.get('LAYER4LAB_IMAGE_TAG') or 'latest'}"
+    """``layer4lab/<service>:<image_tag()>``."""
+    return f"layer4lab/{service}:{image_tag()}"
 
 
 def base_image() -> str:

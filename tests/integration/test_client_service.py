@@ -648,3 +648,18 @@ def test_configuration() -> None:
     for bad in (["--proxy", "p"], ["--proxy", "p:0"], ["--proxy", "p:1", "--timeout", "0"]):
         with pytest.raises(client_config.ConfigError):
             load([*base, *bad])
+
+
+def test_identity_from_the_environment() -> None:
+    """A swarm service gives each replica its identity as CLIENT_ID=client.{{.Task.Slot}}
+    (a command cannot be templated); --id still wins, and one of them is required."""
+    load = client_config.load_config
+    from_env = load(["--proxy", "p:1"], {"CLIENT_ID": "client.7"})
+    assert (from_env.client_id, from_env.cert_stem) == ("client.7", "client.7")
+    assert load(["--id", "client.b", "--proxy", "p:1"], {"CLIENT_ID": "client.7"}).client_id == (
+        "client.b"
+    )
+    with pytest.raises(client_config.ConfigError, match="CLIENT_ID"):
+        load(["--proxy", "p:1"], {})
+    with pytest.raises(client_config.ConfigError, match="printable"):
+        load(["--proxy", "p:1"], {"CLIENT_ID": ""})

@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import os
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -90,7 +91,11 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m client",
         description="Synthetic mTLS client: one connection per attempt, one JSON line each.",
     )
-    parser.add_argument("--id", required=True, help="client name, used in logs and the message")
+    parser.add_argument(
+        "--id",
+        help="client name, used in logs and the message (default: the CLIENT_ID environment "
+        "variable, e.g. client.{{.Task.Slot}} in a swarm service)",
+    )
     parser.add_argument("--proxy", required=True, help="HOST:PORT of the proxy")
     parser.add_argument(
         "--certs", default=str(DEFAULT_CERTS), help="directory with ca.pem, <id>.pem, <id>.key"
@@ -134,9 +139,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def load_config(argv: Sequence[str] | None) -> Config:
+def load_config(argv: Sequence[str] | None, environ: Mapping[str, str] | None = None) -> Config:
+    """``argv`` (``None``: ``sys.argv[1:]``) and ``environ`` (``None``: ``os.environ``; only
+    ``CLIENT_ID`` is read) into a :class:`Config`."""
     args = build_parser().parse_args(argv)
-    client_id = str(args.id)
+    env = os.environ if environ is None else environ
+    if args.id is None and "CLIENT_ID" not in env:
+        raise ConfigError("--id", "is required (or CLIENT_ID in the environment)")
+    client_id = str(args.id if args.id is not None else env["CLIENT_ID"])
     if not client_id or not client_id.isprintable() or len(client_id) > 200:
         raise ConfigError("--id", "must be 1..200 printable characters")
     proxy = parse_address(str(args.proxy), "--proxy")  # port 0 is no place to connect to
