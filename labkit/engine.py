@@ -339,10 +339,18 @@ class Engine:
         networks = (attrs.get("NetworkSettings") or {}).get("Networks") or {}
         return {str(name): str(n.get("IPAddress") or "") for name, n in networks.items()}
 
-    def logs(self, container: str, since: float | None) -> str:
-        """stdout and stderr, each line prefixed with the engine's timestamp."""
+    def logs(self, container: str, since: float | None, *, tail: int | None = None) -> str:
+        """stdout and stderr, each line prefixed with the engine's timestamp: from
+        ``since`` on (None: from the start), or the last ``tail`` lines."""
         with _api(f"reading the logs of {container[:12]}"):
-            data = self._api.logs(container, stdout=True, stderr=True, timestamps=True, since=since)
+            data = self._api.logs(
+                container,
+                stdout=True,
+                stderr=True,
+                timestamps=True,
+                since=since,
+                tail="all" if tail is None else tail,
+            )
         return bytes(data).decode("utf-8", errors="replace")
 
     # --- finding things by label ---------------------------------------------------------------

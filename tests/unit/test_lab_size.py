@@ -17,7 +17,7 @@ from labkit import needs
 from labkit import topology as topo
 from labkit.certs import Certificates
 from labkit.engine import ContainerSpec, Engine
-from labkit.logs import Attempt, LogLine, format_ts
+from labkit.logs import Attempt, LogLine, TailState, format_ts, tail_reaches, take_new_lines
 from labkit.progress import Progress
 from labkit.ranges import MAX_NAMES, RangeError, expand, expand_all
 from labkit.run import Member, Run, brief
@@ -272,13 +272,18 @@ def test_the_oracle_judges_200_identities_in_milliseconds() -> None:
 
 
 class _Logs:
-    """An engine that only reads logs: fixed chunks by container id."""
+    """An engine that only reads logs: chunks by container id (a test may add to them),
+    each read recorded with the tail it asked for."""
 
     def __init__(self, chunks: dict[str, str]) -> None:
         self.chunks = chunks
+        self.asked: list[int | None] = []
 
-    def logs(self, container: str, since: float | None) -> str:
-        return self.chunks.get(container, "")
+    def logs(self, container: str, since: float | None, *, tail: int | None = None) -> str:
+        assert since is None  # read by tail: a since costs the engine the whole log
+        self.asked.append(tail)
+        lines = self.chunks.get(container, "").splitlines(keepends=True)
+        return "".join(lines if tail is None else lines[-tail:])
 
 
 def _line(at: float, **record: Any) -> str:
@@ -315,6 +320,54 @@ def test_a_shared_containers_lines_are_filed_by_identity() -> None:
     assert run.events("c1", "started")
     run.poll()  # nothing new: nothing repeated
     assert len(run.attempts(["c2"])) == 1
+
+
+def test_a_growing_log_is_read_by_its_tail_and_nothing_is_missed() -> None:
+    """Each poll asks for about twice the lines the last one found, and for eight times
+    more while the answer does not reach back to what was seen."""
+    layout = _parse(clients=[{"id": "solo"}])
+    logs = _Logs({"id-solo": ""})
+    run = Run(cast(Engine, logs), layout, Progress(quiet=True), reference={})
+    run.members["solo"] = Member(
+        "solo", "client", "id-solo", ContainerSpec(name="solo", image="i", labels={})
+    )
+    at = 1_700_000_000.0
+    written = 0
+
+    def write(count: int) -> None:
+        nonlocal written
+        for _ in range(count):
+            written += 1
+            logs.chunks["id-solo"] += _line(at + written / 1000, event="n", n=written)
+
+    write(10)
+    run.poll()
+    assert logs.asked == [None]  # the whole log, the first time
+    write(30)
+    run.poll()
+    assert logs.asked[1:] == [64]  # at least 64
+    write(1000)  # a burst: 64 lines do not reach back, 512 neither, 4096 do
+    run.poll()
+    assert logs.asked[2:] == [64, 512, 4096]
+    write(5)
+    run.poll()
+    assert logs.asked[5:] == [2000]  # twice the burst
+    assert [line.record["n"] for line in run.lines("solo") if line.record] == list(
+        range(1, written + 1)
+    )
+
+
+def test_tail_reaches_what_was_seen() -> None:
+    state = TailState()
+    seen = _line(1_700_000_000.0, event="a") + _line(1_700_000_001.0, event="b")
+    take_new_lines(seen, "x", state)
+    later = _line(1_700_000_002.0, event="c")
+    assert tail_reaches(later, 5, state)  # fewer lines than asked: the whole log
+    assert not tail_reaches(later, 1, state)  # one line, newer than anything seen
+    assert tail_reaches(_line(1_700_000_001.0, event="b") + later, 2, state)
+    assert not tail_reaches("garbage\n", 1, state)
+    assert state.tail() == 64
+    assert TailState().tail() is None
 
 
 def test_brief_lists_of_names() -> None:
