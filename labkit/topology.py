@@ -158,9 +158,13 @@ class ClientSpec:
     def container_name(self) -> str:
         return self.container or self.id
 
-    def command(self, proxy: str) -> list[str]:
-        """The client container's arguments (after ``python3 -m client``)."""
+    def command(self, proxy: str, server_name: str | None = None) -> list[str]:
+        """The client container's arguments (after ``python3 -m client``); with
+        ``server_name``, the name to verify the proxy's certificate against (when
+        ``proxy`` is an address)."""
         args = ["--id", self.id, "--proxy", proxy, "--certs", CERTS_DIR]
+        if server_name is not None:
+            args += ["--server-name", server_name]
         args += ["--interval-min", self.interval_min, "--interval-max", self.interval_max]
         args += ["--timeout", self.timeout]
         if self.burst:
@@ -219,9 +223,9 @@ class ClientContainer:
         """The pairs it needs (``ca.pem`` aside): its identities' own, or a stem."""
         return [stem for c in self.clients if (stem := c.cert_file_stem) is not None]
 
-    def command(self, proxy: str) -> list[str]:
+    def command(self, proxy: str, server_name: str | None = None) -> list[str]:
         """The container's arguments: the first identity's, with ``--id`` for each."""
-        first = self.clients[0].command(proxy)
+        first = self.clients[0].command(proxy, server_name)
         assert first[:2] == ["--id", self.clients[0].id]
         return [arg for c in self.clients for arg in ("--id", c.id)] + first[2:]
 

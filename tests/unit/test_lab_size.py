@@ -20,7 +20,7 @@ from labkit.engine import ContainerSpec, Engine
 from labkit.logs import Attempt, LogLine, TailState, format_ts, tail_reaches, take_new_lines
 from labkit.progress import Progress
 from labkit.ranges import MAX_NAMES, RangeError, expand, expand_all
-from labkit.run import Member, Run, brief
+from labkit.run import Member, Run, brief, in_parallel
 from labkit.scenarios import authz
 
 # --- numbered names ---------------------------------------------------------------------
@@ -368,6 +368,35 @@ def test_tail_reaches_what_was_seen() -> None:
     assert not tail_reaches("garbage\n", 1, state)
     assert state.tail() == 64
     assert TailState().tail() is None
+
+
+def test_work_in_parallel_keeps_the_order_and_raises_after_trying_everything() -> None:
+    tried: list[int] = []
+
+    def work(n: int) -> int:
+        tried.append(n)
+        if n == 3:
+            raise ValueError("three")
+        return n * n
+
+    assert in_parallel(work, [1, 2, 4, 5], workers=3) == [1, 4, 16, 25]
+    tried.clear()
+    with pytest.raises(ValueError, match="three"):
+        in_parallel(work, list(range(8)), workers=3)
+    assert sorted(tried) == list(range(8))
+
+
+def test_clients_dial_the_proxy_by_address_and_verify_its_name() -> None:
+    box = _parse(clients=[{"ids": "c{1..2}", "container": "p"}]).containers()[0]
+    command = box.command("10.0.0.10:8443", server_name="proxy")
+    assert command[4:10] == [
+        "--proxy",
+        "10.0.0.10:8443",
+        "--certs",
+        "/certs",
+        "--server-name",
+        "proxy",
+    ]
 
 
 def test_brief_lists_of_names() -> None:
