@@ -99,7 +99,7 @@ def parse_record(text: str) -> dict[str, Any] | None:
     return value if isinstance(value, dict) else None
 
 
-MIN_TAIL = 64  # lines asked for at least, when reading a log by its tail
+MIN_TAIL = 16  # lines asked for at least (each costs the engine ~13 us; a call ~1 ms)
 
 
 @dataclass(slots=True)

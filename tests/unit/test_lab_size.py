@@ -17,7 +17,15 @@ from labkit import needs
 from labkit import topology as topo
 from labkit.certs import Certificates
 from labkit.engine import ContainerSpec, Engine
-from labkit.logs import Attempt, LogLine, TailState, format_ts, tail_reaches, take_new_lines
+from labkit.logs import (
+    MIN_TAIL,
+    Attempt,
+    LogLine,
+    TailState,
+    format_ts,
+    tail_reaches,
+    take_new_lines,
+)
 from labkit.progress import Progress
 from labkit.ranges import MAX_NAMES, RangeError, expand, expand_all
 from labkit.run import Member, Run, brief, in_parallel
@@ -343,12 +351,13 @@ def test_a_growing_log_is_read_by_its_tail_and_nothing_is_missed() -> None:
     write(10)
     run.poll()
     assert logs.asked == [None]  # the whole log, the first time
-    write(30)
+    write(5)
     run.poll()
-    assert logs.asked[1:] == [64]  # at least 64
-    write(1000)  # a burst: 64 lines do not reach back, 512 neither, 4096 do
+    assert logs.asked[1:] == [20]  # twice the 10 the first read found
+    assert run.members["solo"].state.tail() == MIN_TAIL  # 5 found: at least 16
+    write(1000)  # a burst: 16 lines do not reach back, 128 neither, 1024 do
     run.poll()
-    assert logs.asked[2:] == [64, 512, 4096]
+    assert logs.asked[2:] == [16, 128, 1024]
     write(5)
     run.poll()
     assert logs.asked[5:] == [2000]  # twice the burst
@@ -366,7 +375,7 @@ def test_tail_reaches_what_was_seen() -> None:
     assert not tail_reaches(later, 1, state)  # one line, newer than anything seen
     assert tail_reaches(_line(1_700_000_001.0, event="b") + later, 2, state)
     assert not tail_reaches("garbage\n", 1, state)
-    assert state.tail() == 64
+    assert state.tail() == MIN_TAIL
     assert TailState().tail() is None
 
 
