@@ -8,6 +8,8 @@
     python lab.py clean                         remove everything any run labelled
     python lab.py fault add TARGET KIND [PARAMS] [--for D] | list | clear [TARGET]
                                                 faults on a running lab (up or --compose)
+    python lab.py scenario scale                swarm stack, upstreams 3 -> 8 -> 2
+    python lab.py swarm up|down|status          the compose lab as a swarm stack
 
 Exit status: 0 passed / done, 1 a scenario failed, 2 bad usage or topology, 3 the
 engine or the images are unavailable, 130 interrupted (after cleaning up).
@@ -23,7 +25,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TextIO
 
-from . import fault_cli
+from . import fault_cli, swarm_cli
 from . import topology as topo
 from .compose_isolation import isolation_on_compose
 from .engine import Engine, EngineError, EngineUnavailable
@@ -95,6 +97,7 @@ def parser() -> argparse.ArgumentParser:
     down.add_argument("--run", help="only this run id (default: every `up` run)")
     sub.add_parser("clean", help="remove every container, network and volume labelled by a run")
     fault_cli.add_parser(sub)
+    swarm_cli.add_parser(sub)
     return p
 
 
@@ -269,6 +272,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return cmd_up(args, engine, progress)
             if args.command == "fault":
                 return fault_cli.main(args, engine, progress)
+            if args.command == "swarm":
+                return swarm_cli.main(args, engine, progress)
             if args.command == "down":
                 label = f"{LABEL_RUN}={args.run}" if args.run else f"{LABEL_MODE}=up"
                 return cmd_remove(label, engine, progress)

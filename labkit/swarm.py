@@ -40,7 +40,7 @@ CREATED_SWARM = "layer4lab.created-swarm"
 CREATED_GWBRIDGE = "layer4lab.created-gwbridge"
 GWBRIDGE = "docker_gwbridge"
 ADVERTISE = "127.0.0.1"  # a single-node lab swarm: nothing listens beyond loopback
-LISTEN = "127.0.0.1:2377"
+SWARM_PORT = 2377
 CLI_TIMEOUT = 120.0
 SERVICE_LABEL = "com.docker.swarm.service.name"
 
@@ -72,9 +72,10 @@ def engine_state(engine: Engine) -> EngineState:
     return EngineState(state, frozenset(swarmish))
 
 
-def ensure_swarm(engine: Engine, progress: Progress) -> bool:
-    """A swarm on this engine: True if this call created it (a single-node swarm that
-    listens on loopback only), False if one was active already."""
+def ensure_swarm(engine: Engine, progress: Progress, advertise: str = ADVERTISE) -> bool:
+    """A swarm on this engine: True if this call created it, False if one was active
+    already. It advertises and listens on ``advertise`` (default loopback: a single-node
+    swarm reachable from nowhere else; give a host address to let other hosts join)."""
     state, _ = engine.swarm_node()
     if state == "active":
         return False
@@ -84,8 +85,8 @@ def ensure_swarm(engine: Engine, progress: Progress) -> bool:
             "fix it (docker swarm leave --force) and try again"
         )
     had_gwbridge = GWBRIDGE in engine.network_drivers()
-    with progress.step(f"docker swarm init --advertise-addr {ADVERTISE} (single node)"):
-        engine.swarm_init(ADVERTISE, LISTEN)
+    with progress.step(f"docker swarm init --advertise-addr {advertise}"):
+        engine.swarm_init(advertise, f"{advertise}:{SWARM_PORT}")
         _, node = engine.swarm_node()
         labels = engine.node_labels(node)
         labels[CREATED_SWARM] = "1"
@@ -231,6 +232,12 @@ class Stack:
                 timeout=timeout,
                 evidence=lambda: "\n".join(self.leftovers()),
             )
+
+    def tasks_exist(self) -> bool:
+        """Is a stack of this name deployed (any of its services)?"""
+        if self.engine.swarm_node()[0] != "active":
+            return False
+        return bool(self.engine.services(f"{NAMESPACE_LABEL}={self.name}"))
 
     def leftovers(self) -> list[str]:
         label = f"{NAMESPACE_LABEL}={self.name}"
