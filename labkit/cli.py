@@ -42,6 +42,7 @@ from .run import (
     terminate_as_interrupt,
 )
 from .scenarios import SCENARIOS, ScenarioUnfit, missing, run_scenario, scale
+from .swarm import at_risk_message, names_at_risk
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -214,6 +215,13 @@ def cmd_scale(args: argparse.Namespace, engine: Engine, progress: Progress) -> i
     if args.topology or args.keep or args.compose:
         print(
             "lab.py: scale runs on its own swarm stack (no --topology, --keep, --compose)",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    if engine.swarm_node()[0] != "active" and (at_risk := names_at_risk(engine)):
+        print(
+            "lab.py: scale makes this engine a swarm node and leaves it afterwards: "
+            f"{at_risk_message(at_risk)}. Stop them first (make down, python lab.py down).",
             file=sys.stderr,
         )
         return EXIT_USAGE

@@ -72,6 +72,37 @@ def engine_state(engine: Engine) -> EngineState:
     return EngineState(state, frozenset(swarmish))
 
 
+LEAVE_BUG = "moby/moby#45144"
+
+
+def names_at_risk(engine: Engine) -> list[str]:
+    """Running containers that leaving a swarm would hurt: on Docker 20.10 (and later,
+    as of :data:`LEAVE_BUG`), ``docker swarm leave`` drops the embedded-DNS names of
+    every container that exists on a user-defined bridge network at that moment -- they
+    can no longer resolve each other (measured here: ``getaddrinfo`` fails after 10 s,
+    for good). Such containers are another lab's (compose, ``lab.py up``), never ours:
+    a stack's tasks are on overlay networks."""
+    drivers = engine.network_drivers()
+    user_bridges = {
+        name
+        for name, driver in drivers.items()
+        if driver == "bridge" and name not in ("bridge", GWBRIDGE)
+    }
+    return sorted(
+        name
+        for name, networks in engine.running_on_networks().items()
+        if user_bridges.intersection(networks)
+    )
+
+
+def at_risk_message(names: list[str]) -> str:
+    shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+    return (
+        f"{len(names)} running container(s) on bridge networks ({shown}) would lose "
+        f"their names for good when the swarm is left ({LEAVE_BUG})"
+    )
+
+
 def ensure_swarm(engine: Engine, progress: Progress, advertise: str = ADVERTISE) -> bool:
     """A swarm on this engine: True if this call created it, False if one was active
     already. It advertises and listens on ``advertise`` (default loopback: a single-node
@@ -83,6 +114,13 @@ def ensure_swarm(engine: Engine, progress: Progress, advertise: str = ADVERTISE)
         raise LabError(
             f"the engine's swarm is {state!r}: neither active nor inactive; "
             "fix it (docker swarm leave --force) and try again"
+        )
+    at_risk = names_at_risk(engine)
+    if at_risk:
+        raise LabError(
+            "not making this engine a swarm node: " + at_risk_message(at_risk) + ". Stop "
+            "them first (make down, python lab.py down), or init a swarm yourself (then it "
+            "is yours and stays)"
         )
     had_gwbridge = GWBRIDGE in engine.network_drivers()
     with progress.step(f"docker swarm init --advertise-addr {advertise}"):
@@ -110,6 +148,12 @@ def leave_if_created(engine: Engine, progress: Progress) -> str:
     if others:
         names = ", ".join(sorted(str((s.get("Spec") or {}).get("Name")) for s in others))
         return f"the swarm still runs services ({names}): kept"
+    at_risk = names_at_risk(engine)
+    if at_risk:
+        return (
+            f"the swarm was kept: {at_risk_message(at_risk)}; run python lab.py swarm "
+            "down again once they are gone"
+        )
     with progress.step("docker swarm leave --force"):
         engine.swarm_leave()
         wait_until(
@@ -369,14 +413,15 @@ def with_stack(
     name: str,
     progress: Progress,
     body: Callable[[Stack], None],
-) -> list[str]:
+) -> tuple[list[str], str]:
     """Init a swarm if needed, run ``body`` with a fresh :class:`Stack` (``body``
     deploys it), then remove the stack and leave the swarm if it was created here --
     also when ``body`` fails or is interrupted. Returns the engine's differences from
-    before (empty when it was restored)."""
+    before (empty when it was restored) and what became of the swarm."""
     before = engine_state(engine)
     stack = Stack(engine, name, progress)
     ensure_swarm(engine, progress)
+    note = ""
     try:
         body(stack)
     finally:
@@ -385,5 +430,5 @@ def with_stack(
         try:
             stack.remove()
         finally:
-            leave_if_created(fresh, progress)
-    return before.differences(engine_state(engine.fresh()))
+            note = leave_if_created(fresh, progress)
+    return before.differences(engine_state(engine.fresh())), note
