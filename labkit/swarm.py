@@ -18,7 +18,7 @@ import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -82,17 +82,19 @@ def names_at_risk(engine: Engine) -> list[str]:
     can no longer resolve each other (measured here: ``getaddrinfo`` fails after 10 s,
     for good). Such containers are another lab's (compose, ``lab.py up``), never ours:
     a stack's tasks are on overlay networks."""
-    drivers = engine.network_drivers()
+    return on_user_bridges(engine.network_drivers(), engine.running_on_networks())
+
+
+def on_user_bridges(drivers: Mapping[str, str], running: Mapping[str, Sequence[str]]) -> list[str]:
+    """The containers of ``running`` (name -> its networks) attached to a user-defined
+    bridge network (``drivers``: network -> driver): not the default ``bridge``, which
+    has no embedded DNS, nor ``docker_gwbridge``, a swarm's own egress."""
     user_bridges = {
         name
         for name, driver in drivers.items()
         if driver == "bridge" and name not in ("bridge", GWBRIDGE)
     }
-    return sorted(
-        name
-        for name, networks in engine.running_on_networks().items()
-        if user_bridges.intersection(networks)
-    )
+    return sorted(name for name, networks in running.items() if user_bridges.intersection(networks))
 
 
 def at_risk_message(names: list[str]) -> str:

@@ -22,6 +22,7 @@ from labkit.stack import (
     secret_name,
     stack_file,
 )
+from labkit.swarm import on_user_bridges
 
 REPO = Path(__file__).resolve().parents[2]
 COMPOSE = yaml.safe_load((REPO / "compose.yaml").read_text())
@@ -174,3 +175,25 @@ def test_missing_material_or_services_are_clear_errors() -> None:
         stack_file(broken, shape, name="lab", files=files_for(shape), proxy_config="p")
     with pytest.raises(StackError, match="negative"):
         stack_file(COMPOSE, Shape(upstreams=-1), name="lab", files={}, proxy_config="p")
+
+
+def test_containers_a_swarm_leave_would_hurt() -> None:
+    """Only containers on user-defined bridge networks lose their names at a leave
+    (moby/moby#45144): not those on the default bridge, on overlays or on none."""
+    drivers = {
+        "bridge": "bridge",
+        "docker_gwbridge": "bridge",
+        "host": "host",
+        "none": "null",
+        "l4l-x-front": "bridge",
+        "lab_back": "overlay",
+    }
+    running = {
+        "proxy": ["l4l-x-front", "bridge"],
+        "plain": ["bridge"],
+        "task": ["lab_back", "docker_gwbridge"],
+        "lonely": ["none"],
+        "gone-net": ["deleted-meanwhile"],
+    }
+    assert on_user_bridges(drivers, running) == ["proxy"]
+    assert on_user_bridges(drivers, {}) == []
