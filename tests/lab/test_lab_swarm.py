@@ -6,8 +6,6 @@ minutes on a 2-core machine."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,22 +16,9 @@ from labkit.scenarios import scale
 from labkit.stack import NAMESPACE_LABEL
 from labkit.swarm import Stack, engine_state
 from labkit.waiting import wait_until
-from tests.lab.helpers import verdict_table
+from tests.lab.helpers import lab, verdict_table
 
 pytestmark = pytest.mark.lab
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def lab(*args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, str(ROOT / "lab.py"), *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
 
 
 def test_scale_scenario_passes_and_restores_the_engine(engine: Engine, tmp_path: Path) -> None:
@@ -51,7 +36,7 @@ def test_swarm_up_serves_slot_identities_walled_off_then_down_restores(engine: E
     name = "l4l-swarm-test"
     stack = Stack(engine, name, Progress())
     try:
-        up = lab("swarm", "up", "--upstreams", "2", "--clients", "2", "--name", name)
+        up = lab("swarm", "up", "--upstreams", "2", "--clients", "2", "--name", name, timeout=240)
         assert up.returncode == 0, up.stdout + up.stderr
         assert f"stack {name} is up" in up.stdout
 
