@@ -6,12 +6,13 @@
     python lab.py up [--topology NAME] | down [--run ID] | clean
     python lab.py fault add TARGET KIND [PARAMS] [--for D] | list | clear [TARGET]
     python lab.py swarm up|down|status
+    python lab.py watch [--run ID | --compose] [--once]
 
 Every container, network and volume a run creates is labelled ``layer4lab.run=<id>``
 and removed when the run ends (also on failure, Ctrl-C and SIGTERM).
 
 Any Python 3.11+ may run this file: when the running interpreter lacks labkit's
-dependencies (docker-py 7+, PyYAML) and the project's virtual environment exists
+dependencies (docker-py 7+, PyYAML, rich) and the project's virtual environment exists
 (``make setup`` makes ``.venv``), it runs itself again there; when that does not exist
 either, it says in one line which command makes it.
 """
@@ -27,7 +28,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 VENV_PYTHON = HERE / ".venv" / "bin" / "python"
 REEXEC = "LAYER4LAB_REEXEC"  # set on the re-run, so a broken venv cannot loop
-NEEDED = (("docker", (7, 0)), ("yaml", None))  # module, least version
+NEEDED = (("docker", (7, 0)), ("yaml", None), ("rich", None))  # module, least version
 
 
 def _version(text: str) -> tuple[int, ...]:

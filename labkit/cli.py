@@ -10,6 +10,7 @@
                                                 faults on a running lab (up or --compose)
     python lab.py scenario scale                swarm stack, upstreams 3 -> 8 -> 2
     python lab.py swarm up|down|status          the compose lab as a swarm stack
+    python lab.py watch [--run ID|--compose] [--once]   a live view of a running lab
 
 Exit status: 0 passed / done, 1 a scenario failed, 2 bad usage or topology, 3 the
 engine or the images are unavailable, 130 interrupted (after cleaning up).
@@ -25,7 +26,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TextIO
 
-from . import fault_cli, swarm_cli
+from . import fault_cli, swarm_cli, watch
 from . import topology as topo
 from .compose_isolation import isolation_on_compose
 from .engine import Engine, EngineError, EngineUnavailable
@@ -99,6 +100,7 @@ def parser() -> argparse.ArgumentParser:
     sub.add_parser("clean", help="remove every container, network and volume labelled by a run")
     fault_cli.add_parser(sub)
     swarm_cli.add_parser(sub)
+    watch.add_parser(sub)
     return p
 
 
@@ -282,6 +284,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return fault_cli.main(args, engine, progress)
             if args.command == "swarm":
                 return swarm_cli.main(args, engine, progress)
+            if args.command == "watch":
+                return watch.main(args, engine)
             if args.command == "down":
                 label = f"{LABEL_RUN}={args.run}" if args.run else f"{LABEL_MODE}=up"
                 return cmd_remove(label, engine, progress)
