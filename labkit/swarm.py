@@ -320,7 +320,10 @@ class Stack:
         container = self.proxy_container()
         if container is None:
             return False
-        health = (self.engine.state(container).get("Health") or {}).get("Status")
+        try:
+            health = (self.engine.state(container).get("Health") or {}).get("Status")
+        except EngineNotFound:  # the task's container is being replaced
+            return False
         return health == "healthy"
 
     def wait_ready(self, shape: Shape, timeout: float = 90.0) -> float:
@@ -359,10 +362,14 @@ class Stack:
     def wait_gone(self, short: str, count: int, timeout: float = 60.0) -> None:
         """Until no more than ``count`` containers of ``short`` are left running."""
 
+        def running(container: str) -> bool:
+            try:
+                return self.engine.state(container).get("Status") == "running"
+            except EngineNotFound:  # swarm removed it between the listing and now
+                return False
+
         def few() -> bool | None:
-            live = [
-                c for c in self.containers(short) if self.engine.state(c).get("Status") == "running"
-            ]
+            live = [c for c in self.containers(short) if running(c)]
             return True if len(live) <= count else None
 
         wait_until(f"{short} down to {count}", few, timeout=timeout, evidence=self.describe)
