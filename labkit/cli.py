@@ -8,6 +8,9 @@
     python lab.py clean                         remove everything any run labelled
     python lab.py fault add TARGET KIND [PARAMS] [--for D] | list | clear [TARGET]
                                                 faults on a running lab (up or --compose)
+    python lab.py scenario scale                swarm stack, upstreams 3 -> 8 -> 2
+    python lab.py swarm up|down|status          the compose lab as a swarm stack
+    python lab.py watch [--run ID|--compose] [--once]   a live view of a running lab
 
 Exit status: 0 passed / done, 1 a scenario failed, 2 bad usage or topology, 3 the
 engine or the images are unavailable, 130 interrupted (after cleaning up).
@@ -23,7 +26,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TextIO
 
-from . import fault_cli
+from . import fault_cli, swarm_cli, watch
 from . import topology as topo
 from .compose_isolation import isolation_on_compose
 from .engine import Engine, EngineError, EngineUnavailable
@@ -40,6 +43,7 @@ from .run import (
     terminate_as_interrupt,
 )
 from .scenarios import SCENARIOS, ScenarioUnfit, missing, run_scenario, scale
+from .swarm import at_risk_message, names_at_risk
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -95,6 +99,8 @@ def parser() -> argparse.ArgumentParser:
     down.add_argument("--run", help="only this run id (default: every `up` run)")
     sub.add_parser("clean", help="remove every container, network and volume labelled by a run")
     fault_cli.add_parser(sub)
+    swarm_cli.add_parser(sub)
+    watch.add_parser(sub)
     return p
 
 
@@ -214,6 +220,13 @@ def cmd_scale(args: argparse.Namespace, engine: Engine, progress: Progress) -> i
             file=sys.stderr,
         )
         return EXIT_USAGE
+    if engine.swarm_node()[0] != "active" and (at_risk := names_at_risk(engine)):
+        print(
+            "lab.py: scale makes this engine a swarm node and leaves it afterwards: "
+            f"{at_risk_message(at_risk)}. Stop them first (make down, python lab.py down).",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
     ensure_images(engine, progress, rebuild=args.rebuild)
     result = scale.run(engine, progress, args.report, image_tag())
     render(result, sys.stderr if args.json else sys.stdout)
@@ -271,6 +284,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return cmd_up(args, engine, progress)
             if args.command == "fault":
                 return fault_cli.main(args, engine, progress)
+            if args.command == "swarm":
+                return swarm_cli.main(args, engine, progress)
+            if args.command == "watch":
+                return watch.main(args, engine)
             if args.command == "down":
                 label = f"{LABEL_RUN}={args.run}" if args.run else f"{LABEL_MODE}=up"
                 return cmd_remove(label, engine, progress)

@@ -418,6 +418,17 @@ class Engine:
         with _api("listing networks"):
             return {str(n["Name"]): str(n.get("Driver") or "") for n in self._api.networks()}
 
+    def running_on_networks(self) -> dict[str, list[str]]:
+        """Running containers (by name) and the networks each is attached to."""
+        with _api("listing running containers"):
+            found = self._api.containers()
+        return {
+            str((item.get("Names") or [item["Id"][:12]])[0]).lstrip("/"): sorted(
+                ((item.get("NetworkSettings") or {}).get("Networks") or {}).keys()
+            )
+            for item in found
+        }
+
     def remove_network_named(self, name: str) -> None:
         with _api(f"removing network {name}"):
             self._api.remove_network(name)

@@ -1,6 +1,7 @@
 """A scenario's report directory: verdicts, timeline, proxy config, raw logs and (when
 matplotlib is installed) a chart of replies per upstream over time with the faults marked.
 
+    DIR/<scenario>/index.html      the page a person opens: all of the below, self-contained
     DIR/<scenario>/verdicts.json   pass/fail, every check with its detail and evidence
     DIR/<scenario>/timeline.json   faults, recoveries, health transitions, first/last reply
     DIR/<scenario>/proxy.yaml      the proxy configuration the run used
@@ -17,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from . import html_report
 from .checks import replies_per_bin
 from .result import ScenarioResult
 
@@ -38,6 +40,7 @@ def write_report(result: ScenarioResult, directory: Path, *, origin: float) -> P
         (folder / "proxy.yaml").write_text(
             yaml.safe_dump(result.proxy_config, sort_keys=False), encoding="utf-8"
         )
+    (folder / "index.html").write_text(html_report.render(result, origin), encoding="utf-8")
     for name, lines in result.logs.items():
         (folder / "logs" / f"{name}.log").write_text(
             "".join(line + "\n" for line in lines), encoding="utf-8"

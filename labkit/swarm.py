@@ -18,7 +18,7 @@ import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,7 +40,7 @@ CREATED_SWARM = "layer4lab.created-swarm"
 CREATED_GWBRIDGE = "layer4lab.created-gwbridge"
 GWBRIDGE = "docker_gwbridge"
 ADVERTISE = "127.0.0.1"  # a single-node lab swarm: nothing listens beyond loopback
-LISTEN = "127.0.0.1:2377"
+SWARM_PORT = 2377
 CLI_TIMEOUT = 120.0
 SERVICE_LABEL = "com.docker.swarm.service.name"
 
@@ -72,9 +72,43 @@ def engine_state(engine: Engine) -> EngineState:
     return EngineState(state, frozenset(swarmish))
 
 
-def ensure_swarm(engine: Engine, progress: Progress) -> bool:
-    """A swarm on this engine: True if this call created it (a single-node swarm that
-    listens on loopback only), False if one was active already."""
+LEAVE_BUG = "moby/moby#45144"
+
+
+def names_at_risk(engine: Engine) -> list[str]:
+    """Running containers that leaving a swarm would hurt: on Docker 20.10 (and later,
+    as of :data:`LEAVE_BUG`), ``docker swarm leave`` drops the embedded-DNS names of
+    every container that exists on a user-defined bridge network at that moment -- they
+    can no longer resolve each other (measured here: ``getaddrinfo`` fails after 10 s,
+    for good). Such containers are another lab's (compose, ``lab.py up``), never ours:
+    a stack's tasks are on overlay networks."""
+    return on_user_bridges(engine.network_drivers(), engine.running_on_networks())
+
+
+def on_user_bridges(drivers: Mapping[str, str], running: Mapping[str, Sequence[str]]) -> list[str]:
+    """The containers of ``running`` (name -> its networks) attached to a user-defined
+    bridge network (``drivers``: network -> driver): not the default ``bridge``, which
+    has no embedded DNS, nor ``docker_gwbridge``, a swarm's own egress."""
+    user_bridges = {
+        name
+        for name, driver in drivers.items()
+        if driver == "bridge" and name not in ("bridge", GWBRIDGE)
+    }
+    return sorted(name for name, networks in running.items() if user_bridges.intersection(networks))
+
+
+def at_risk_message(names: list[str]) -> str:
+    shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+    return (
+        f"{len(names)} running container(s) on bridge networks ({shown}) would lose "
+        f"their names for good when the swarm is left ({LEAVE_BUG})"
+    )
+
+
+def ensure_swarm(engine: Engine, progress: Progress, advertise: str = ADVERTISE) -> bool:
+    """A swarm on this engine: True if this call created it, False if one was active
+    already. It advertises and listens on ``advertise`` (default loopback: a single-node
+    swarm reachable from nowhere else; give a host address to let other hosts join)."""
     state, _ = engine.swarm_node()
     if state == "active":
         return False
@@ -83,9 +117,16 @@ def ensure_swarm(engine: Engine, progress: Progress) -> bool:
             f"the engine's swarm is {state!r}: neither active nor inactive; "
             "fix it (docker swarm leave --force) and try again"
         )
+    at_risk = names_at_risk(engine)
+    if at_risk:
+        raise LabError(
+            "not making this engine a swarm node: " + at_risk_message(at_risk) + ". Stop "
+            "them first (make down, python lab.py down), or init a swarm yourself (then it "
+            "is yours and stays)"
+        )
     had_gwbridge = GWBRIDGE in engine.network_drivers()
-    with progress.step(f"docker swarm init --advertise-addr {ADVERTISE} (single node)"):
-        engine.swarm_init(ADVERTISE, LISTEN)
+    with progress.step(f"docker swarm init --advertise-addr {advertise}"):
+        engine.swarm_init(advertise, f"{advertise}:{SWARM_PORT}")
         _, node = engine.swarm_node()
         labels = engine.node_labels(node)
         labels[CREATED_SWARM] = "1"
@@ -109,6 +150,12 @@ def leave_if_created(engine: Engine, progress: Progress) -> str:
     if others:
         names = ", ".join(sorted(str((s.get("Spec") or {}).get("Name")) for s in others))
         return f"the swarm still runs services ({names}): kept"
+    at_risk = names_at_risk(engine)
+    if at_risk:
+        return (
+            f"the swarm was kept: {at_risk_message(at_risk)}; run python lab.py swarm "
+            "down again once they are gone"
+        )
     with progress.step("docker swarm leave --force"):
         engine.swarm_leave()
         wait_until(
@@ -232,6 +279,12 @@ class Stack:
                 evidence=lambda: "\n".join(self.leftovers()),
             )
 
+    def tasks_exist(self) -> bool:
+        """Is a stack of this name deployed (any of its services)?"""
+        if self.engine.swarm_node()[0] != "active":
+            return False
+        return bool(self.engine.services(f"{NAMESPACE_LABEL}={self.name}"))
+
     def leftovers(self) -> list[str]:
         label = f"{NAMESPACE_LABEL}={self.name}"
         found = self.engine.labelled(label) + self.engine.swarm_objects(label)
@@ -267,7 +320,10 @@ class Stack:
         container = self.proxy_container()
         if container is None:
             return False
-        health = (self.engine.state(container).get("Health") or {}).get("Status")
+        try:
+            health = (self.engine.state(container).get("Health") or {}).get("Status")
+        except EngineNotFound:  # the task's container is being replaced
+            return False
         return health == "healthy"
 
     def wait_ready(self, shape: Shape, timeout: float = 90.0) -> float:
@@ -306,10 +362,14 @@ class Stack:
     def wait_gone(self, short: str, count: int, timeout: float = 60.0) -> None:
         """Until no more than ``count`` containers of ``short`` are left running."""
 
+        def running(container: str) -> bool:
+            try:
+                return self.engine.state(container).get("Status") == "running"
+            except EngineNotFound:  # swarm removed it between the listing and now
+                return False
+
         def few() -> bool | None:
-            live = [
-                c for c in self.containers(short) if self.engine.state(c).get("Status") == "running"
-            ]
+            live = [c for c in self.containers(short) if running(c)]
             return True if len(live) <= count else None
 
         wait_until(f"{short} down to {count}", few, timeout=timeout, evidence=self.describe)
@@ -362,14 +422,15 @@ def with_stack(
     name: str,
     progress: Progress,
     body: Callable[[Stack], None],
-) -> list[str]:
+) -> tuple[list[str], str]:
     """Init a swarm if needed, run ``body`` with a fresh :class:`Stack` (``body``
     deploys it), then remove the stack and leave the swarm if it was created here --
     also when ``body`` fails or is interrupted. Returns the engine's differences from
-    before (empty when it was restored)."""
+    before (empty when it was restored) and what became of the swarm."""
     before = engine_state(engine)
     stack = Stack(engine, name, progress)
     ensure_swarm(engine, progress)
+    note = ""
     try:
         body(stack)
     finally:
@@ -378,5 +439,5 @@ def with_stack(
         try:
             stack.remove()
         finally:
-            leave_if_created(fresh, progress)
-    return before.differences(engine_state(engine.fresh()))
+            note = leave_if_created(fresh, progress)
+    return before.differences(engine_state(engine.fresh())), note

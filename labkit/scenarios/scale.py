@@ -349,21 +349,24 @@ def run(
             },
         )
 
+    differences: list[str] = []
+    note = ""
     try:
-        differences = with_stack(engine, f"l4l-{run_id}", progress, body)
+        differences, note = with_stack(engine, f"l4l-{run_id}", progress, body)
     except (LabError, EngineError, TimeoutError) as exc:
         result.error = str(exc)
-        differences = []
+        evidence = exc.evidence if isinstance(exc, LabError) else []
+        result.checks.append(check("scenario ran to completion", False, str(exc), evidence))
     observed: Observed | None = seen.get("observed")
     if observed is not None:
-        result.checks = judge(observed)
+        result.checks = judge(observed) + result.checks
         result.attempts = observed.attempts
         result.logs = seen.get("logs", {})
     result.checks.append(
         check(
             "the engine is as it was found (swarm state, overlay networks, docker_gwbridge)",
             not differences and result.error is None,
-            "; ".join(differences) or "restored",
+            "; ".join([*differences, note]) if differences else f"restored ({note})",
         )
     )
     result.timeline = sorted(timeline, key=lambda e: e.at)

@@ -4,9 +4,26 @@ from __future__ import annotations
 
 import io
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 from labkit import LABEL_RUN, Engine, ScenarioResult
 from labkit.cli import render
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def lab(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """``python lab.py ARGS`` from the repository root, its output captured."""
+    return subprocess.run(
+        [sys.executable, str(ROOT / "lab.py"), *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
 
 
 def in_ci() -> bool:

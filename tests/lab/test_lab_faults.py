@@ -6,20 +6,16 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 from labkit import LABEL_RUN, Engine, Progress, run_scenario
 from labkit.faulting import LABEL_FAULT, helper_spec
 from labkit.run import LABEL_NAME
-from tests.lab.helpers import verdict_table
+from tests.lab.helpers import lab, verdict_table
 
 pytestmark = pytest.mark.lab
 
-ROOT = Path(__file__).resolve().parents[2]
 FAULT_SCENARIOS = ["blackhole", "reset", "slow", "flap"]
 
 
@@ -30,17 +26,6 @@ def test_fault_scenario_passes_and_leaves_nothing(engine: Engine, name: str) -> 
     kinds = {event.kind for event in result.timeline}
     assert {"fault", "recover"} <= kinds  # when it was applied and removed
     assert engine.labelled(f"{LABEL_RUN}={result.run_id}") == []  # helpers included
-
-
-def lab(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, str(ROOT / "lab.py"), *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
 
 
 def rules_in(engine: Engine, container: str) -> str:

@@ -420,6 +420,25 @@ def test_values_json_cannot_hold_are_written_as_text() -> None:
     assert (record["path"], record["address"]) == ("/certs/ca.pem", "[::1]:1")
 
 
+def test_every_line_is_valid_json_nan_and_infinity_as_text() -> None:
+    stream = io.StringIO()
+    JsonLog(stream).emit("x", ratio=float("nan"), rates=[1.5, float("inf")], m={"a": -math.inf})
+    text = stream.getvalue()
+    assert "NaN" not in text
+    assert "Infinity" not in text
+    record = json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} in {text}"))
+    assert (record["ratio"], record["rates"], record["m"]) == ("nan", [1.5, "inf"], {"a": "-inf"})
+
+
+def test_a_field_cannot_overwrite_ts_or_event() -> None:
+    stream = io.StringIO()
+    with pytest.raises(ValueError, match="'ts'"):
+        JsonLog(stream).emit("x", ts="2000-01-01T00:00:00.000Z")
+    with pytest.raises(ValueError, match="'event'"):
+        JsonLog(stream).emit("x", event="other")
+    assert stream.getvalue() == ""
+
+
 def test_the_default_stream_is_stdout(capsys: pytest.CaptureFixture[str]) -> None:
     JsonLog().emit("hello", n=1)
     assert json.loads(capsys.readouterr().out)["event"] == "hello"

@@ -303,6 +303,35 @@ def test_bucket_verdict_from_access_lines() -> None:
     assert not ck.bucket_verdict(access_of(loose), rate=5, burst=10).within
 
 
+def test_bucket_verdict_for_a_client_slower_than_the_refill() -> None:
+    """A burst client on a starved machine (bursts with pauses in between, while the
+    bucket sits full and wastes its refill) gets fewer than burst + rate x elapsed:
+    still right if each decision is the bucket's. A limiter that refilled too slowly is
+    not."""
+
+    def verdict(rate_used: float) -> ck.BucketVerdict:
+        times = [T0 + i * 0.01 for i in range(12)] + [T0 + 2.6 + i * 0.01 for i in range(12)]
+        decisions = ck.simulate_bucket(times, rate=rate_used, burst=10)
+        lines = [
+            access_line(
+                "client.b",
+                t + 0.004,
+                decision="forwarded" if ok else "rate_limited",
+                duration_ms=4.0,
+                handshake_ms=1.0,
+                upstream="u1" if ok else None,
+            )
+            for t, ok in zip(times, decisions, strict=True)
+        ]
+        return ck.bucket_verdict(access_of(lines), rate=5, burst=10)
+
+    slow = verdict(5)
+    assert slow.limited > 0
+    assert slow.admitted < slow.expected - slow.tolerance  # the old check failed here
+    assert slow.within
+    assert not verdict(2.5).within  # refilling at half the rate: the replay disagrees
+
+
 # --- failures around a fault --------------------------------------------------------------
 
 

@@ -11,7 +11,9 @@ import certgen
 from l4proxy.__main__ import main
 
 REPO = Path(__file__).resolve().parents[2]
-SHIPPED = sorted([*REPO.glob("examples/*.yaml"), *REPO.glob("lab/*.yaml")])
+SHIPPED = sorted(
+    [*REPO.glob("examples/*.yaml"), *REPO.glob("lab/*.yaml"), *REPO.glob("lab/swarm/*.yaml")]
+)
 
 
 def test_the_project_ships_configs() -> None:
