@@ -64,7 +64,6 @@ from .logs import (
     health_of,
     health_states,
     parse_docker_timestamp,
-    tail_reaches,
     take_new_lines,
 )
 from .progress import Progress
@@ -684,24 +683,13 @@ class Run:
         for name in self.members if names is None else self.member_names(names):
             member = self.members[name]
             try:
-                chunk = self._read_new(member)
+                chunk = self.engine.logs_after(member.container, member.state)
             except EngineNotFound:
                 continue
             fresh = take_new_lines(chunk, name, member.state)
             member.lines.extend(fresh)
             if member.role == "client":
                 self._file_by_identity(name, fresh)
-
-    def _read_new(self, member: Member) -> str:
-        """The end of a member's log that holds every line not seen yet: its last
-        lines, more of them until they reach back to what was seen (reading from a
-        ``since`` costs the engine the whole log each time)."""
-        asked = member.state.tail()
-        while True:
-            chunk = self.engine.logs(member.container, None, tail=asked)
-            if asked is None or tail_reaches(chunk, asked, member.state):
-                return chunk
-            asked *= 8
 
     def _file_by_identity(self, container: str, fresh: list[LogLine]) -> None:
         for line in fresh:
