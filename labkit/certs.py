@@ -8,8 +8,9 @@ reads back (:func:`files_of_archive`). The CA key never leaves that container.
 
 :class:`Certificates` then says what each service gets, copied into its container before
 it starts (:func:`owned_tar`: owned by the services' uid, keys 0600): the proxy its pair
-and the CA certificate, a client its own pair and the CA certificate, an upstream
-nothing. Both drivers use this: :mod:`labkit.run` and :mod:`labkit.testing`.
+and the CA certificate, a client container the pairs of the identities it runs and the
+CA certificate, an upstream nothing. Both drivers use this: :mod:`labkit.run` and
+:mod:`labkit.testing`.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from __future__ import annotations
 import io
 import tarfile
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -147,4 +148,12 @@ class Certificates:
 
     def for_client(self, stem: str | None) -> dict[str, tuple[bytes, int]]:
         """The CA certificate, plus the pair ``stem`` unless None (no certificate)."""
-        return {**self.ca(), **(self.pair(stem) if stem is not None else {})}
+        return self.for_clients([] if stem is None else [stem])
+
+    def for_clients(self, stems: Sequence[str]) -> dict[str, tuple[bytes, int]]:
+        """The CA certificate and the pairs ``stems``: a container running several
+        identities gets theirs, and no other."""
+        files = self.ca()
+        for stem in stems:
+            files.update(self.pair(stem))
+        return files

@@ -60,22 +60,37 @@ def allowed_upstreams(
 
     The proxy's semantics, restated independently: rules in order, first match on
     (client, upstream name / address / ``*``) wins, else ``default``."""
+    return allowed_table([client], upstreams, authorization)[client]
+
+
+def allowed_table(
+    clients: Iterable[str], upstreams: Sequence[Mapping[str, Any]], authorization: Mapping[str, Any]
+) -> dict[str, set[str]]:
+    """:func:`allowed_upstreams` for many clients, reading the rules once (with 200
+    identities listed in rules, reading them per client and upstream cost ~80 ms)."""
     default = str(authorization.get("default", "allow"))
-    rules = authorization.get("rules") or []
-    allowed: set[str] = set()
-    for upstream in upstreams:
-        name = str(upstream.get("name") or upstream["address"])
-        labels = {name, str(upstream["address"]), "*"}
-        action = default
-        for rule in rules:
-            clients = _names(rule["client"])
-            targets = _names(rule["upstream"])
-            if (client in clients or "*" in clients) and labels.intersection(targets):
-                action = str(rule["action"])
-                break
-        if action == "allow":
-            allowed.add(name)
-    return allowed
+    rules = [
+        (
+            frozenset(_names(rule["client"])),
+            frozenset(_names(rule["upstream"])),
+            str(rule["action"]),
+        )
+        for rule in authorization.get("rules") or []
+    ]
+    labelled = [
+        (name, {name, str(u["address"]), "*"})
+        for u in upstreams
+        for name in [str(u.get("name") or u["address"])]
+    ]
+    table: dict[str, set[str]] = {}
+    for client in clients:
+        mine = [(targets, action) for who, targets, action in rules if client in who or "*" in who]
+        table[client] = {
+            name
+            for name, labels in labelled
+            if next((action for targets, action in mine if labels & targets), default) == "allow"
+        }
+    return table
 
 
 # --- token bucket -------------------------------------------------------------------

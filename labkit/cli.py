@@ -249,9 +249,11 @@ def cmd_up(args: argparse.Namespace, engine: Engine, progress: Progress) -> int:
         f"on both (its config: {topo.PROXY_CONFIG_PATH} in its container):"
     )
     for member in run.members.values():
+        ids = [i for i, host in run.hosts.items() if host == member.name and i != member.name]
         print(
             f"  {member.role:<8} {member.name:<16} {member.spec.ip}  "
             f"docker logs -f {member.spec.name}"
+            + (f"  ({len(ids)} identities: {ids[0]}..{ids[-1]})" if ids else "")
         )
     print(f"remove it with: python lab.py down --run {run.id}   (or: python lab.py clean)")
     return 0

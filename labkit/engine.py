@@ -18,6 +18,8 @@ from typing import Any
 
 import docker  # type: ignore[import-untyped]
 
+from .logs import TailState, tail_reaches
+
 NS = 1_000_000_000  # the engine's durations are nanoseconds
 
 
@@ -339,11 +341,34 @@ class Engine:
         networks = (attrs.get("NetworkSettings") or {}).get("Networks") or {}
         return {str(name): str(n.get("IPAddress") or "") for name, n in networks.items()}
 
-    def logs(self, container: str, since: float | None) -> str:
-        """stdout and stderr, each line prefixed with the engine's timestamp."""
+    def logs(self, container: str, since: float | None, *, tail: int | None = None) -> str:
+        """stdout and stderr, each line prefixed with the engine's timestamp: from
+        ``since`` on (None: from the start), or the last ``tail`` lines."""
         with _api(f"reading the logs of {container[:12]}"):
-            data = self._api.logs(container, stdout=True, stderr=True, timestamps=True, since=since)
+            data = self._api.logs(
+                container,
+                stdout=True,
+                stderr=True,
+                timestamps=True,
+                since=since,
+                tail="all" if tail is None else tail,
+            )
         return bytes(data).decode("utf-8", errors="replace")
+
+    def logs_after(self, container: str, state: TailState, since: float | None = None) -> str:
+        """The end of a log that holds every line ``state`` has not seen (for
+        :func:`~labkit.logs.take_new_lines`): the first time, the log from ``since``
+        (None: all of it); then its last lines, more of them until they reach back to
+        what was seen (:meth:`TailState.tail`: a ``since`` query costs the engine the
+        whole log each time, a ``tail`` only the lines it returns)."""
+        asked = state.tail()
+        if asked is None:
+            return self.logs(container, since)
+        while True:
+            chunk = self.logs(container, None, tail=asked)
+            if tail_reaches(chunk, asked, state):
+                return chunk
+            asked *= 8
 
     # --- finding things by label ---------------------------------------------------------------
 

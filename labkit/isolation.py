@@ -155,16 +155,24 @@ class Probe:
         return [address for address, result in self.connect.items() if result.get("connected")]
 
 
-def judge_client(probe: Probe, own_key: str | None, upstream_names: Iterable[str]) -> list[Check]:
-    """A client container: no upstream resolves or answers, and the only private key it
-    can read is its own (``own_key``: its path, or None for a client without one)."""
+def judge_client(
+    probe: Probe, own_key: str | Sequence[str] | None, upstream_names: Iterable[str]
+) -> list[Check]:
+    """A client container: no upstream resolves or answers, and the only private keys it
+    can read are its own (``own_key``: its path, the paths of the keys of the identities
+    it runs, or None for a client without one)."""
     who = probe.container
     resolved = {n: a for n, a in probe.resolved.items() if a}
     names = sorted(upstream_names)
     reached = probe.connected()
     failures = [f"{a}: {r.get('error')}" for a, r in sorted(probe.connect.items())]
-    allowed = {own_key} if own_key else set()
+    allowed = {own_key} if isinstance(own_key, str) else set(own_key or ())
     extra = sorted(set(probe.keys) - allowed)
+    mine = (
+        "the only private key it can read is its own"
+        if len(allowed) <= 1
+        else f"the only private keys it can read are its {len(allowed)} identities' own"
+    )
     return [
         check(
             f"{who}: no upstream name resolves ({', '.join(names)})",
@@ -180,8 +188,8 @@ def judge_client(probe: Probe, own_key: str | None, upstream_names: Iterable[str
             failures[:6],
         ),
         check(
-            f"{who}: the only private key it can read is its own",
-            not extra and (own_key is None or own_key in probe.keys),
+            f"{who}: {mine}",
+            not extra and allowed <= set(probe.keys),
             f"other keys readable: {extra}"
             if extra
             else f"readable: {sorted(probe.keys) or 'none'}; unreadable: "
@@ -238,11 +246,25 @@ Exec = Callable[[str, list[str]], tuple[int, str]]  # (container, command) -> (c
 
 @dataclass(frozen=True, slots=True)
 class Holder:
-    """A client container to probe: where it runs, who it is, which pair it holds."""
+    """A client container to probe: where it runs, who it is, which pair it holds (or,
+    running several identities, who they are and which pairs)."""
 
     container: str  # what ``exec_in`` takes (a run's member name, a container id)
     identity: str
     stem: str | None  # the pair's file stem; None for a client without a certificate
+    others: tuple[str, ...] = ()  # the other identities it runs (with their own pairs)
+
+    @property
+    def identities(self) -> tuple[str, ...]:
+        return (self.identity, *self.others)
+
+    @property
+    def keys(self) -> list[str]:
+        """The private keys it may read: its identities' (``/certs/<stem>.key``); none
+        without a certificate (which a shared container's identities have in common)."""
+        if self.stem is None:
+            return []
+        return [f"{CERTS_DIR}/{stem}.key" for stem in (self.stem, *self.others)]
 
 
 def probe_clients(
@@ -253,14 +275,14 @@ def probe_clients(
 ) -> list[Check]:
     """Probe every client container at once (``clients`` by the name checks show);
     their checks, in the clients' order."""
-    ids = [holder.identity for holder in clients.values()]
+    ids = [i for holder in clients.values() for i in holder.identities]
 
     def probe(shown: str) -> list[Check]:
         holder = clients[shown]
-        command = probe_command(names, addresses, forge=forged_identity(ids, holder.identity))
+        others = [i for i in ids if i not in holder.identities]  # forge someone else's
+        command = probe_command(names, addresses, forge=forged_identity(others, ""))
         _, output = exec_in(holder.container, command)
-        own = f"{CERTS_DIR}/{holder.stem}.key" if holder.stem else None
-        return judge_client(Probe.parse(shown, output), own, names)
+        return judge_client(Probe.parse(shown, output), holder.keys, names)
 
     with ThreadPoolExecutor(max_workers=max(1, len(clients))) as pool:
         return [c for checks in pool.map(probe, list(clients)) for c in checks]
@@ -283,8 +305,11 @@ def served_as_ruled(
     somewhere got a reply from an allowed upstream, one allowed nowhere was refused.
     A line per client once each has shown it (None until then)."""
     seen: list[str] = []
+    grouped: dict[str, list[Attempt]] = {}
+    for item in attempts:
+        grouped.setdefault(item.client, []).append(item)
     for client, upstreams in sorted(allowed.items()):
-        mine = [a for a in attempts if a.client == client]
+        mine = grouped.get(client, [])
         if upstreams:
             replies = [a for a in mine if a.ok and a.upstream in upstreams]
             if not replies:

@@ -14,15 +14,13 @@ from collections.abc import Mapping
 from typing import Any
 
 from . import topology as topo
-from .checks import allowed_upstreams
+from .checks import allowed_table
 
 
 def allowed(config: Mapping[str, Any], topology: topo.Topology) -> dict[str, set[str]]:
     """Which upstreams each client of ``topology`` may reach under ``config``."""
     authorization = config.get("authorization") or {}
-    return {
-        c.id: allowed_upstreams(c.id, config["upstreams"], authorization) for c in topology.clients
-    }
+    return allowed_table([c.id for c in topology.clients], config["upstreams"], authorization)
 
 
 def steady_clients(topology: topo.Topology) -> list[str]:

@@ -115,7 +115,7 @@ def write_chart(result: ScenarioResult, path: Path, *, origin: float) -> tuple[P
             "dotted = health transitions",
             fontsize=9,
         )
-        ax.legend(loc="upper left", fontsize=8)
+        ax.legend(loc="upper left", fontsize=8, ncol=1 + len(series) // 8)  # 24 upstreams: 4
         fig.tight_layout()
         fig.savefig(path)
     finally:

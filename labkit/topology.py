@@ -9,13 +9,35 @@ and which extra (bad) certificates the run needs. Example::
     upstream_defaults: {somaxconn: 4}  # listen backlog cap inside each upstream
     client_defaults: {interval: [100ms, 300ms], timeout: 2s}
     clients:
-      - id: client.a
+      - id: client.a                   # a container of its own, named client.a
       - {id: client.nocert, no_cert: true, expect: peer_did_not_return_a_certificate}
       - {id: client.t1, transfer_bytes: 4MiB, transfer_time: 4s, timeout: 10s}  # to an echo
       - {id: client.late, autostart: false}   # started by the scenario, not by Run.start
     certs: {expired: [client.expired], other_ca: [client.otherca]}
     proxy:                             # merged over lab/proxy.yaml (mappings deep, lists replaced)
       health_check: {interval: 500ms, timeout: 300ms}
+
+Sizes: names may be numbered ranges (:mod:`labkit.ranges`: ``client.{001..200}``,
+``u{01..24}``; quote them in YAML: a brace opens a flow mapping), and one client
+container may run several identities::
+
+    upstreams: "u{1..24}"              # or 24 (the same: u1..u24), or a list of patterns
+    clients:
+      - {ids: "client.{001..200}", container: pool, per_container: 20}   # pool-01..pool-10
+      - {ids: [ops.1, ops.2], container: ops}                          # both in "ops"
+      - {ids: "svc.{1..3}"}                                            # one container each
+    proxy:
+      authorization:                   # rule clients and upstreams may be ranges too
+        rules: [{client: "client.{181..200}", action: deny, upstream: "*"}]
+
+``ids`` is shorthand for one entry per identity with the same options. ``container``
+names the container they run in (default: each its own, named by its identity);
+``per_container: N`` splits them into containers of N, named ``<container>-<k>``
+(``k`` zero-padded to the width of the count). Identities sharing a container share
+every option (it is one client process: ``--id`` repeated) and present their own
+certificates (no ``cert_stem``); each container gets only its identities' pairs. A
+container's name must not be an upstream's or ``proxy``, nor an identity unless the
+container runs that identity alone.
 
 A topology is structure only: what a scenario does to it (which upstream a fault hits,
 what a reload changes) is the scenario's, derived from the run's config
@@ -33,12 +55,15 @@ import copy
 import ipaddress
 import re
 import sys
+from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from .ranges import RangeError, expand_all
 
 ROOT = Path(__file__).resolve().parent.parent
 # The services' shared package (durations): labkit runs on the host from the repository
@@ -127,10 +152,19 @@ class ClientSpec:
     transfer_bytes: str | None = None  # transfer mode (an echo upstream): bytes per attempt
     transfer_time: str | None = None  # transfer mode: pace each transfer over this long
     autostart: bool = True  # started by Run.start (False: the scenario starts it)
+    container: str | None = None  # the container it runs in; None: its own, named by its id
 
-    def command(self, proxy: str) -> list[str]:
-        """The client container's arguments (after ``python3 -m client``)."""
+    @property
+    def container_name(self) -> str:
+        return self.container or self.id
+
+    def command(self, proxy: str, server_name: str | None = None) -> list[str]:
+        """The client container's arguments (after ``python3 -m client``); with
+        ``server_name``, the name to verify the proxy's certificate against (when
+        ``proxy`` is an address)."""
         args = ["--id", self.id, "--proxy", proxy, "--certs", CERTS_DIR]
+        if server_name is not None:
+            args += ["--server-name", server_name]
         args += ["--interval-min", self.interval_min, "--interval-max", self.interval_max]
         args += ["--timeout", self.timeout]
         if self.burst:
@@ -169,6 +203,34 @@ class ClientSpec:
 
 
 @dataclass(frozen=True, slots=True)
+class ClientContainer:
+    """One client container and the identities it runs (one process, ``--id`` each)."""
+
+    name: str
+    clients: tuple[ClientSpec, ...]
+
+    @property
+    def ids(self) -> list[str]:
+        return [c.id for c in self.clients]
+
+    @property
+    def finite(self) -> bool:
+        """Does the container exit by itself (every identity stops by itself)?"""
+        return all(c.finite for c in self.clients)
+
+    @property
+    def cert_stems(self) -> list[str]:
+        """The pairs it needs (``ca.pem`` aside): its identities' own, or a stem."""
+        return [stem for c in self.clients if (stem := c.cert_file_stem) is not None]
+
+    def command(self, proxy: str, server_name: str | None = None) -> list[str]:
+        """The container's arguments: the first identity's, with ``--id`` for each."""
+        first = self.clients[0].command(proxy, server_name)
+        assert first[:2] == ["--id", self.clients[0].id]
+        return [arg for c in self.clients for arg in ("--id", c.id)] + first[2:]
+
+
+@dataclass(frozen=True, slots=True)
 class Topology:
     name: str
     description: str
@@ -186,6 +248,31 @@ class Topology:
             if spec.id == client_id:
                 return spec
         raise KeyError(client_id)
+
+    def containers(self, ids: Sequence[str] | None = None) -> list[ClientContainer]:
+        """The client containers (in the order their first identity appears), of every
+        identity or of those ``ids`` (which must be whole containers: a container is one
+        process, started and stopped as one)."""
+        groups: dict[str, list[ClientSpec]] = {}
+        for spec in self.clients:
+            groups.setdefault(spec.container_name, []).append(spec)
+        found = [ClientContainer(name, tuple(specs)) for name, specs in groups.items()]
+        if ids is None:
+            return found
+        wanted = set(ids)
+        unknown = sorted(wanted - {c.id for c in self.clients})
+        if unknown:
+            raise TopologyError(f"topology {self.name}: no client {', '.join(unknown)}")
+        chosen = [c for c in found if wanted & set(c.ids)]
+        for container in chosen:
+            left = [i for i in container.ids if i not in wanted]
+            if left:
+                raise TopologyError(
+                    f"topology {self.name}: container {container.name} runs "
+                    f"{', '.join(container.ids)}; {', '.join(left)} would have to start or stop "
+                    "with the others"
+                )
+        return chosen
 
     def own_cert_clients(self) -> list[str]:
         """Clients whose normal certificate certgen must issue from the run's CA."""
@@ -212,6 +299,9 @@ _CLIENT_KEYS = {
     "transfer_bytes",
     "transfer_time",
     "autostart",
+    "ids",
+    "container",
+    "per_container",
 }
 _UPSTREAM_KEYS = {"name", "mode", "delay", "fault", "somaxconn", "proxy_protocol"}
 PROXY_PROTOCOLS = ("none", "v2")
@@ -320,6 +410,7 @@ def _parse_client(raw: object, defaults: Mapping[str, Any], key: str) -> ClientS
         if "transfer_time" in item
         else None,
         autostart=bool(item.get("autostart", True)),
+        container=_name(item["container"], f"{key}.container") if "container" in item else None,
     )
     if parse_duration(spec.interval_min) > parse_duration(spec.interval_max):
         raise TopologyError(f"{key}: interval_min is greater than interval_max")
@@ -342,6 +433,139 @@ def _names(value: object, key: str) -> tuple[str, ...]:
     return tuple(_name(item, key) for item in value)
 
 
+def _twice(names: Sequence[str]) -> set[str]:
+    return {name for name, count in Counter(names).items() if count > 1}
+
+
+def _patterns(value: object, key: str) -> list[str] | None:
+    try:
+        return expand_all(value, key)
+    except RangeError as exc:
+        raise TopologyError(str(exc)) from None
+
+
+def _parse_upstreams(
+    raw: object, defaults: Mapping[str, Any], key: str
+) -> tuple[UpstreamSpec, ...]:
+    """A count (``u1``..``uN``), a pattern (``u{01..24}``) or a list of names, patterns
+    or mappings (whose ``name`` may be a pattern too)."""
+    if isinstance(raw, int) and not isinstance(raw, bool) and raw >= 1:
+        raw = [f"u{i}" for i in range(1, raw + 1)]
+    elif isinstance(raw, str):
+        raw = [raw]
+    if not isinstance(raw, list) or not raw:
+        raise TopologyError(f"{key}: expected a count, a name pattern or a non-empty list")
+    found: list[UpstreamSpec] = []
+    for i, item in enumerate(raw):
+        where = f"{key}[{i}]"
+        if isinstance(item, Mapping) and isinstance(item.get("name"), str):
+            names = _patterns(item["name"], f"{where}.name") or []
+            found += [_parse_upstream({**item, "name": n}, defaults, where) for n in names]
+        elif isinstance(item, str):
+            found += [_parse_upstream(n, defaults, where) for n in _patterns(item, where) or []]
+        else:
+            found.append(_parse_upstream(item, defaults, where))
+    return tuple(found)
+
+
+def _parse_client_entry(raw: object, defaults: Mapping[str, Any], key: str) -> list[ClientSpec]:
+    """One entry of ``clients``: one identity (``id``) or several (``ids``), placed in
+    containers by ``container`` and ``per_container`` (see the module docstring)."""
+    item = _mapping(raw, key)
+    if "ids" not in item:
+        if "per_container" in item:
+            raise TopologyError(f"{key}: per_container needs ids (several identities)")
+        return [_parse_client(item, defaults, key)]
+    if "id" in item:
+        raise TopologyError(f"{key}: give id (one identity) or ids (several), not both")
+    ids = _patterns(item.pop("ids"), f"{key}.ids")
+    if not ids:
+        raise TopologyError(f"{key}.ids: expected a name pattern or a non-empty list of them")
+    per = item.pop("per_container", None)
+    prefix = item.pop("container", None)
+    if per is not None:
+        per = _int(per, f"{key}.per_container", 1)
+        if prefix is None:
+            raise TopologyError(
+                f"{key}: per_container needs container: the prefix of the containers' names"
+            )
+    specs: list[ClientSpec] = []
+    count = 1 if per is None else -(-len(ids) // per)
+    width = len(str(count))
+    for index, client_id in enumerate(ids):
+        entry = {**item, "id": client_id}
+        if prefix is not None:
+            entry["container"] = prefix if per is None else f"{prefix}-{index // per + 1:0{width}d}"
+        specs.append(_parse_client(entry, defaults, f"{key} ({client_id})"))
+    return specs
+
+
+def _check_containers(clients: Sequence[ClientSpec], upstreams: Sequence[str], where: str) -> None:
+    """Identities sharing a container share every option and present their own pairs;
+    a container's name is no upstream, not proxy, and an identity's only if it runs that
+    identity alone (the run reads a member's lines and an identity's by the same name)."""
+    groups: dict[str, list[ClientSpec]] = {}
+    for spec in clients:
+        groups.setdefault(spec.container_name, []).append(spec)
+    owner = {c.id: c.container_name for c in clients}
+    for name, specs in groups.items():
+        if name in upstreams or name == "proxy":
+            raise TopologyError(f"{where}: container name {name} is taken by an upstream or proxy")
+        if name in owner and [s.id for s in specs] != [name]:
+            raise TopologyError(
+                f"{where}: container name {name} is also an identity (in container "
+                f"{owner[name]}); a container named like an identity runs that one alone"
+            )
+        if len(specs) == 1:
+            continue
+        stems = [s.id for s in specs if s.cert_stem is not None]
+        if stems:
+            raise TopologyError(
+                f"{where}: container {name} runs several identities, so each presents its own "
+                f"pair: no cert_stem ({', '.join(stems)})"
+            )
+        first = replace(specs[0], id="", container=None)
+        for spec in specs[1:]:
+            other = replace(spec, id="", container=None)
+            if other != first:
+                differ = [
+                    f.name
+                    for f in fields(ClientSpec)
+                    if getattr(first, f.name) != getattr(other, f.name)
+                ]
+                raise TopologyError(
+                    f"{where}: container {name} is one client process, but {specs[0].id} and "
+                    f"{spec.id} differ in {', '.join(differ)}"
+                )
+
+
+_RULE_NAMES = ("client", "upstream")
+
+
+def _expand_rules(proxy: dict[str, Any], where: str) -> dict[str, Any]:
+    """``proxy.authorization.rules``: each rule's ``client`` and ``upstream`` patterns
+    (``client.{181..200}``) as the lists of names they stand for."""
+    authorization = proxy.get("authorization")
+    if not isinstance(authorization, Mapping):
+        return proxy
+    rules = authorization.get("rules")
+    if not isinstance(rules, list):
+        return proxy
+    expanded: list[Any] = []
+    for i, rule in enumerate(rules):
+        if not isinstance(rule, Mapping):
+            expanded.append(rule)  # the proxy's own parser names what is wrong
+            continue
+        new = dict(rule)
+        for field_name in _RULE_NAMES:
+            value = rule.get(field_name)
+            names = _patterns(value, f"{where}.authorization.rules[{i}].{field_name}")
+            if names is not None and names != value:
+                new[field_name] = names if len(names) > 1 or isinstance(value, list) else names[0]
+        expanded.append(new)
+    return {**proxy, "authorization": {**authorization, "rules": expanded}}
+
+
 def parse_topology(raw: object, name: str) -> Topology:
     """Validate a decoded topology document."""
     where = f"topology {name}"
@@ -349,29 +573,23 @@ def parse_topology(raw: object, name: str) -> Topology:
     _check_keys(doc, _TOP_KEYS, where)
     up_defaults = _mapping(doc.get("upstream_defaults"), f"{where}: upstream_defaults")
     cl_defaults = _mapping(doc.get("client_defaults"), f"{where}: client_defaults")
-    raw_upstreams = doc.get("upstreams")
-    if isinstance(raw_upstreams, int) and not isinstance(raw_upstreams, bool):
-        raw_upstreams = [f"u{i}" for i in range(1, raw_upstreams + 1)]
-    if not isinstance(raw_upstreams, list) or not raw_upstreams:
-        raise TopologyError(f"{where}: upstreams: expected a count or a non-empty list")
-    upstreams = tuple(
-        _parse_upstream(item, up_defaults, f"{where}: upstreams[{i}]")
-        for i, item in enumerate(raw_upstreams)
-    )
+    upstreams = _parse_upstreams(doc.get("upstreams"), up_defaults, f"{where}: upstreams")
     raw_clients = doc.get("clients") or []
     if not isinstance(raw_clients, list):
         raise TopologyError(f"{where}: clients: expected a list")
     clients = tuple(
-        _parse_client(item, cl_defaults, f"{where}: clients[{i}]")
+        spec
         for i, item in enumerate(raw_clients)
+        for spec in _parse_client_entry(item, cl_defaults, f"{where}: clients[{i}]")
     )
     for label, names in (
         ("upstream", [u.name for u in upstreams]),
         ("client", [c.id for c in clients]),
     ):
-        duplicates = sorted({n for n in names if names.count(n) > 1})
+        duplicates = sorted(_twice(names))
         if duplicates:
             raise TopologyError(f"{where}: {label} names used twice: {', '.join(duplicates)}")
+    _check_containers(clients, [u.name for u in upstreams], where)
     certs = _mapping(doc.get("certs"), f"{where}: certs")
     _check_keys(certs, {"expired", "other_ca"}, f"{where}: certs")
     return Topology(
@@ -379,7 +597,7 @@ def parse_topology(raw: object, name: str) -> Topology:
         description=str(doc.get("description", "")),
         upstreams=upstreams,
         clients=clients,
-        proxy=_mapping(doc.get("proxy"), f"{where}: proxy"),
+        proxy=_expand_rules(_mapping(doc.get("proxy"), f"{where}: proxy"), f"{where}: proxy"),
         expired=_names(certs.get("expired"), f"{where}: certs.expired"),
         other_ca=_names(certs.get("other_ca"), f"{where}: certs.other_ca"),
     )

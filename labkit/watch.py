@@ -92,7 +92,7 @@ class Source:
         for name, container in self.containers().items():
             tail = self.tails.setdefault(container, TailState())
             try:
-                chunk = self.engine.logs(container, tail.since() or since)
+                chunk = self.engine.logs_after(container, tail, since)
             except EngineNotFound:
                 continue
             source = "fault" if name.startswith(self.lab.prefix) else name

@@ -21,8 +21,16 @@ def _addresses(ctx: Ctx) -> dict[str, str]:
 
 
 def from_clients(ctx: Ctx) -> Iterable[Check]:
-    clients = ctx.clients()
-    holders = {c: iso.Holder(c, c, ctx.topology.client(c).cert_file_stem) for c in clients}
+    """Probe every client container once (one running several identities may read
+    their keys, and no other)."""
+    started = set(ctx.clients())
+    holders = {
+        box.name: iso.Holder(
+            box.name, box.ids[0], box.clients[0].cert_file_stem, tuple(box.ids[1:])
+        )
+        for box in ctx.topology.containers()
+        if box.ids[0] in started
+    }
     names = ctx.topology.upstream_names()
     return iso.probe_clients(ctx.run.exec, holders, names, list(_addresses(ctx).values()))
 
@@ -64,7 +72,8 @@ def forgery_refused(ctx: Ctx) -> Iterable[Check]:
 
 
 def _served(ctx: Ctx) -> list[str] | None:
-    rules = {c: allowed for c, allowed in ctx.allowed.items() if c in ctx.clients()}
+    started = set(ctx.clients())
+    rules = {c: allowed for c, allowed in ctx.allowed.items() if c in started}
     probed = ctx.facts["probed"]
     return iso.served_as_ruled([a for a in ctx.attempts() if a.start > probed], rules)
 

@@ -43,7 +43,7 @@ def refused_at_handshake(ctx: Ctx) -> Iterable[Check]:
             f"{len(attempts)} attempts, outcomes {outcomes(attempts)}",
             evidence(ok or attempts[:1]),
         )
-        ip = addresses.clients[spec.id]
+        ip = addresses.clients[spec.container_name]  # of its own (mtls_needs)
         mine = [a for a in access if a.peer_ip == ip]
         wrong = [
             a
@@ -85,6 +85,11 @@ def mtls_needs(_config: Mapping[str, Any], topology: topo.Topology) -> list[str]
         (
             any(c.expect is None and c.finite for c in clients),
             "a valid client that stops by itself (count or duration)",
+        ),
+        (
+            all(len(box.clients) == 1 for box in topology.containers() if box.clients[0].expect),
+            "each client with bad credentials in a container of its own (the proxy knows "
+            "a refused handshake by its address only)",
         ),
     )
 

@@ -77,9 +77,10 @@ def run(coro: Coroutine[Any, Any, None]) -> None:
 
 @pytest.fixture(scope="module")
 def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """ca/server/client.b, an expired client pair, and ``other/``: a set from another CA."""
+    """ca/server/client.b/client.c, an expired client pair, and ``other/``: a set from
+    another CA."""
     out = tmp_path_factory.mktemp("client-certs")
-    certgen.generate(out, ["client.b"])
+    certgen.generate(out, ["client.b", "client.c"])
     ca = certgen.load_issued(out, "ca")
     now = dt.datetime.now(dt.UTC)
     expired = certgen.make_client(
@@ -97,6 +98,7 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
 class Served:
     port: int = 0
     messages: list[bytes] = field(default_factory=list)
+    peers: list[str] = field(default_factory=list)  # the client certificate's CN, per connection
     active: int = 0
     idle: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -110,6 +112,12 @@ def mtls_server_context(certs: Path) -> ssl.SSLContext:
     return ctx
 
 
+def peer_name(writer: asyncio.StreamWriter) -> str:
+    """The commonName of the client certificate on a server-side TLS stream."""
+    cert = writer.get_extra_info("peercert") or {}
+    return next((v for rdn in cert.get("subject", ()) for k, v in rdn if k == "commonName"), "")
+
+
 @contextlib.asynccontextmanager
 async def tls_server(certs: Path, behaviour: Literal["reply", "close"]) -> AsyncIterator[Served]:
     """TLS with CERT_REQUIRED against ca.pem; ``reply`` answers each connection with
@@ -121,6 +129,7 @@ async def tls_server(certs: Path, behaviour: Literal["reply", "close"]) -> Async
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         served.active += 1
         served.idle.clear()
+        served.peers.append(peer_name(writer))
         try:
             if behaviour == "reply":
                 async with asyncio.timeout(WAIT):
@@ -168,13 +177,14 @@ def closed_port() -> Any:
 # --- running the client ------------------------------------------------------------------------
 
 
-async def start_client(certs: Path, port: int, *args: str) -> asyncio.subprocess.Process:
+async def start_client(
+    certs: Path, port: int, *args: str, ids: tuple[str, ...] = ("client.b",)
+) -> asyncio.subprocess.Process:
     return await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
         "client",
-        "--id",
-        "client.b",
+        *(arg for client_id in ids for arg in ("--id", client_id)),
         "--proxy",
         f"127.0.0.1:{port}",
         "--certs",
@@ -200,8 +210,10 @@ async def finish(proc: asyncio.subprocess.Process) -> list[dict[str, Any]]:
     return [json.loads(line) for line in out.decode().splitlines()]
 
 
-async def run_client(certs: Path, port: int, *args: str) -> list[dict[str, Any]]:
-    return await finish(await start_client(certs, port, *args))
+async def run_client(
+    certs: Path, port: int, *args: str, ids: tuple[str, ...] = ("client.b",)
+) -> list[dict[str, Any]]:
+    return await finish(await start_client(certs, port, *args, ids=ids))
 
 
 def split(records: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
@@ -255,6 +267,58 @@ def test_burst_with_concurrency(certs: Path) -> None:
         assert sorted(a["attempt"] for a in attempts) == [1, 2, 3, 4, 5, 6]
         assert summary["outcomes"]["ok"] == 6
         assert len(served.messages) == 6
+
+    run(main())
+
+
+def test_several_identities_in_one_process(certs: Path) -> None:
+    """``--id`` twice: each identity presents its own pair, sends its own message and
+    logs its own started, attempt and summary lines, exactly as a process of its own
+    would (the schema is the same)."""
+
+    async def main() -> None:
+        async with tls_server(certs, "reply") as served:
+            records = await run_client(
+                certs, served.port, "--count", "2", *FAST, ids=("client.b", "client.c")
+            )
+        assert (
+            sorted(served.messages)
+            == [b"Hello from client.b\n"] * 2 + [b"Hello from client.c\n"] * 2
+        )
+        assert sorted(served.peers) == ["client.b", "client.b", "client.c", "client.c"]
+        for client_id in ("client.b", "client.c"):
+            mine = [r for r in records if r["client"] == client_id]
+            started = [r for r in mine if r["event"] == "started"]
+            assert [r["cert"] for r in started] == [client_id]
+            attempts, summary = split(mine)
+            assert [a["attempt"] for a in attempts] == [1, 2]
+            assert all(a["outcome"] == "ok" for a in attempts)
+            assert (summary["outcomes"]["ok"], summary["reason"]) == (2, "count")
+
+    run(main())
+
+
+def test_several_identities_stop_together_on_sigterm(certs: Path) -> None:
+    async def main() -> None:
+        async with tls_server(certs, "reply") as served:
+            proc = await start_client(certs, served.port, *FAST, ids=("client.b", "client.c"))
+            assert proc.stdout is not None
+            seen: set[str] = set()
+            try:
+                async with asyncio.timeout(WAIT):  # both identities have made an attempt
+                    while seen != {"client.b", "client.c"}:
+                        record = json.loads(await proc.stdout.readline())
+                        if record["event"] == "attempt":
+                            seen.add(record["client"])
+            except BaseException:
+                proc.kill()
+                await proc.wait()
+                raise
+            proc.send_signal(signal.SIGTERM)
+            rest = await finish(proc)
+        summaries = {r["client"]: r for r in rest if r["event"] == "summary"}
+        assert set(summaries) == {"client.b", "client.c"}
+        assert {s["reason"] for s in summaries.values()} == {"signal"}
 
     run(main())
 
@@ -364,6 +428,8 @@ def test_unusable_certificates_exit_2(tmp_path: Path, capsys: pytest.CaptureFixt
     argv = ["--id", "client.b", "--proxy", "127.0.0.1:9", "--certs", str(tmp_path)]
     assert client_cli.main(argv) == 2
     assert client_cli.main([*argv, "--interval-min", "2s", "--interval-max", "1s"]) == 2
+    # Several identities: one pair missing is named, and nothing runs.
+    assert client_cli.main(["--id", "client.b", "--id", "client.z", *argv[2:]]) == 2
     err = capsys.readouterr().err
     assert "cannot load TLS material" in err
     assert "--interval-min" in err
@@ -648,6 +714,36 @@ def test_configuration() -> None:
     for bad in (["--proxy", "p"], ["--proxy", "p:0"], ["--proxy", "p:1", "--timeout", "0"]):
         with pytest.raises(client_config.ConfigError):
             load([*base, *bad])
+
+
+def test_several_identities_share_every_option_but_their_own() -> None:
+    load = client_config.load_configs
+    argv = ["--id", "c.1", "--id", "c.2", "--id", "c.3", "--proxy", "p:1", "--seed", "7"]
+    configs = load([*argv, "--count", "4"])
+    assert [(c.client_id, c.cert_stem, c.seed) for c in configs] == [
+        ("c.1", "c.1", 7),
+        ("c.2", "c.2", 8),
+        ("c.3", "c.3", 9),
+    ]
+    assert {(c.count, c.stagger, c.host) for c in configs} == {(4, True, "p")}
+    assert [c.message for c in configs] == [
+        b"Hello from c.1\n",
+        b"Hello from c.2\n",
+        b"Hello from c.3\n",
+    ]
+    assert {c.cert_stem for c in load([*argv, "--no-cert"])} == {None}
+    assert [c.seed for c in load([*argv[:6], "--proxy", "p:1"])] == [None, None, None]
+    # One identity: as before (no stagger), and load_config takes exactly one.
+    (single,) = load(["--id", "c.1", "--proxy", "p:1"])
+    assert (single.stagger, single.cert_stem) == (False, "c.1")
+    with pytest.raises(client_config.ConfigError, match=r"given twice: c\.1"):
+        load(["--id", "c.1", "--id", "c.1", "--proxy", "p:1"])
+    with pytest.raises(client_config.ConfigError, match="--cert-stem"):
+        load([*argv, "--cert-stem", "expired"])
+    with pytest.raises(client_config.ConfigError, match="one identity is expected"):
+        client_config.load_config(argv)
+    with pytest.raises(client_config.ConfigError, match="at most 1000"):
+        load([arg for i in range(1001) for arg in ("--id", f"c.{i}")] + ["--proxy", "p:1"])
 
 
 def test_identity_from_the_environment() -> None:

@@ -100,3 +100,30 @@ def test_sigint_mid_scenario_removes_everything(engine: Engine, labelled_before:
     assert "interrupted" in output
     assert engine.labelled(f"{LABEL_RUN}={run_id}") == [], output
     assert_nothing_left(engine, labelled_before)
+
+
+@pytest.mark.parametrize("name", ["authz", "isolation"])
+def test_shared_client_containers_at_size(
+    engine: Engine, labelled_before: set[str], name: str
+) -> None:
+    """``pool``: large.yaml's features (numbered names, identities run 10 to a
+    container, rules by range) at a size this tier affords: 6 upstreams, 30 identities
+    in 3 containers. authz judges per rule class; isolation probes each container once,
+    and each may read its 10 identities' keys and no other. (The 24 x 200 topology
+    itself is measured, not run here: README, "A lab of real size".)"""
+    result = run_scenario(name, engine=engine, progress=Progress(), topology="pool")
+    assert result.passed, verdict_table(result)
+    names = [c.name for c in result.checks]
+    if name == "authz":
+        assert any(n.startswith("client.01..client.10 (10) served only by") for n in names)
+        assert "client.27..client.30 (4) (allowed nowhere) rejected every time" in names
+    else:
+        own = [
+            n
+            for n in names
+            if n.endswith("the only private keys it can read are its 10 identities' own")
+        ]
+        assert [n.split(":")[0] for n in own] == ["pool-1", "pool-2", "pool-3"]
+    assert {a.client for a in result.attempts} == {f"client.{i:02d}" for i in range(1, 31)}
+    assert engine.labelled(f"{LABEL_RUN}={result.run_id}") == []
+    assert_nothing_left(engine, labelled_before)

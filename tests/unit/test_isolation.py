@@ -7,6 +7,7 @@ import json
 import pytest
 
 from labkit.isolation import (
+    Holder,
     Probe,
     forged_identity,
     judge_client,
@@ -61,6 +62,22 @@ def test_a_client_without_a_certificate_may_read_no_key_at_all() -> None:
     assert not judge_client(probe(), None, UPSTREAMS)[2].passed
     # ... and a client whose own key is missing is wrong too.
     assert not judge_client(probe(keys=()), "/certs/client.a.key", UPSTREAMS)[2].passed
+
+
+def test_a_container_of_several_identities_may_read_theirs_and_no_other() -> None:
+    holder = Holder("pool-1", "client.01", "client.01", ("client.02", "client.03"))
+    assert holder.identities == ("client.01", "client.02", "client.03")
+    assert holder.keys == [f"/certs/client.0{i}.key" for i in (1, 2, 3)]
+    assert Holder("p", "c.1", None, ("c.2",)).keys == []  # --no-cert: none of them has one
+    theirs = probe(keys=tuple(holder.keys))
+    checks = judge_client(theirs, holder.keys, UPSTREAMS)
+    assert checks[2].passed
+    assert checks[2].name.endswith("its 3 identities' own")
+    fewer = judge_client(probe(keys=tuple(holder.keys[:2])), holder.keys, UPSTREAMS)
+    assert not fewer[2].passed  # one pair missing
+    more = judge_client(probe(keys=(*holder.keys, "/certs/client.04.key")), holder.keys, UPSTREAMS)
+    assert not more[2].passed  # a fourth identity's key: not its own
+    assert "client.04" in more[2].detail
 
 
 def test_the_proxy_may_hold_its_key_but_never_the_ca_key() -> None:

@@ -435,7 +435,7 @@ def test_every_shipped_topology_yields_a_valid_proxy_config(name: str) -> None:
         "192.168.80.0/20",
         "192.168.96.0/20",
         layout.upstream_names(),
-        [c.id for c in layout.clients],
+        [c.name for c in layout.containers()],
     )
     upstreams = {n: f"{ip}:{topo.UPSTREAM_PORT}" for n, ip in addresses.upstreams.items()}
     config = topo.proxy_config(topo.load_reference_config(), layout, upstreams)
@@ -445,6 +445,11 @@ def test_every_shipped_topology_yields_a_valid_proxy_config(name: str) -> None:
     for client in layout.clients:
         command = client.command("proxy:8443")
         assert command[:4] == ["--id", client.id, "--proxy", "proxy:8443"]
+    for box in layout.containers():
+        command = box.command("proxy:8443")
+        ids = command[: 2 * len(box.ids)]
+        assert ids == [arg for i in box.ids for arg in ("--id", i)]
+        assert command[len(ids) : len(ids) + 2] == ["--proxy", "proxy:8443"]
 
 
 @pytest.mark.parametrize(

@@ -1,5 +1,7 @@
-"""Command-line configuration. Pure: :func:`load_config` turns ``argv`` into a frozen
-:class:`Config` or raises :class:`ConfigError` (argparse itself exits 2 on bad syntax).
+"""Command-line configuration. Pure: :func:`load_configs` turns ``argv`` into one frozen
+:class:`Config` per identity (``--id`` may be repeated: several identities in one
+process) or raises :class:`ConfigError` (argparse itself exits 2 on bad syntax);
+:func:`load_config` is the same for exactly one identity.
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ import ipaddress
 import os
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 # The shared parsers and error, re-exported ("X as X"): the other modules and the tests
@@ -23,6 +25,7 @@ DEFAULT_CERTS = Path("/certs")
 DEFAULT_INTERVAL_MIN = "200ms"
 DEFAULT_INTERVAL_MAX = "1s"
 DEFAULT_TIMEOUT = "5s"
+MAX_IDENTITIES = 1000  # --id given more often than this is a mistake, not a lab
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +46,9 @@ class Config:
     cert_stem: str | None = None  # None: connect without a client certificate
     transfer_bytes: int | None = None  # transfer mode: stream this many bytes to an echo
     transfer_time: float = 0.0  # transfer mode: pace the bytes over about this long
+    # Several identities in one process: wait a random part of interval_max before the
+    # first attempt, so that they do not all connect at the same moment.
+    stagger: bool = False
 
     @property
     def transfer(self) -> bool:
@@ -93,8 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--id",
+        action="append",
         help="client name, used in logs and the message (default: the CLIENT_ID environment "
-        "variable, e.g. client.{{.Task.Slot}} in a swarm service)",
+        "variable, e.g. client.{{.Task.Slot}} in a swarm service); repeat it to run several "
+        "identities in this process, each with its own DIR/<id>.pem and .key",
     )
     parser.add_argument("--proxy", required=True, help="HOST:PORT of the proxy")
     parser.add_argument(
@@ -139,16 +147,66 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def load_config(argv: Sequence[str] | None, environ: Mapping[str, str] | None = None) -> Config:
-    """``argv`` (``None``: ``sys.argv[1:]``) and ``environ`` (``None``: ``os.environ``; only
-    ``CLIENT_ID`` is read) into a :class:`Config`."""
-    args = build_parser().parse_args(argv)
-    env = os.environ if environ is None else environ
-    if args.id is None and "CLIENT_ID" not in env:
-        raise ConfigError("--id", "is required (or CLIENT_ID in the environment)")
-    client_id = str(args.id if args.id is not None else env["CLIENT_ID"])
+def _identity(value: object) -> str:
+    client_id = str(value)
     if not client_id or not client_id.isprintable() or len(client_id) > 200:
         raise ConfigError("--id", "must be 1..200 printable characters")
+    return client_id
+
+
+def _identities(ids: list[str] | None, env: Mapping[str, str]) -> list[str]:
+    """The ``--id`` values (or ``CLIENT_ID``), each checked, none twice."""
+    if ids is None:
+        if "CLIENT_ID" not in env:
+            raise ConfigError("--id", "is required (or CLIENT_ID in the environment)")
+        return [_identity(env["CLIENT_ID"])]
+    if len(ids) > MAX_IDENTITIES:
+        raise ConfigError("--id", f"given {len(ids)} times, at most {MAX_IDENTITIES}")
+    found = [_identity(value) for value in ids]
+    twice = sorted({i for i in found if found.count(i) > 1})
+    if twice:
+        raise ConfigError("--id", f"given twice: {', '.join(twice)}")
+    return found
+
+
+def load_configs(
+    argv: Sequence[str] | None, environ: Mapping[str, str] | None = None
+) -> tuple[Config, ...]:
+    """``argv`` (``None``: ``sys.argv[1:]``) and ``environ`` (``None``: ``os.environ``; only
+    ``CLIENT_ID`` is read) into one :class:`Config` per identity, in ``--id`` order. With
+    several identities each presents its own pair (``--cert-stem`` is refused), identity
+    ``i`` (from 0) seeds its intervals with ``--seed`` + ``i``, and each is staggered
+    (:attr:`Config.stagger`)."""
+    args = build_parser().parse_args(argv)
+    env = os.environ if environ is None else environ
+    ids = _identities(args.id, env)
+    if len(ids) > 1 and args.cert_stem is not None:
+        raise ConfigError("--cert-stem", "names one pair: it cannot serve several --id")
+    one = _load_one(args, ids[0])
+    if len(ids) == 1:
+        return (one,)
+    return tuple(
+        replace(
+            one,
+            client_id=client_id,
+            cert_stem=None if args.no_cert else client_id,
+            seed=None if one.seed is None else one.seed + index,
+            stagger=True,
+        )
+        for index, client_id in enumerate(ids)
+    )
+
+
+def load_config(argv: Sequence[str] | None, environ: Mapping[str, str] | None = None) -> Config:
+    """:func:`load_configs` for exactly one identity (``--id`` once, or ``CLIENT_ID``)."""
+    configs = load_configs(argv, environ)
+    if len(configs) != 1:
+        raise ConfigError("--id", f"given {len(configs)} times where one identity is expected")
+    return configs[0]
+
+
+def _load_one(args: argparse.Namespace, client_id: str) -> Config:
+    """Every option but the identity, checked once, for ``client_id``."""
     proxy = parse_address(str(args.proxy), "--proxy")  # port 0 is no place to connect to
     interval_min = parse_duration(str(args.interval_min), "--interval-min", allow_zero=True)
     interval_max = parse_duration(str(args.interval_max), "--interval-max", allow_zero=True)

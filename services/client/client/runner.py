@@ -3,7 +3,9 @@
 Each worker starts an attempt while :func:`decide.stop_reason` allows it, logs exactly one
 ``attempt`` line for it, then waits a random interval (none in burst mode).  A stop request
 (SIGTERM) or the end of ``--count`` ends every worker's wait at once; attempts in flight
-finish (each is bounded by ``--timeout``).
+finish (each is bounded by ``--timeout``). One runner serves one identity; a process with
+several (``--id`` repeated) runs one runner each on the same loop, and a staggered one
+(:attr:`Config.stagger`) first waits a random part of ``--interval-max``.
 """
 
 from __future__ import annotations
@@ -41,6 +43,8 @@ class Runner:
         loop = asyncio.get_running_loop()
         if self.config.duration is not None:
             self.deadline = loop.time() + self.config.duration
+        if self.config.stagger and not self.config.burst:
+            await self._pause(self.rng.uniform(0.0, self.config.interval_max))
         async with asyncio.TaskGroup() as workers:
             for index in range(self.config.concurrency):
                 workers.create_task(self._worker(), name=f"worker-{index}")
