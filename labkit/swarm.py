@@ -401,7 +401,7 @@ class Stack:
         for container in self.containers(short):
             tail = self._tails.setdefault(container, TailState())
             try:
-                chunk = self.engine.logs(container, tail.since())
+                chunk = self.engine.logs_after(container, tail)
             except EngineNotFound:
                 continue
             lines.extend(take_new_lines(chunk, f"{short}/{container[:12]}", tail))
