@@ -277,10 +277,9 @@ def test_bucket_replay_matches_the_proxys_token_bucket(
     assert ck.simulate_bucket(times, rate, burst) == [bucket.take(t) for t in times]
 
 
-def test_bucket_verdict_from_access_lines() -> None:
-    times = [T0 + i * 0.01 for i in range(500)]
-    decisions = ck.simulate_bucket(times, rate=5, burst=10)
-    lines = [
+def bucket_lines(times: list[float], decisions: list[bool]) -> list[LogLine]:
+    """client.b's access lines for connections decided at ``times`` as ``decisions`` say."""
+    return [
         access_line(
             "client.b",
             t + 0.004,
@@ -291,6 +290,12 @@ def test_bucket_verdict_from_access_lines() -> None:
         )
         for t, ok in zip(times, decisions, strict=True)
     ]
+
+
+def test_bucket_verdict_from_access_lines() -> None:
+    times = [T0 + i * 0.01 for i in range(500)]
+    decisions = ck.simulate_bucket(times, rate=5, burst=10)
+    lines = bucket_lines(times, decisions)
     lines.append(access_line(None, T0 + 9, decision="tls_failed", handshake_ms=None))
     verdict = ck.bucket_verdict(access_of(lines), rate=5, burst=10)
     assert (verdict.admitted, verdict.limited) == (34, 466)
@@ -312,18 +317,7 @@ def test_bucket_verdict_for_a_client_slower_than_the_refill() -> None:
     def verdict(rate_used: float) -> ck.BucketVerdict:
         times = [T0 + i * 0.01 for i in range(12)] + [T0 + 2.6 + i * 0.01 for i in range(12)]
         decisions = ck.simulate_bucket(times, rate=rate_used, burst=10)
-        lines = [
-            access_line(
-                "client.b",
-                t + 0.004,
-                decision="forwarded" if ok else "rate_limited",
-                duration_ms=4.0,
-                handshake_ms=1.0,
-                upstream="u1" if ok else None,
-            )
-            for t, ok in zip(times, decisions, strict=True)
-        ]
-        return ck.bucket_verdict(access_of(lines), rate=5, burst=10)
+        return ck.bucket_verdict(access_of(bucket_lines(times, decisions)), rate=5, burst=10)
 
     slow = verdict(5)
     assert slow.limited > 0
