@@ -20,7 +20,9 @@ from pathlib import Path
 import pytest
 
 from labkit import LABEL_RUN, Engine, Progress, run_scenario
-from tests.lab.helpers import assert_nothing_left, verdict_table
+from tests.lab.helpers import assert_nothing_left, in_ci, verdict_table
+from tests.support.browser import CHROMIUM
+from tests.support.browser import render as render_page
 
 pytestmark = pytest.mark.lab
 
@@ -41,6 +43,16 @@ def test_scenario_passes_and_leaves_nothing_labelled(
     assert verdicts["run"] == result.run_id
     assert (tmp_path / name / "timeline.json").is_file()
     assert (tmp_path / name / "logs" / "proxy.log").stat().st_size > 0
+    page = tmp_path / name / "index.html"
+    assert page.read_text().count('class="verdict pass"') == len(result.checks)
+    if name == "failover" and (CHROMIUM is not None or in_ci()):
+        # The page a person opens, as a browser renders it: a real run's report.
+        seen = render_page(page, tmp_path / "failover.png")
+        assert f"<title>layer4lab {name}: PASS</title>" in seen.dom
+        assert seen.dom.count('class="verdict pass"') == len(result.checks)
+        assert '<svg id="chart"' in seen.dom
+        assert 'class="mark fault"' in seen.dom
+        assert seen.console == []
     assert_nothing_left(engine, labelled_before)
 
 

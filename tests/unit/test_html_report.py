@@ -5,8 +5,6 @@ Debian's chromium is installed (CI installs it), the page as a browser renders i
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +17,8 @@ from labkit.report import write_report
 from labkit.result import ScenarioResult
 from labkit.run import TimelineEvent
 from tests.lab.helpers import in_ci
+from tests.support.browser import CHROMIUM
+from tests.support.browser import render as render_page
 
 T0 = 1_800_000_000.0
 HOSTILE = '<script>alert("x")</script> & </pre>'
@@ -106,36 +106,15 @@ def test_no_attempts_no_chart_but_a_sentence() -> None:
     assert "no client attempts: no chart" in render(empty, origin=T0)
 
 
-CHROMIUM = shutil.which("chromium")
-
-
 @pytest.mark.skipif(CHROMIUM is None and not in_ci(), reason="Debian's chromium is not installed")
 def test_chromium_renders_the_page(tmp_path: Path) -> None:
     """Headless Chromium: the DOM it builds has the title, every verdict row and the
-    chart; it logs no console error; its screenshot is a real picture."""
-    assert CHROMIUM is not None, "CI=true: .ci/run installs chromium"
+    chart; it logs no console line; its screenshot is a real picture."""
     folder = write_report(result(), tmp_path, origin=T0)
-    page = (folder / "index.html").as_uri()
-    common = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run"]
-    dom = subprocess.run(
-        [*common, "--enable-logging=stderr", "--v=0", "--dump-dom", page],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    )
-    assert "<title>layer4lab failover: FAIL</title>" in dom.stdout
-    assert dom.stdout.count('class="verdict ') == 3
-    assert '<svg id="chart"' in dom.stdout
-    console = [x for x in dom.stderr.splitlines() if "CONSOLE" in x]
-    assert console == []
-    shot = tmp_path / "page.png"
-    subprocess.run(
-        [*common, f"--screenshot={shot}", "--window-size=1100,1400", page],
-        capture_output=True,
-        timeout=60,
-        check=True,
-    )
-    data = shot.read_bytes()
-    assert data[:8] == b"\x89PNG\r\n\x1a\n"
-    assert len(data) > 20_000  # a rendered page, not a blank one
+    seen = render_page(folder / "index.html", tmp_path / "page.png")
+    assert "<title>layer4lab failover: FAIL</title>" in seen.dom
+    assert seen.dom.count('class="verdict ') == 3
+    assert '<svg id="chart"' in seen.dom
+    assert seen.console == []
+    assert seen.png[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len(seen.png) > 20_000  # a rendered page, not a blank one
