@@ -16,6 +16,7 @@ from l4proxy.balancer import (
     Lease,
     LeastConnections,
     NoUpstream,
+    Rotation,
     UpstreamPool,
     make_strategy,
 )
@@ -93,6 +94,32 @@ def test_least_connections_ties_rotate_among_a_subset() -> None:
     pool = make_pool("least_connections", 4)
     picks = [pick_index(pool, (1, 3)) for _ in range(4)]
     assert Counter(picks) == {1: 2, 3: 2}
+
+
+@pytest.mark.parametrize("name", ["least_connections", "round_robin"])
+def test_clients_with_different_rules_each_rotate_through_their_own(name: BalancerName) -> None:
+    """Three rule classes picking in turn (0-2, 3-5, and 5 alone), as lab/topologies/
+    large.yaml's 200 identities do: each class spreads its picks evenly. With one
+    cursor shared by all, the last class's pick wrapped it to 0, so the first class got
+    0 every time and the second 3 every time."""
+    pool = make_pool(name, 6)
+    classes = {"a": (0, 1, 2), "b": (3, 4, 5), "c": (5,)}
+    picks: dict[str, Counter[int]] = {k: Counter() for k in classes}
+    for _ in range(30):
+        for label, allowed in classes.items():
+            picks[label][pick_index(pool, allowed)] += 1
+    assert picks["a"] == {0: 10, 1: 10, 2: 10}
+    assert picks["b"] == {3: 10, 4: 10, 5: 10}
+    assert picks["c"] == {5: 30}
+
+
+def test_rotation_forgets_candidate_sets_beyond_its_limit() -> None:
+    rotation = Rotation(4)
+    rotation.LIMIT = 2
+    assert [rotation.next((0, 1), (0, 1)) for _ in range(3)] == [0, 1, 0]
+    rotation.next((2, 3), (2, 3))
+    rotation.next((1, 3), (1, 3))  # a third set: the memory starts afresh
+    assert rotation.next((0, 1), (0, 1)) == 0
 
 
 @given(

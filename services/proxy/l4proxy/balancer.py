@@ -29,31 +29,52 @@ def _first_from(candidates: Sequence[int], start: int, size: int) -> int:
     return min(candidates, key=lambda i: (i - start) % size)
 
 
-class LeastConnections:
-    """Fewest active connections; ties go to the next upstream after the last pick,
-    so equal load rotates through the pool instead of always landing on the first."""
+class Rotation:
+    """Where rotation stands, one cursor per candidate set: clients whose rules allow
+    them different upstreams each rotate through their own. With one cursor for all, a
+    client was sent to the first of its upstreams whenever others had moved the cursor
+    past its range: with 24 upstreams and six rule classes, the first upstream of a
+    class got 190 times the picks of its last, and some were never picked at all."""
+
+    LIMIT = 4096  # candidate sets remembered (rules x health states); then start afresh
 
     def __init__(self, size: int) -> None:
         self._size = size
-        self._cursor = 0
+        self._cursors: dict[tuple[int, ...], int] = {}
+
+    def next(self, candidates: Sequence[int], among: Sequence[int]) -> int:
+        """The member of ``among`` (a subset of ``candidates``) that comes first from
+        where ``candidates``' rotation stands; the rotation moves past it."""
+        key = tuple(candidates)
+        chosen = _first_from(among, self._cursors.get(key, 0), self._size)
+        if key not in self._cursors and len(self._cursors) >= self.LIMIT:
+            self._cursors.clear()
+        self._cursors[key] = (chosen + 1) % self._size
+        return chosen
+
+
+class LeastConnections:
+    """Fewest active connections; ties go to the next upstream after the last pick
+    among the same candidates, so equal load rotates through them instead of always
+    landing on the first."""
+
+    def __init__(self, size: int) -> None:
+        self._rotation = Rotation(size)
 
     def choose(self, candidates: Sequence[int], active: Sequence[int], key: str) -> int:
         fewest = min(active[i] for i in candidates)
         tied = [i for i in candidates if active[i] == fewest]
-        chosen = tied[0] if len(tied) == 1 else _first_from(tied, self._cursor, self._size)
-        self._cursor = (chosen + 1) % self._size
-        return chosen
+        return self._rotation.next(candidates, tied)
 
 
 class RoundRobin:
+    """The next candidate after the last pick among the same candidates."""
+
     def __init__(self, size: int) -> None:
-        self._size = size
-        self._cursor = 0
+        self._rotation = Rotation(size)
 
     def choose(self, candidates: Sequence[int], active: Sequence[int], key: str) -> int:
-        chosen = _first_from(candidates, self._cursor, self._size)
-        self._cursor = (chosen + 1) % self._size
-        return chosen
+        return self._rotation.next(candidates, candidates)
 
 
 class PowerOfTwo:
