@@ -487,7 +487,7 @@ class Run:
         """``python3 -m l4proxy.adminctl ready|status|metrics|reload`` in the proxy."""
         return self.exec(
             "proxy",
-            ["python3", "-m", "l4proxy.adminctl", "--config", topo.PROXY_CONFIG_PATH, command],
+            topo.adminctl(command),
         )
 
     def _add(
@@ -585,14 +585,7 @@ class Run:
                     aliases=["proxy"],
                     # The image's check, pointed at the run's config and run every second.
                     healthcheck=healthcheck(
-                        [
-                            "python3",
-                            "-m",
-                            "l4proxy.adminctl",
-                            "--config",
-                            topo.PROXY_CONFIG_PATH,
-                            "ready",
-                        ],
+                        topo.adminctl("ready"),
                         interval=1.0,
                         timeout=3.0,
                         retries=3,

@@ -27,10 +27,11 @@ import yaml
 
 from .certs import Certificates, issue_spec
 from .engine import Engine, EngineError, EngineNotFound
-from .logs import LogLine, TailState, take_new_lines
+from .logs import LogLine, TailState, parse_record, take_new_lines
 from .progress import Progress
 from .run import LabError, issue_certificates
 from .stack import NAMESPACE_LABEL, PROXY_CONFIG_TARGET, STACK_LABEL, Shape, stack_file
+from .topology import adminctl
 from .waiting import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -407,13 +408,18 @@ class Stack:
             lines.extend(take_new_lines(chunk, f"{short}/{container[:12]}", tail))
         return lines
 
+    def status(self) -> dict[str, Any] | None:
+        """The proxy's ``/status`` (None when it cannot be read)."""
+        code, text = self.adminctl("status")
+        return parse_record(text) if code == 0 else None
+
     def adminctl(self, command: str) -> tuple[int, str]:
         container = self.proxy_container()
         if container is None:
             raise LabError("no running proxy task", [self.describe()])
         return self.engine.exec_run(
             container,
-            ["python3", "-m", "l4proxy.adminctl", "--config", PROXY_CONFIG_TARGET, command],
+            adminctl(command, PROXY_CONFIG_TARGET),
         )
 
 

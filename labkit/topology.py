@@ -83,6 +83,12 @@ PROXY_PORT = 8443
 UPSTREAM_PORT = 8000
 
 
+def adminctl(command: str, config: str = PROXY_CONFIG_PATH) -> list[str]:
+    """The command line, inside a proxy container, of ``python3 -m l4proxy.adminctl``
+    (``ready``, ``status``, ``metrics``, ``reload``) for the config at ``config``."""
+    return ["python3", "-m", "l4proxy.adminctl", "--config", config, command]
+
+
 class TopologyError(ValueError):
     """A topology file is missing or malformed; the message names the file and key."""
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import select
 import sys
@@ -26,8 +25,8 @@ from typing import Any
 from .engine import Engine, EngineError, EngineNotFound
 from .fault_cli import Lab, NoLab, locate
 from .faulting import LABEL_FAULT
-from .logs import LogLine, TailState, take_new_lines
-from .topology import PROXY_CONFIG_PATH
+from .logs import LogLine, TailState, parse_record, take_new_lines
+from .topology import adminctl
 from .watch_model import (
     CLIENT_COLUMNS,
     UPSTREAM_COLUMNS,
@@ -110,17 +109,11 @@ class Source:
         try:
             code, out = self.engine.exec_run(
                 self.lab.members["proxy"],
-                ["python3", "-m", "l4proxy.adminctl", "--config", PROXY_CONFIG_PATH, "status"],
+                adminctl("status"),
             )
         except EngineError:
             return None
-        if code != 0:
-            return None
-        try:
-            value = json.loads(out)
-        except ValueError:
-            return None
-        return value if isinstance(value, dict) else None
+        return parse_record(out) if code == 0 else None
 
     def frame(self, window: float) -> Frame:
         """The window ending when the last read began: every line up to then is in,

@@ -17,7 +17,6 @@ lines, the times the scenario scaled, and the final status.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -328,8 +327,7 @@ def run(
             lambda: True if _quiet(stack) else None,
             timeout=CLIENT_TIMEOUT + 5,
         )
-        code, text = stack.adminctl("status")
-        status = json.loads(text) if code == 0 else {}
+        status = stack.status() or {}
         proxy_lines = stack.poll("proxy")
         seen.update(
             observed=Observed(
@@ -397,8 +395,7 @@ def _steady(stack: Stack, seconds: float) -> None:
 
 
 def _quiet(stack: Stack) -> bool:
-    code, text = stack.adminctl("status")
-    if code != 0:
-        return False
-    status = json.loads(text)
-    return not any(u.get("active_connections") for u in status.get("upstreams") or [])
+    status = stack.status()
+    return status is not None and not any(
+        u.get("active_connections") for u in status.get("upstreams") or []
+    )
