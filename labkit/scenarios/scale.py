@@ -17,6 +17,8 @@ lines, the times the scenario scaled, and the final status.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -31,7 +33,7 @@ from ..report import write_report
 from ..result import ScenarioResult
 from ..run import LabError, TimelineEvent, new_run_id
 from ..stack import Shape
-from ..swarm import Stack, with_stack
+from ..swarm import Stack, engine_state, with_stack
 from ..waiting import wait_until
 
 NAME = "scale"
@@ -298,6 +300,17 @@ def run(
         return now
 
     def body(stack: Stack) -> None:
+        try:
+            steps(stack)
+        finally:  # the logs, also of a run that failed (read before the stack goes)
+            if "logs" not in seen:
+                with contextlib.suppress(LabError, EngineError):
+                    seen["logs"] = {
+                        "proxy": [line.text for line in stack.poll("proxy")],
+                        "clients": [line.text for line in stack.poll("client")],
+                    }
+
+    def steps(stack: Stack) -> None:
         layout = shape(image_tag)
         stack.deploy(layout)
         mark("phase", f"stack ready in {stack.wait_ready(layout):.1f}s")
@@ -326,6 +339,7 @@ def run(
             "the proxy to count no open connection",
             lambda: True if _quiet(stack) else None,
             timeout=CLIENT_TIMEOUT + 5,
+            evidence=lambda: _still_open(stack),
         )
         status = stack.status() or {}
         proxy_lines = stack.poll("proxy")
@@ -347,23 +361,24 @@ def run(
             },
         )
 
-    differences: list[str] = []
-    note = ""
+    before = engine_state(engine)
+    note = "the swarm was not reached"
     try:
-        differences, note = with_stack(engine, f"l4l-{run_id}", progress, body)
+        _, note = with_stack(engine, f"l4l-{run_id}", progress, body)
     except (LabError, EngineError, TimeoutError) as exc:
         result.error = str(exc)
         evidence = exc.evidence if isinstance(exc, LabError) else []
         result.checks.append(check("scenario ran to completion", False, str(exc), evidence))
+    differences = before.differences(engine_state(engine.fresh()))
     observed: Observed | None = seen.get("observed")
     if observed is not None:
         result.checks = judge(observed) + result.checks
         result.attempts = observed.attempts
-        result.logs = seen.get("logs", {})
+    result.logs = seen.get("logs", {})
     result.checks.append(
         check(
             "the engine is as it was found (swarm state, overlay networks, docker_gwbridge)",
-            not differences and result.error is None,
+            not differences,
             "; ".join([*differences, note]) if differences else f"restored ({note})",
         )
     )
@@ -392,6 +407,25 @@ def _steady(stack: Stack, seconds: float) -> None:
         stack.poll("client")
         stack.poll("proxy")
         time.sleep(min(0.5, max(0.0, end - time.monotonic())))
+
+
+def _still_open(stack: Stack) -> str:
+    """What /status counts as open (the evidence when it does not reach zero)."""
+    status = stack.status()
+    if status is None:
+        return "/status could not be read"
+    busy = [
+        {k: u.get(k) for k in ("name", "health", "active_connections")}
+        for u in status.get("upstreams") or []
+        if u.get("active_connections")
+    ]
+    return json.dumps(
+        {
+            "upstreams": busy,
+            "connections": status.get("connections"),
+            "retired_upstreams": status.get("retired_upstreams"),
+        }
+    )
 
 
 def _quiet(stack: Stack) -> bool:

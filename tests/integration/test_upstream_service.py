@@ -653,18 +653,51 @@ def test_v2_headers_are_believed_only_from_trusted_proxies(
     run(main())
 
 
+def test_a_peer_newer_than_the_last_lookup_waits_for_the_next_one() -> None:
+    """The start-up race seen on a swarm: the trusted name answered nothing a moment ago
+    (the proxy was not there yet); a proxy connecting now is served, not refused by
+    that older answer."""
+    spec = up_trust.parse_trusted(["localhost"], loopback=False)
+
+    async def main() -> None:
+        logs = Capture()
+        async with running(logs, proxy_protocol="v2", trusted_proxies=spec) as server:
+            server.trust.refresh_interval = 0.3
+            server.trust.update({"localhost": []}, started=server.clock())
+            got = await exchange(server.address, pp2_header(identity="client.b") + b"Hi\n")
+            (record,) = await logs.wait_for("connection")
+            (trust,) = await logs.wait_for("trust")
+        assert got == REPLY
+        assert (record["outcome"], record["identity"]) == ("replied", "client.b")
+        assert "127.0.0.1" in trust["addresses"]
+
+    run(main())
+
+
 def test_an_untrusted_peer_is_cut_before_its_bytes_are_read() -> None:
-    """Even a LOCAL header (a health check) from an untrusted peer is refused, and a
-    name that does not resolve costs one look-up per second, not one per connection."""
+    """Even a LOCAL header (a health check) from an untrusted peer is refused, and peers
+    that match nothing share look-ups: three at once cost at most two."""
     spec = up_trust.parse_trusted(["no-such-host.invalid"], loopback=False)
 
     async def main() -> None:
         logs = Capture()
         async with running(logs, proxy_protocol="v2", trusted_proxies=spec) as server:
-            for _ in range(3):
-                assert await exchange_expecting_reset(server.address, pp2_header(None)) == b""
+            server.trust.refresh_interval = 0.2
+            lookups = 0
+            update = server.trust.update
+
+            def counted(*args: Any, **kwargs: Any) -> bool:
+                nonlocal lookups
+                lookups += 1
+                return bool(update(*args, **kwargs))
+
+            server.trust.update = counted
+            results = await asyncio.gather(
+                *(exchange_expecting_reset(server.address, pp2_header(None)) for _ in range(3))
+            )
+            assert results == [b""] * 3
             records = await logs.wait_for("connection", count=3, outcome="untrusted_proxy")
-            assert server.trust.resolved_at is not None
+            assert 1 <= lookups <= 2
         assert all(r["header_bytes"] == 0 for r in records)
 
     run(main())

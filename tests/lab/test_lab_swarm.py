@@ -6,7 +6,6 @@ minutes on a 2-core machine."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -22,12 +21,6 @@ from tests.lab.helpers import lab, verdict_table
 pytestmark = pytest.mark.lab
 
 
-@pytest.mark.skipif(
-    os.environ.get("LAYER4LAB_SCALE") != "1",
-    reason="run by hand (LAYER4LAB_SCALE=1): at swarm start-up an upstream can refuse the "
-    "proxy until its on-demand lookup of the name `proxy` resolves (seen once under load: "
-    "18 first attempts rejected); to be fixed before it joins make test",
-)
 def test_scale_scenario_passes_and_restores_the_engine(engine: Engine, tmp_path: Path) -> None:
     before = engine_state(engine)
     result = scale.run(engine, Progress(), tmp_path)

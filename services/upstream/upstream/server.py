@@ -22,8 +22,8 @@ Each connection moves through phases::
   (``proxy_protocol_error``); a header and then nothing (a ``LOCAL`` health check from
   the proxy) is ``empty``.
 * With ``--trusted-proxy`` a connection from any other peer is aborted before a byte is
-  read (``untrusted_proxy``); a peer that matches nothing while the trusted names'
-  addresses are older than a second waits (reading paused) for one fresh look-up.
+  read (``untrusted_proxy``); a peer that matches nothing waits (reading paused) for a
+  look-up of the trusted names that started after it connected (:mod:`upstream.trust`).
 
 All decisions live in :mod:`upstream.decide`; this module only moves bytes and arms timers.
 """
@@ -64,6 +64,10 @@ LINGER = 2.0  # reply mode: how long to wait for the peer's EOF after our reply 
 SHUTDOWN_GRACE = 2.0  # how long stop() lets open connections finish before aborting them
 BACKLOG = 1024
 RESOLVE_TIMEOUT = 2.0  # one look-up of a --trusted-proxy name
+# getaddrinfo's answers for a name that does not exist (as opposed to a failed look-up).
+NAME_GONE = frozenset(
+    getattr(socket, code) for code in ("EAI_NONAME", "EAI_NODATA") if hasattr(socket, code)
+)
 DRIP_HOLD = 64 * 1024  # drip: stop reading while this much waits to be sent
 CONTROL_TIMEOUT = 5.0  # a control client has this long to send its one request line
 
@@ -124,7 +128,7 @@ class Connection(asyncio.Protocol):
         self.peer_ip = str(peername[0]) if isinstance(peername, tuple) and peername else ""
         self.server.connection_started(self)
         if self.header_reader is not None and self.server.trust.enabled:
-            self._check_trust(may_resolve=True)
+            self._check_trust()
         if self.config.idle_timeout > 0:
             self._arm("idle", self.config.idle_timeout, self._on_idle)
 
@@ -187,13 +191,14 @@ class Connection(asyncio.Protocol):
         )
         self.server.connection_done(self, outcome, self.clock())
 
-    def _check_trust(self, *, may_resolve: bool) -> None:
-        """May this peer send PROXY headers? Serve, refuse, or look the names up first."""
+    def _check_trust(self) -> None:
+        """May this peer send PROXY headers? Serve, refuse, or wait for a look-up of the
+        trusted names that started after the peer connected."""
         transport = self.transport
         if transport is None or transport.is_closing():
             return
         trust = self.server.trust
-        verdict = trust.verdict(self.peer_ip, self.clock(), may_resolve=may_resolve)
+        verdict = trust.verdict(self.peer_ip, self.started)
         if verdict == "trusted":
             self.trust_pending = False
             self._resume("trust")
@@ -205,8 +210,8 @@ class Connection(asyncio.Protocol):
         elif verdict == "resolve":
             self.trust_pending = True
             self._pause("trust")
-            self.server.refresh_trust().add_done_callback(
-                lambda _done: self._check_trust(may_resolve=False)
+            self.server.refresh_trust(self.started).add_done_callback(
+                lambda done: None if done.cancelled() else self._check_trust()
             )
         else:
             self.action = "untrusted_proxy"
@@ -487,6 +492,7 @@ class UpstreamServer:
         self._no_connections.set()
         self.trust = TrustedPeers(config.trusted_proxies)
         self._resolving: asyncio.Task[None] | None = None
+        self._resolving_started: float | None = None  # None: waiting to start
         self.faults = FaultSwitch()
         self._fault_expiry: asyncio.TimerHandle | None = None
         self._control: asyncio.Server | None = None
@@ -576,28 +582,45 @@ class UpstreamServer:
             self.faults.clear()
             self.log.emit("fault", op="expired", upstream=self.config.name, fault=fault.describe())
 
-    def refresh_trust(self) -> asyncio.Task[None]:
-        """Look the trusted names up again (one look-up in flight at a time)."""
-        if self._resolving is None or self._resolving.done():
-            self._resolving = self.loop.create_task(
-                self._resolve_trusted(), name="resolve-trusted-proxies"
-            )
+    def refresh_trust(self, arrived: float) -> asyncio.Task[None]:
+        """A look-up of the trusted names that starts at ``arrived`` or later, shared by
+        every peer waiting for one; look-ups start at most once per refresh interval."""
+        previous = self._resolving
+        if previous is not None and not previous.done():
+            started = self._resolving_started
+            if started is None or started >= arrived:
+                return previous
+        else:
+            previous = None
+        self._resolving_started = None
+        self._resolving = self.loop.create_task(
+            self._resolve_trusted(previous), name="resolve-trusted-proxies"
+        )
         return self._resolving
 
-    async def _resolve_trusted(self) -> None:
-        async def addresses_of(name: str) -> list[str]:
+    async def _resolve_trusted(self, previous: asyncio.Task[None] | None) -> None:
+        async def addresses_of(name: str) -> list[str] | None:
             try:
                 async with asyncio.timeout(RESOLVE_TIMEOUT):
                     infos = await self.loop.getaddrinfo(name, None, type=socket.SOCK_STREAM)
+            except socket.gaierror as exc:
+                if exc.errno in NAME_GONE:
+                    return []  # no such name (any more): trusted by nobody's address
+                return None  # the look-up failed: keep the last answer
             except (OSError, TimeoutError):
-                return []  # gone or not there yet: trusted by nobody's address
+                return None
             return [str(info[4][0]) for info in infos]
 
+        if previous is not None:
+            await asyncio.wait([previous])  # one look-up in flight at a time
+        delay = self.trust.lookup_delay(self.clock())
+        if delay > 0:
+            await asyncio.sleep(delay)  # the look-up rate limit, not a synchronisation
+        started = self.clock()
+        self._resolving_started = started
         names = self.trust.spec.names
         found = await asyncio.gather(*(addresses_of(name) for name in names))
-        before = self.trust.resolved
-        self.trust.update([a for addresses in found for a in addresses], self.clock())
-        if self.trust.resolved != before:
+        if self.trust.update(dict(zip(names, found, strict=True)), started):
             self.log.emit(
                 "trust",
                 names=list(names),

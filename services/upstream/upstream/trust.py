@@ -6,17 +6,22 @@ addresses or host names) only connections from those peers are served; the rest 
 once with the outcome ``untrusted_proxy``. Loopback peers (the upstream's own host or
 container, e.g. its health check) are always trusted.
 
-Names are resolved by the shell (:mod:`upstream.server`) when a peer matches nothing
-and the last resolution is older than ``refresh_interval``: the proxy usually starts
-after its upstreams, so its name cannot be looked up at start-up. Time comes in as a
-parameter.
+Names are resolved by the shell (:mod:`upstream.server`) on demand: the proxy usually
+starts after its upstreams, so its name cannot be looked up at start-up. A peer that
+matches nothing is judged only against a look-up that started after it connected (it
+waits, reading paused, until one has finished): a peer is never refused because of an
+answer older than itself, which is what a new proxy (or a new upstream task on a swarm,
+whose first look-ups can miss) would otherwise meet. Look-ups start at most once per
+``refresh_interval``, so peers that match nothing cost one look-up per interval, not one
+each. A name whose look-up failed (timeout, server failure) keeps its last answer; a
+name that does not exist (any more) trusts nobody. Time comes in as a parameter.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -82,16 +87,17 @@ class TrustedPeers:
 
     spec: TrustSpec
     refresh_interval: float = REFRESH_INTERVAL
+    by_name: dict[str, frozenset[Address]] = field(default_factory=dict)
     resolved: frozenset[Address] = field(default_factory=frozenset)
-    resolved_at: float | None = None
+    resolved_at: float | None = None  # when the look-up behind ``resolved`` started
 
     @property
     def enabled(self) -> bool:
         return self.spec.enabled
 
-    def verdict(self, peer: str, now: float, *, may_resolve: bool = True) -> Verdict:
-        """``trusted``, ``untrusted``, or ``resolve``: look the names up again, then ask
-        again with ``may_resolve=False``."""
+    def verdict(self, peer: str, arrived: float) -> Verdict:
+        """``trusted``, ``untrusted``, or ``resolve``: wait for a look-up that starts at
+        ``arrived`` or later (:meth:`lookup_delay` says when one may), then ask again."""
         address = peer_address(peer)
         if address is None:
             return "untrusted"
@@ -101,13 +107,27 @@ class TrustedPeers:
             return "trusted"
         if address in self.resolved:
             return "trusted"
-        stale = self.resolved_at is None or now - self.resolved_at >= self.refresh_interval
-        if may_resolve and self.spec.names and stale:
+        if self.spec.names and (self.resolved_at is None or self.resolved_at < arrived):
             return "resolve"
         return "untrusted"
 
-    def update(self, addresses: Iterable[str], now: float) -> None:
-        """What the names resolve to now (every name's addresses together)."""
-        found = {peer_address(a) for a in addresses}
-        self.resolved = frozenset(a for a in found if a is not None)
-        self.resolved_at = now
+    def lookup_delay(self, now: float) -> float:
+        """How long until the next look-up may start (0: now)."""
+        if self.resolved_at is None:
+            return 0.0
+        return max(0.0, self.resolved_at + self.refresh_interval - now)
+
+    def update(self, answers: Mapping[str, Iterable[str] | None], started: float) -> bool:
+        """A look-up of the names that started at ``started``: each name's addresses, or
+        None where its look-up failed (its last answer stays). True if the trusted
+        addresses changed."""
+        before = self.resolved
+        for name in self.spec.names:
+            addresses = answers.get(name)
+            if addresses is None:
+                continue
+            found = {peer_address(a) for a in addresses}
+            self.by_name[name] = frozenset(a for a in found if a is not None)
+        self.resolved = frozenset().union(*self.by_name.values())
+        self.resolved_at = started
+        return self.resolved != before
