@@ -185,6 +185,39 @@ def test_admin_listener_can_be_turned_off(lab: Lab) -> None:
     assert listening["admin"] is None
 
 
+def test_the_metrics_listener_serves_metrics_and_ready_and_nothing_else(lab: Lab) -> None:
+    """admin.metrics_listen: what a scraper on another network may reach. It reads the
+    same counters; /status and POST /reload are not there, even with the admin header."""
+    lab.start_upstreams(["echo"])
+    proxy = lab.start_proxy(
+        lab.config(admin={"listen": "127.0.0.1:0", "metrics_listen": "localhost:0"})
+    )
+    metrics = proxy.metrics_address
+    assert metrics is not None
+    assert metrics != proxy.admin_address
+    (listening,) = lab.logs.events("listening")
+    assert listening["metrics"] == f"{metrics[0]}:{metrics[1]}"
+    uvloop.run(exchange(lab.address, client_context(lab.certs, "client.b"), b"ping"))
+    lab.logs.wait_for("access")
+    status, headers, body = lab.admin("/metrics", address=metrics)
+    assert status == 200
+    assert headers["Content-Type"].startswith("text/plain; version=")
+    up = lab.upstreams[0].address
+    found = samples(body)
+    assert found["l4proxy_connections_accepted_total", ()] == 1
+    assert found["l4proxy_upstream_forwarded_total", (("upstream", up),)] == 1
+    assert lab.admin("/ready", address=metrics)[0] == 200
+    assert lab.admin("/status", address=metrics)[0] == 404
+    assert lab.admin("/reload", method="POST", address=metrics)[0] == 404
+    assert lab.admin("/", address=metrics)[2] == b"layer4lab proxy admin: GET /metrics /ready\n"
+    assert lab.admin("/status")[0] == 200  # the admin listener still has everything
+    lab.proxy_loop.run(proxy.stop())
+    lab.proxy = None  # stopped here
+    assert not lab.logs.events("error")
+    with pytest.raises(ConnectionRefusedError):  # closed with the proxy
+        socket.create_connection(metrics, timeout=2).close()
+
+
 # --- hardening: CSRF, strict parsing, slot deadline, bounded close ---------------------------
 
 

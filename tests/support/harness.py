@@ -249,12 +249,16 @@ class Lab:
         method: str = "GET",
         body: bytes | None = None,
         headers: dict[str, str] | None = None,
+        address: tuple[str, int] | None = None,
     ) -> tuple[int, dict[str, str], bytes]:
-        """One request to the proxy's admin listener: status, headers, body. A POST
-        carries the admin header, as adminctl's do, unless ``headers`` is given."""
+        """One request to the proxy's admin listener (or to ``address``): status,
+        headers, body. A POST carries the admin header, as adminctl's do, unless
+        ``headers`` is given."""
         assert self.proxy is not None
-        assert self.proxy.admin_address is not None
-        host, port = self.proxy.admin_address
+        if address is None:
+            address = self.proxy.admin_address
+        assert address is not None
+        host, port = address
         if headers is None:
             headers = dict(ADMIN_HEADERS) if method == "POST" else {}
         conn = http.client.HTTPConnection(host, port, timeout=10)

@@ -24,6 +24,7 @@ from l4proxy.config import (
     parse_config,
     parse_duration,
     read_config,
+    restart_needed,
 )
 
 BASE_DIR = Path("/etc/layer4lab")
@@ -446,6 +447,17 @@ ERROR_CASES: list[tuple[str, dict[str, Any], str]] = [
         minimal(listen="0.0.0.0:9100", admin={"listen": "0.0.0.0:9100"}),
         "admin.listen",
     ),
+    ("metrics-bad-address", minimal(admin={"metrics_listen": "9101"}), "admin.metrics_listen"),
+    (
+        "metrics-same-as-admin",
+        minimal(admin={"listen": "127.0.0.1:9100", "metrics_listen": "127.0.0.1:9100"}),
+        "admin.metrics_listen",
+    ),
+    (
+        "metrics-same-as-listen",
+        minimal(listen="0.0.0.0:9100", admin={"metrics_listen": "0.0.0.0:9100"}),
+        "admin.metrics_listen",
+    ),
     ("drain-negative", minimal(timeouts={"drain": -1}), "timeouts.drain"),
     ("drain-words", minimal(timeouts={"drain": "a while"}), "timeouts.drain"),
     ("max-connections-negative", minimal(max_connections=-1), "max_connections"),
@@ -759,6 +771,21 @@ def test_an_empty_admin_listen_turns_the_admin_listener_off(off: object) -> None
 
 def test_admin_port_zero_picks_a_free_port() -> None:
     assert parse(minimal(admin={"listen": "127.0.0.1:0"})).admin.listen == Address("127.0.0.1", 0)
+
+
+def test_the_metrics_listener_is_off_unless_configured_and_may_name_a_host() -> None:
+    assert parse(minimal()).admin.metrics_listen is None
+    admin = parse(minimal(admin={"metrics_listen": "proxy-metrics:9101"})).admin
+    assert admin.metrics_listen == Address("proxy-metrics", 9101)
+    assert admin.listen == Address("127.0.0.1", 9100)  # the admin listener stays
+
+
+def test_changing_the_metrics_listener_needs_a_restart() -> None:
+    old = parse(minimal())
+    new = parse(minimal(admin={"metrics_listen": "127.0.0.1:9101"}))
+    with pytest.raises(ConfigError, match="needs a restart") as caught:
+        restart_needed(old, new)
+    assert caught.value.key == "admin.metrics_listen"
 
 
 def test_drain_zero_means_close_at_once() -> None:

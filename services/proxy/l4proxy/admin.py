@@ -1,4 +1,7 @@
-"""The admin listener: ``/metrics``, ``/status``, ``/ready`` and ``POST /reload``.
+"""The admin listener: ``/metrics``, ``/status``, ``/ready`` and ``POST /reload``; and
+the optional read-only metrics listener (``admin.metrics_listen``): ``/metrics`` and
+``/ready`` only, for a scraper on a network that must not reload the proxy or read
+``/status``. Both are this server with a different route table.
 
 A deliberately small HTTP/1.1 server on the proxy's own event loop (so it reads the
 proxy's state without locks): one request per connection, ``Connection: close``.
@@ -192,6 +195,16 @@ def cross_site(request: Request) -> bool:
     )
 
 
+def index(routes: Mapping[str, tuple[str, ...]]) -> str:
+    """``GET /metrics /status /ready, POST /reload``: what a listener answers."""
+    by_method: dict[str, list[str]] = {}
+    for path, methods in routes.items():
+        if path != "/":
+            for method in methods:
+                by_method.setdefault(method, []).append(path)
+    return ", ".join(f"{method} {' '.join(paths)}" for method, paths in by_method.items())
+
+
 # Answered to a connection that found no free slot within SLOT_TIMEOUT.
 BUSY = Response(503, b"busy: too many admin connections, try again\n", headers={"Retry-After": "1"})
 
@@ -202,6 +215,12 @@ ROUTES: dict[str, tuple[str, ...]] = {
     "/status": ("GET",),
     "/ready": ("GET",),
     "/reload": ("POST",),
+}
+# The read-only metrics listener's routes.
+METRICS_ROUTES: dict[str, tuple[str, ...]] = {
+    "/": ("GET",),
+    "/metrics": ("GET",),
+    "/ready": ("GET",),
 }
 
 
@@ -322,6 +341,12 @@ class ProxyCollector:
         for (key, direction), count in sorted(moved.items()):
             traffic.add_metric([key, direction], count)
         yield traffic
+        yield _labelled_counter(
+            "l4proxy_upstream_forwarded",
+            "Client connections forwarded to each upstream, counted when they end.",
+            ["upstream"],
+            stats.forwarded,
+        )
 
         yield _labelled_counter(
             "l4proxy_handshake_failures",
@@ -494,8 +519,10 @@ class AdminServer:
         max_clients: int | None = None,
         request_timeout: float | None = None,
         slot_timeout: float | None = None,
+        routes: Mapping[str, tuple[str, ...]] = ROUTES,
     ) -> None:
         self.proxy = proxy
+        self.routes = routes
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(ProxyCollector(proxy))
         ProcessCollector(registry=self.registry)
@@ -523,7 +550,7 @@ class AdminServer:
         await asyncio.gather(*self.handlers, return_exceptions=True)
 
     def respond(self, request: Request) -> Response:
-        methods = ROUTES.get(request.path)
+        methods = self.routes.get(request.path)
         if methods is None:
             return text_response(404, f"not found: {request.path} (try /)")
         allowed = (*methods, "HEAD") if "GET" in methods else methods
@@ -549,9 +576,7 @@ class AdminServer:
                 "removed": list(result.removed),
             }
             return json_response(200 if result.ok else 422, payload)
-        return text_response(
-            200, "layer4lab proxy admin: GET /metrics /status /ready, POST /reload"
-        )
+        return text_response(200, "layer4lab proxy admin: " + index(self.routes))
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()

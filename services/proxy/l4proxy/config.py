@@ -147,6 +147,9 @@ DEFAULT_ADMIN = Address("127.0.0.1", 9100)
 @dataclass(frozen=True, slots=True)
 class AdminConfig:
     listen: Address | None = DEFAULT_ADMIN  # None: no admin listener
+    # A second, read-only listener: GET /metrics and /ready only (for a scraper on a
+    # network that must not reach /status or POST /reload). None: none.
+    metrics_listen: Address | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -571,13 +574,23 @@ def _parse_timeouts(raw: Mapping[str, Any]) -> Timeouts:
 
 
 def _parse_admin(raw: Mapping[str, Any]) -> AdminConfig:
-    section = _section(raw, "admin", ("listen",))
-    if "listen" not in section:
-        return AdminConfig()
-    value = section["listen"]
-    if value is None or value == "":
-        return AdminConfig(listen=None)
-    return AdminConfig(listen=parse_address(value, "admin.listen", allow_port_zero=True))
+    section = _section(raw, "admin", ("listen", "metrics_listen"))
+
+    def listener(key: str, default: Address | None) -> Address | None:
+        if key not in section:
+            return default
+        value = section[key]
+        if value is None or value == "":
+            return None
+        return parse_address(value, f"admin.{key}", allow_port_zero=True)
+
+    admin = AdminConfig(
+        listen=listener("listen", DEFAULT_ADMIN), metrics_listen=listener("metrics_listen", None)
+    )
+    metrics = admin.metrics_listen
+    if metrics is not None and metrics == admin.listen and metrics.port != 0:
+        raise ConfigError("admin.metrics_listen", f"{metrics} is also admin.listen")
+    return admin
 
 
 def parse_config(raw: object, base_dir: Path) -> Config:
@@ -610,9 +623,10 @@ def parse_config(raw: object, base_dir: Path) -> Config:
         max_handshakes=_opt(raw, "max_handshakes", 256, lambda v: _int(v, "max_handshakes", 0)),
         proxy_protocol=proxy_protocol,
     )
-    admin = config.admin.listen
-    if admin is not None and admin == config.listen and admin.port != 0:
-        raise ConfigError("admin.listen", f"{admin} is also the proxy's listen address")
+    for key in ("listen", "metrics_listen"):
+        admin = getattr(config.admin, key)
+        if admin is not None and admin == config.listen and admin.port != 0:
+            raise ConfigError(f"admin.{key}", f"{admin} is also the proxy's listen address")
     return config
 
 
@@ -656,12 +670,13 @@ def restart_needed(old: Config, new: Config) -> None:
         raise ConfigError(
             "listen", f"changing the listen address ({old.listen} -> {new.listen}) needs a restart"
         )
-    if new.admin.listen != old.admin.listen:
-        raise ConfigError(
-            "admin.listen",
-            f"changing the admin address ({old.admin.listen} -> {new.admin.listen}) "
-            "needs a restart",
-        )
+    for key in ("listen", "metrics_listen"):
+        before, after = getattr(old.admin, key), getattr(new.admin, key)
+        if before != after:
+            raise ConfigError(
+                f"admin.{key}",
+                f"changing the admin address ({before} -> {after}) needs a restart",
+            )
 
 
 def check_files(config: Config) -> None:

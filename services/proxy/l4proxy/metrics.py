@@ -85,6 +85,7 @@ class Stats:
         self.denied: Counter[str] = Counter()  # by client
         self.dial_failures: Counter[tuple[str, str]] = Counter()  # (upstream, reason)
         self.bytes_closed: Counter[tuple[str, str]] = Counter()  # (upstream, "up"|"down")
+        self.forwarded: Counter[str] = Counter()  # ended forwarded connections by upstream
         self.checks: dict[str, CheckStats] = {}  # by upstream key
         self.reloads: Counter[str] = Counter()  # "ok" | "error"
         self.lookups: dict[str, LookupStats] = {}  # by discovered group name
@@ -116,6 +117,7 @@ class Stats:
         self.closes[close] += 1
         if decision == "forwarded":
             if upstream is not None:
+                self.forwarded[upstream] += 1
                 self.bytes_closed[upstream, "up"] += bytes_up
                 self.bytes_closed[upstream, "down"] += bytes_down
         elif decision == "tls_failed":

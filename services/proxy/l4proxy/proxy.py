@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from .accesslog import AccessLog
-from .admin import AdminServer
+from .admin import METRICS_ROUTES, AdminServer
 from .capacity import Capacity
 from .config import Config, ConfigError, check_files, read_config, restart_needed
 from .connection import HOLD_LIMIT, READ_SIZE, ClientConnection, State
@@ -93,6 +93,8 @@ class Proxy(Capacity, HealthChecks, AccessLog):
         self.tasks: list[asyncio.Task[None]] = []
         self.address: tuple[str, int] | None = None
         self.admin_address: tuple[str, int] | None = None
+        self.metrics: AdminServer | None = None  # admin.metrics_listen: read-only
+        self.metrics_address: tuple[str, int] | None = None
         self.draining = False
         self.stopping = False  # stop() has begun: no health loop may start again
         self.at_capacity: dict[str, list[int]] = {}  # limit -> [refused, evicted] while full
@@ -163,6 +165,21 @@ class Proxy(Capacity, HealthChecks, AccessLog):
                 self.server.close()
                 message = f"cannot listen on {admin_listen} (admin.listen): {exc.strerror}"
                 raise OSError(exc.errno, message) from exc
+        metrics_listen = self.config.admin.metrics_listen
+        if metrics_listen is not None:
+            self.metrics = AdminServer(self, routes=METRICS_ROUTES)
+            try:
+                self.metrics_address = await self.metrics.start(
+                    metrics_listen.host, metrics_listen.port
+                )
+            except OSError as exc:
+                self.server.close()
+                if self.admin is not None:
+                    await self.admin.stop()
+                message = (
+                    f"cannot listen on {metrics_listen} (admin.metrics_listen): {exc.strerror}"
+                )
+                raise OSError(exc.errno, message) from exc
         self._sync_health_tasks()
         self._sync_discovery_tasks()
         self.tasks.append(self.loop.create_task(self._cleanup_loop(), name="ratelimit-cleanup"))
@@ -170,6 +187,7 @@ class Proxy(Capacity, HealthChecks, AccessLog):
             "listening",
             address=f"{self.address[0]}:{self.address[1]}",
             admin=_format(self.admin_address),
+            metrics=_format(self.metrics_address),
             upstreams=[u.key for u in self.config.upstreams],
             groups={g.name: str(g.address) for g in self.config.groups},
             balancer=self.config.balancer,
@@ -328,8 +346,9 @@ class Proxy(Capacity, HealthChecks, AccessLog):
         self.tasks.clear()
         self.health_tasks.clear()
         self.discovery_tasks.clear()
-        if self.admin is not None:
-            await self.admin.stop()
+        for listener in (self.admin, self.metrics):
+            if listener is not None:
+                await listener.stop()
         self.log.emit("stopped", open_connections=left, reason=reason)
 
     # --- connections ---------------------------------------------------------------------
