@@ -73,6 +73,10 @@ class ContainerSpec:
     cap_drop: list[str] | None = None
 
 
+# Turns off an image's HEALTHCHECK for one container.
+NO_HEALTHCHECK: dict[str, Any] = {"test": ["NONE"]}
+
+
 def healthcheck(
     test: list[str], *, interval: float, timeout: float, retries: int, start_period: float
 ) -> dict[str, Any]:
