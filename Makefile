@@ -41,12 +41,13 @@ e2e: setup
 lab-tests: setup
 	$(BIN)/python -m pytest tests/lab -q
 
-# The lab: build every image offline (compose plugin and base image included), then
-# start certgen, the proxy, three upstreams and five clients in the background.
-up:
+# The lab: the virtual environment (python3 lab.py re-runs itself in it), every image
+# built offline (compose plugin and base image included), then certgen, the proxy,
+# three upstreams, five clients and Prometheus in the background.
+up: setup
 	scripts/setup
 	docker compose up -d
-	@echo "lab is up: docker compose logs -f client-b   (make down to remove it)"
+	@echo "lab is up: docker compose logs -f client-b; python3 lab.py watch --compose; Prometheus on http://127.0.0.1:$${LAYER4LAB_PROMETHEUS_PORT-9090}   (make down removes it)"
 
 # Fault helpers of the compose lab (python lab.py fault add --compose) go first: they
 # live in its containers' network namespaces.

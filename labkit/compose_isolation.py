@@ -75,6 +75,30 @@ def isolation_on_compose(engine: Engine, project: str, progress: Progress) -> Sc
     return result
 
 
+def _probe_metrics_listener(
+    engine: Engine,
+    proxy: str,
+    config: dict[str, Any],
+    probers: dict[str, str],
+    progress: Progress,
+) -> list[Check]:
+    """The proxy's read-only metrics listener (admin.metrics_listen) is Prometheus'
+    alone: from each of ``probers`` its name does not resolve and its address (looked
+    up inside the proxy) does not answer."""
+    listen = str((config.get("admin") or {}).get("metrics_listen") or "")
+    if not listen:
+        return []
+    host, _, port = listen.rpartition(":")
+    code, text = engine.exec_run(
+        proxy, ["python3", "-c", f"import socket; print(socket.gethostbyname({host!r}))"]
+    )
+    if code != 0:
+        return [check(f"the proxy resolves its metrics listener {host}", False, text.strip())]
+    address = f"{text.strip()}:{port}"
+    progress.say(f"probing the metrics listener {listen} ({address}) from {', '.join(probers)}")
+    return iso.probe_unreached(engine.exec_run, probers, [host], [address])
+
+
 def _probe_everything(engine: Engine, project: str, progress: Progress, out: list[Check]) -> None:
     services = _services(engine, project)
     if "proxy" not in services:
@@ -106,6 +130,10 @@ def _probe_everything(engine: Engine, project: str, progress: Progress, out: lis
     probed = time.time()
     out.extend(iso.probe_clients(engine.exec_run, holders, hosts, addresses))
     out.append(iso.probe_proxy(engine.exec_run, services["proxy"]))
+    # One client and one upstream: neither may reach the metrics listener.
+    probers = {name: clients[name] for name in sorted(clients)[:1]}
+    probers.update({name: upstreams[name] for name in sorted(upstreams)[:1]})
+    out.extend(_probe_metrics_listener(engine, services["proxy"], config, probers, progress))
 
     forger, victim = hosts[0], hosts[1]
     shared = set(ips[forger]) & set(ips[victim])

@@ -80,23 +80,35 @@ def ensure_images(engine: Engine, progress: Progress, *, rebuild: bool = False) 
 
 NETFAULT_IMAGE = "layer4lab/netfault:latest"
 NETFAULT_PACKAGES = "iproute2,iptables"
+PROMETHEUS_IMAGE = "layer4lab/prometheus:latest"
+PROMETHEUS_PACKAGES = "prometheus"
 
 
 def ensure_netfault(engine: Engine, progress: Progress) -> None:
     """The network-fault helper image: the base image's packages plus Debian's iproute2
-    and iptables, built the same way (``scripts/build-base-image --tag``), only for the
-    helpers: no service image carries these tools."""
-    if engine.image_exists(NETFAULT_IMAGE):
+    and iptables, only for the helpers: no service image carries these tools."""
+    _ensure_debian_image(engine, progress, NETFAULT_IMAGE, NETFAULT_PACKAGES)
+
+
+def ensure_prometheus(engine: Engine, progress: Progress) -> None:
+    """The compose lab's Prometheus: the base image plus Debian's ``prometheus``."""
+    _ensure_debian_image(engine, progress, PROMETHEUS_IMAGE, PROMETHEUS_PACKAGES)
+
+
+def _ensure_debian_image(engine: Engine, progress: Progress, tag: str, packages: str) -> None:
+    """An image of the base image's packages plus ``packages``, built the way the base
+    is (``scripts/build-base-image --tag``, what ``scripts/setup`` runs), if missing."""
+    if engine.image_exists(tag):
         return
-    with progress.step(f"building {NETFAULT_IMAGE} (base + {NETFAULT_PACKAGES})"):
+    with progress.step(f"building {tag} (base + {packages})"):
         proc = subprocess.run(  # noqa: S603
-            [str(BASE_SCRIPT), "--tag", NETFAULT_IMAGE],
+            [str(BASE_SCRIPT), "--tag", tag],
             cwd=ROOT,
             check=False,
-            env={**os.environ, "BASE_EXTRA_PACKAGES": NETFAULT_PACKAGES},
+            env={**os.environ, "BASE_EXTRA_PACKAGES": packages},
         )
         if proc.returncode != 0:
-            raise ImageError(f"{BASE_SCRIPT} --tag {NETFAULT_IMAGE} exited {proc.returncode}")
+            raise ImageError(f"{BASE_SCRIPT} --tag {tag} exited {proc.returncode}")
 
 
 def ensure_compose(progress: Progress) -> None:

@@ -288,6 +288,37 @@ def probe_clients(
         return [c for checks in pool.map(probe, list(clients)) for c in checks]
 
 
+def judge_unreached(probe: Probe, what: str) -> Check:
+    """A container from which ``what`` must neither resolve nor answer."""
+    resolved = {n: a for n, a in probe.resolved.items() if a}
+    reached = probe.connected()
+    return check(
+        f"{probe.container}: {what} neither resolves nor answers",
+        not resolved and not reached,
+        f"resolved {resolved}; connected to {reached}"
+        if resolved or reached
+        else f"{len(probe.resolved)} look-up(s) and {len(probe.connect)} connect(s) failed",
+        [f"{a}: {r.get('error')}" for a, r in sorted(probe.connect.items())],
+    )
+
+
+def probe_unreached(
+    exec_in: Exec, containers: Mapping[str, str], names: Sequence[str], addresses: Sequence[str]
+) -> list[Check]:
+    """From each container (shown name -> what ``exec_in`` takes), at once: ``names``
+    must not resolve and ``addresses`` must not answer (e.g. the proxy's metrics
+    listener, for clients and upstreams)."""
+    what = ", ".join([*names, *addresses])
+
+    def probe(shown: str) -> Check:
+        command = probe_command(names, addresses, forge="", keys=False)
+        _, output = exec_in(containers[shown], command)
+        return judge_unreached(Probe.parse(shown, output), what)
+
+    with ThreadPoolExecutor(max_workers=max(1, len(containers))) as pool:
+        return list(pool.map(probe, list(containers)))
+
+
 def probe_proxy(exec_in: Exec, container: str) -> Check:
     """The proxy holds its own key and nothing else (no CA key)."""
     _, output = exec_in(container, probe_command([], [], forge=""))

@@ -673,6 +673,11 @@ def proxy_config(
         upstreams.append(entry)
     config["upstreams"] = upstreams
     config.setdefault("listen", f"0.0.0.0:{PROXY_PORT}")
+    # The read-only metrics listener is the compose lab's, for its Prometheus; a run
+    # has neither (its name would not resolve).
+    admin = dict(config.get("admin") or {})
+    if admin.pop("metrics_listen", None) is not None:
+        config["admin"] = admin
     tls = dict(config.get("tls") or {})
     tls.setdefault("ca", f"{CERTS_DIR}/ca.pem")
     tls.setdefault("cert", f"{CERTS_DIR}/server.pem")

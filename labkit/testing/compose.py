@@ -73,7 +73,12 @@ def compose_lab(
     name = project or session.next_project()
     folder = Path(tempfile.mkdtemp(prefix=f"{name}-"))
     override = folder / "project.yaml"
-    override.write_text(f"name: {name}\n", encoding="utf-8")
+    # Prometheus' UI on any free port of the host's loopback, not 9090: a developer's
+    # own lab may hold that.
+    override.write_text(
+        f"name: {name}\nservices:\n  prometheus:\n    ports: !override ['127.0.0.1::9090']\n",
+        encoding="utf-8",
+    )
     lab = LabCompose(
         context=str(ROOT),
         compose_file_name=[str(COMPOSE_FILE), str(override)],

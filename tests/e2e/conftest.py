@@ -13,7 +13,8 @@ import os
 
 import pytest
 
-from labkit.images import ensure_compose
+from labkit.engine import Engine
+from labkit.images import ensure_compose, ensure_prometheus
 from labkit.progress import Progress
 from labkit.testing import Certificates, issue_certificates
 from labkit.testing.session import Session, disable_reaper
@@ -41,5 +42,11 @@ def certificates(lab_images: None, lab_session: Session) -> Certificates:
 
 @pytest.fixture(scope="session")
 def compose_plugin(lab_images: None) -> None:
-    """The Compose v2 plugin is there (testcontainers' DockerCompose drives it)."""
+    """The Compose v2 plugin is there (testcontainers' DockerCompose drives it), and
+    the compose lab's Prometheus image."""
     ensure_compose(Progress(quiet=True))
+    engine = Engine.connect(timeout=120)
+    try:
+        ensure_prometheus(engine, Progress(quiet=True))
+    finally:
+        engine.close()

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import json
 import time
+import urllib.parse
+import urllib.request
 from collections import Counter
+from typing import Any
 
 import pytest
 
@@ -44,6 +47,54 @@ def attempts_since(lab: LabCompose, services: tuple[str, ...], since: float) -> 
     return [a for s in services for a in lab.attempts(s) if a.start > since]
 
 
+def prometheus_query(port: int, query: str) -> list[dict[str, Any]]:
+    """One instant query through Prometheus' HTTP API: the result vector."""
+    url = f"http://127.0.0.1:{port}/api/v1/query?" + urllib.parse.urlencode({"query": query})
+    with urllib.request.urlopen(url, timeout=5) as response:
+        answer = json.load(response)
+    assert answer["status"] == "success", answer
+    return list(answer["data"]["result"])
+
+
+def prometheus_sees_the_proxy(lab: LabCompose) -> None:
+    """Prometheus (compose.yaml) is published on the host's loopback only, and within
+    15 s of the lab being up its query API has the proxy's accepted connections and a
+    health series per upstream, raw and recorded."""
+    (container,) = [c for c in lab.get_containers() if c.Service == "prometheus"]
+    published = [p for p in container.Publishers or [] if p.PublishedPort]
+    assert published, container.Publishers
+    assert {p.URL for p in published} == {"127.0.0.1"}, published
+    every = [p for c in lab.get_containers() for p in c.Publishers or [] if p.PublishedPort]
+    assert {p.URL for p in every} == {"127.0.0.1"}, every  # nothing else is published
+    port = int(lab.get_service_port("prometheus", 9090) or 0)
+    names = {"u1", "u2", "u3"}
+
+    def by_name(query: str) -> dict[str, float]:
+        return {r["metric"]["name"]: float(r["value"][1]) for r in prometheus_query(port, query)}
+
+    def series() -> tuple[list[float], dict[str, float], dict[str, float]]:
+        accepted = [
+            float(r["value"][1])
+            for r in prometheus_query(port, "l4proxy_connections_accepted_total")
+        ]
+        health = by_name('l4proxy_upstream_health{state="up"}')
+        return accepted, health, by_name("upstream:l4proxy_upstream_up")
+
+    def ready() -> tuple[list[float], dict[str, float], dict[str, float]] | None:
+        found = series()
+        accepted, health, recorded = found
+        full = accepted and accepted[0] > 0 and set(health) == set(recorded) == names
+        return found if full else None
+
+    _, health, recorded = wait_until(
+        "Prometheus' series of the proxy", ready, timeout=15, evidence=lambda: str(series())
+    )
+    assert health == dict.fromkeys(names, 1.0)
+    assert recorded == dict.fromkeys(names, 1.0)
+    (target,) = prometheus_query(port, 'up{job="l4proxy"}')
+    assert target["value"][1] == "1"
+
+
 def test_the_compose_lab_routes_by_the_reference_rules(
     compose_plugin: None, lab_session: Session
 ) -> None:
@@ -77,6 +128,8 @@ def test_the_compose_lab_routes_by_the_reference_rules(
         lines = lab.records("upstream3")
         assert not ck.identity_problems(lines), [x.text for x in ck.identity_problems(lines)]
 
+        prometheus_sees_the_proxy(lab)
+
         # Keys are readable by the services' uid only; certificates world-readable.
         files = ("/certs/ca.pem", "/certs/server.pem", "/certs/server.key")
         stdout, _, _ = lab.exec_in_container(["stat", "-c", "%n %a %u", *files], "proxy")
@@ -95,7 +148,9 @@ def test_the_compose_lab_routes_by_the_reference_rules(
             engine.close()
         failed = [f"{c.name}: {c.detail}" for c in isolation.checks if not c.passed]
         assert isolation.passed, failed or isolation.error
-        assert len(isolation.checks) == 5 * 3 + 3  # five clients, the proxy, forgery, served
+        # five clients, the proxy, the metrics listener from client-a and upstream1,
+        # forgery, served
+        assert len(isolation.checks) == 5 * 3 + 1 + 2 + 2
 
         # `lab.py fault` on the compose lab: a network fault (a helper in upstream3's
         # namespace) and an application fault (upstream1's control socket), listed

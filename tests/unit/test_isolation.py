@@ -13,6 +13,7 @@ from labkit.isolation import (
     judge_client,
     judge_forgery,
     judge_holder,
+    judge_unreached,
     probe_command,
     served_as_ruled,
 )
@@ -55,6 +56,20 @@ def test_a_resolving_name_an_answering_upstream_or_another_key_fail() -> None:
     leaked = judge_client(probe(keys=keys), "/certs/client.a.key", UPSTREAMS)
     assert [c.passed for c in leaked] == [True, True, False]
     assert "/certs/ca.key" in leaked[2].detail
+
+
+def test_the_metrics_listener_must_neither_resolve_nor_answer() -> None:
+    what = "proxy-metrics, 10.0.9.2:9101"
+    closed = {"10.0.9.2:9101": {"connected": False, "error": "OSError: unreachable"}}
+    quiet = judge_unreached(probe(resolve={"proxy-metrics": None}, connect=closed), what)
+    assert quiet.passed
+    assert quiet.name == "client.a: proxy-metrics, 10.0.9.2:9101 neither resolves nor answers"
+    named = judge_unreached(probe(resolve={"proxy-metrics": ["10.0.9.2"]}, connect=closed), what)
+    assert not named.passed
+    assert "10.0.9.2" in named.detail
+    answered: dict[str, dict[str, object]] = {"10.0.9.2:9101": {"connected": True}}
+    reached = judge_unreached(probe(resolve={"proxy-metrics": None}, connect=answered), what)
+    assert not reached.passed
 
 
 def test_a_client_without_a_certificate_may_read_no_key_at_all() -> None:

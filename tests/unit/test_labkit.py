@@ -436,6 +436,10 @@ def test_every_shipped_topology_yields_a_valid_proxy_config(name: str) -> None:
     parsed = parse_config(config, Path("/certs"))  # the proxy's own validation
     assert [u.name for u in parsed.upstreams] == layout.upstream_names()
     assert str(parsed.tls.key) == "/certs/server.key"
+    # The compose lab's metrics listener (for its Prometheus) is not a run's.
+    assert topo.load_reference_config()["admin"]["metrics_listen"] == "proxy-metrics:9101"
+    assert parsed.admin.metrics_listen is None
+    assert parsed.admin.listen is not None
     for client in layout.clients:
         command = client.command("proxy:8443")
         assert command[:4] == ["--id", client.id, "--proxy", "proxy:8443"]
