@@ -10,7 +10,7 @@ any other answer or when the listener cannot be reached, 2 on a usage or config 
 from __future__ import annotations
 
 import argparse
-import http.client
+import socket
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -33,13 +33,31 @@ COMMANDS = {
 
 
 def request(host: str, port: int, method: str, path: str) -> tuple[int, bytes]:
-    conn = http.client.HTTPConnection(host, port, timeout=TIMEOUT)
-    try:
-        conn.request(method, path, headers=ADMIN_HEADERS)
-        response = conn.getresponse()
-        return response.status, response.read()
-    finally:
-        conn.close()
+    """One request to our own admin listener, which answers with ``Content-Length`` and
+    closes (``Connection: close``). A plain socket, not http.client: this runs as the
+    HEALTHCHECK every few seconds, and http.client's imports cost a third of its start."""
+    authority = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    head = (
+        f"{method} {path} HTTP/1.1\r\nHost: {authority}\r\n"
+        + "".join(f"{name}: {value}\r\n" for name, value in ADMIN_HEADERS.items())
+        + "Content-Length: 0\r\nConnection: close\r\n\r\n"
+    )
+    chunks: list[bytes] = []
+    with socket.create_connection((host, port), timeout=TIMEOUT) as sock:
+        sock.sendall(head.encode("ascii"))
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    response = b"".join(chunks)
+    status_line, _, rest = response.partition(b"\r\n")
+    fields, _, body = rest.partition(b"\r\n\r\n")
+    parts = status_line.split(b" ", 2)
+    if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or not parts[1].isdigit():
+        raise OSError(f"not an HTTP response: {status_line[:80]!r}")
+    for line in fields.split(b"\r\n"):
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length" and value.strip().isdigit():
+            body = body[: int(value.strip())]
+    return int(parts[1]), body
 
 
 def main(argv: Sequence[str] | None = None) -> int:

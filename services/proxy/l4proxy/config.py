@@ -25,7 +25,7 @@ from l4common.addresses import parse_address as parse_address  # noqa: PLC0414
 from l4common.durations import parse_duration as parse_duration  # noqa: PLC0414
 from l4common.errors import ConfigError as ConfigError  # noqa: PLC0414
 
-from .identity import Refusal, normalize_identity
+from .names import Refusal, normalize_identity
 
 IdentitySource = Literal["cn", "san_uri", "san_dns"]
 IdentityCharset = Literal["ascii", "unicode"]
@@ -415,7 +415,7 @@ def _names(value: object, key: str) -> tuple[str, ...]:
 def _clients(
     value: object, key: str, charset: IdentityCharset, seen: dict[str, tuple[str, str]]
 ) -> tuple[str, ...]:
-    """A rule's client names, normalized as certificates are (identity.normalize_identity).
+    """A rule's client names, normalized as certificates are (names.normalize_identity).
 
     ``seen`` maps each identity named so far to its first spelling and key: naming it again
     with the same spelling is fine, with another spelling (``Client.A`` after
