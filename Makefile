@@ -56,9 +56,10 @@ down:
 	docker compose down -v --remove-orphans
 
 # Side-by-side benchmarks against HAProxy (installed from Debian if missing); writes
-# bench/results/latest.json. The full run takes a few minutes; the quick one < 2.
+# bench/results/latest.json. The full run: three rounds of the three CPU placements
+# (about half an hour here); the quick one (the proxy alone on a CPU, once) < 2 min.
 bench: setup
-	$(BIN)/python bench/run.py
+	$(BIN)/python bench/run.py --placements all --repeat 3
 
 bench-quick: setup
 	$(BIN)/python bench/run.py --quick

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -160,6 +161,27 @@ METRICS: list[tuple[str, str, str, str, float | None, bool]] = [
 ]
 
 
+# Where the processes run (CPU affinity, set before exec). proxy-alone: the proxy on one
+# CPU of its own, upstreams and load generators on the others; one-cpu: everything on
+# one CPU; unpinned: wherever the scheduler puts them. The README reports proxy-alone.
+PLACEMENTS = ("proxy-alone", "one-cpu", "unpinned")
+
+
+def cpus_for(placement: str, role: str, cpus: Sequence[int]) -> frozenset[int] | None:
+    """The CPUs a process of ``role`` (``proxy`` or anything else) may run on under
+    ``placement``, out of ``cpus`` (this process's own); None: not pinned."""
+    ordered = sorted(cpus)
+    if placement == "unpinned":
+        return None
+    if placement == "one-cpu":
+        return frozenset(ordered[:1])
+    if placement == "proxy-alone":
+        if len(ordered) < 2:
+            raise BenchError("placement proxy-alone needs two CPUs")
+        return frozenset(ordered[-1:]) if role == "proxy" else frozenset(ordered[:-1])
+    raise BenchError(f"unknown placement {placement!r}")
+
+
 class BenchError(Exception):
     """A workload failed: a child died, answered wrongly, or ran out of time."""
 
@@ -236,8 +258,10 @@ class Child:
         control: bool = False,
         cwd: Path | None = None,
         env: dict[str, str] | None = None,
+        cpus: frozenset[int] | None = None,
     ) -> None:
         self.name = name
+        self.cpus = cpus
         self.stderr_path = stderr
         self.buf = b""
         out_file: IO[bytes] | None = stdout.open("wb") if stdout is not None else None
@@ -251,6 +275,8 @@ class Child:
                 cwd=cwd,
                 env=env,
                 start_new_session=True,
+                # Pinned before exec, so every thread it starts inherits the set.
+                preexec_fn=None if cpus is None else lambda: os.sched_setaffinity(0, cpus),  # noqa: PLW1509
             )
         finally:
             if out_file is not None:
@@ -505,6 +531,11 @@ class Setup:
     run_deadline: float
     haproxy_maxconn: int
     idle_connections: int
+    placement: str = "unpinned"
+    cpus: tuple[int, ...] = ()  # the runner's own CPUs, which placements divide
+
+    def pin(self, role: str) -> frozenset[int] | None:
+        return cpus_for(self.placement, role, self.cpus)
 
 
 @dataclass
@@ -529,6 +560,7 @@ def start_upstreams(setup: Setup, tag: str, mode: str, deadline: float) -> tuple
         f"upstream-{mode}",
         [sys.executable, str(BENCH / "echo_server.py"), "--mode", mode, "--count", "3"],
         stderr=setup.tmp / f"{tag}-upstream.err",
+        cpus=setup.pin("upstream"),
     )
     ready = child.event(min(deadline, time.monotonic() + 20))
     return child, [int(p) for p in ready["ports"]]
@@ -547,6 +579,7 @@ def start_ours(setup: Setup, tag: str, ports: Sequence[int], deadline: float) ->
         stderr=setup.tmp / f"{tag}-ours.err",
         cwd=PROXY_DIR,
         env=env,
+        cpus=setup.pin("proxy"),
     )
     address: list[str] = []
 
@@ -583,6 +616,7 @@ def start_haproxy(setup: Setup, tag: str, ports: Sequence[int], deadline: float)
         [setup.haproxy, "-db", "-f", str(path)],
         stdout=log,
         stderr=setup.tmp / f"{tag}-haproxy.err",
+        cpus=setup.pin("proxy"),
     )
     wait_for(lambda: listening_on(port), min(deadline, time.monotonic() + 20), "haproxy", child)
     time.sleep(0.3)  # let the first health checks run
@@ -706,6 +740,7 @@ def drive(
                 loadgen_argv(workload, setup, proxy.address, i),
                 stderr=setup.tmp / f"{tag}-loadgen{i}.err",
                 control=True,
+                cpus=setup.pin("loadgen"),
             )
         )
         run.children.append(loadgens[-1])
@@ -896,31 +931,66 @@ def median_of(runs: list[dict[str, Any]], key: str) -> float | None:
     return statistics.median(values) if values else None
 
 
-def summarize(runs: dict[str, dict[str, list[dict[str, Any]]]]) -> list[dict[str, Any]]:
+def round_ratios(
+    ours: Sequence[dict[str, Any]], theirs: Sequence[dict[str, Any]], key: str
+) -> list[float]:
+    """Ours / HAProxy's in each round where both ran and have the figure (round i of
+    one is paired with round i of the other: they ran next to each other)."""
+    ratios = []
+    for a, b in zip(ours, theirs, strict=False):
+        x, y = a.get(key), b.get(key)
+        if a.get("ok") and b.get("ok") and x is not None and y:
+            ratios.append(float(x) / float(y))
+    return ratios
+
+
+Runs = dict[str, dict[str, dict[str, list[dict[str, Any]]]]]  # placement, workload, kind
+
+
+def summarize(runs: Runs) -> list[dict[str, Any]]:
+    """One row per placement and metric: each proxy's median over the rounds, and the
+    median and range of the per-round ratios."""
     rows = []
-    for workload, key, label, unit, target, lower in METRICS:
-        if workload not in runs:
-            continue
-        ours = median_of(runs[workload]["ours"], key)
-        theirs = median_of(runs[workload]["haproxy"], key)
-        ratio = ours / theirs if ours is not None and theirs else None
-        met = None
-        if target is not None and ratio is not None:
-            met = ratio <= target if lower else ratio >= target
-        rows.append(
-            {
-                "workload": workload,
-                "metric": key,
-                "label": label,
-                "unit": unit,
-                "ours": ours,
-                "haproxy": theirs,
-                "ratio": rnd(ratio, 3),
-                "target": target,
-                "met": met,
-            }
-        )
+    for placement, by_workload in runs.items():
+        for workload, key, label, unit, target, lower in METRICS:
+            if workload not in by_workload:
+                continue
+            pair = by_workload[workload]
+            ratios = round_ratios(pair["ours"], pair["haproxy"], key)
+            ratio = statistics.median(ratios) if ratios else None
+            met = None
+            if target is not None and ratio is not None:
+                met = ratio <= target if lower else ratio >= target
+            rows.append(
+                {
+                    "placement": placement,
+                    "workload": workload,
+                    "metric": key,
+                    "label": label,
+                    "unit": unit,
+                    "ours": median_of(pair["ours"], key),
+                    "haproxy": median_of(pair["haproxy"], key),
+                    "ratio": rnd(ratio, 3),
+                    "ratio_min": rnd(min(ratios), 3) if ratios else None,
+                    "ratio_max": rnd(max(ratios), 3) if ratios else None,
+                    "rounds": len(ratios),
+                    "target": target,
+                    "met": met,
+                }
+            )
     return rows
+
+
+def describe_placement(placement: str, cpus: Sequence[int]) -> str:
+    proxy, others = cpus_for(placement, "proxy", cpus), cpus_for(placement, "loadgen", cpus)
+    if proxy is None or others is None:
+        return f"{placement}: no process pinned"
+    if proxy == others:
+        return f"{placement}: every process on CPU {min(proxy)}"
+    return (
+        f"{placement}: the proxy on CPU {','.join(map(str, sorted(proxy)))}, upstreams and "
+        f"load generators on CPU {','.join(map(str, sorted(others)))}"
+    )
 
 
 def fmt(x: float | None) -> str:
@@ -935,56 +1005,62 @@ def fmt(x: float | None) -> str:
     return f"{x:.3f}"
 
 
-def print_table(rows: list[dict[str, Any]], runs: dict[str, Any]) -> None:
-    head = ("workload", "metric", "unit", "ours", "haproxy", "ours/hap", "target", "")
-    table = [head]
-    for r in rows:
-        target = f"<= {r['target']}" if r["target"] is not None else ""
-        status = {True: "met", False: "MISSED", None: ""}[r["met"]]
-        if r["target"] is not None and r["ratio"] is None:
-            status = "n/a"
-        table.append(
-            (
-                r["workload"],
-                r["label"],
-                r["unit"],
-                fmt(r["ours"]),
-                fmt(r["haproxy"]),
-                fmt(r["ratio"]),
-                target,
-                status,
+def print_table(rows: list[dict[str, Any]], runs: Runs, cpus: Sequence[int]) -> None:
+    head = ("workload", "metric", "unit", "ours", "haproxy", "ours/hap", "range", "target", "")
+    for placement in runs:
+        print(describe_placement(placement, cpus))
+        table = [head]
+        for r in (row for row in rows if row["placement"] == placement):
+            target = f"<= {r['target']}" if r["target"] is not None else ""
+            status = {True: "met", False: "MISSED", None: ""}[r["met"]]
+            if r["target"] is not None and r["ratio"] is None:
+                status = "n/a"
+            spread = f"{fmt(r['ratio_min'])}-{fmt(r['ratio_max'])}" if r["rounds"] > 1 else ""
+            table.append(
+                (
+                    r["workload"],
+                    r["label"],
+                    r["unit"],
+                    fmt(r["ours"]),
+                    fmt(r["haproxy"]),
+                    fmt(r["ratio"]),
+                    spread,
+                    target,
+                    status,
+                )
             )
-        )
-    widths = [max(len(row[i]) for row in table) for i in range(len(head))]
-    for n, row in enumerate(table):
-        cells = [
-            c.ljust(widths[i]) if i < 3 else c.rjust(widths[i]) if i < 6 else c.ljust(widths[i])
-            for i, c in enumerate(row)
-        ]
-        print("  ".join(cells).rstrip())
-        if n == 0:
-            print("  ".join("-" * w for w in widths))
-    print()
+        widths = [max(len(row[i]) for row in table) for i in range(len(head))]
+        for n, row in enumerate(table):
+            cells = [
+                c.ljust(widths[i]) if i < 3 or i > 6 else c.rjust(widths[i])
+                for i, c in enumerate(row)
+            ]
+            print("  ".join(cells).rstrip())
+            if n == 0:
+                print("  ".join("-" * w for w in widths))
+        print()
     noisy = False
-    for workload, by_kind in runs.items():
-        parts = []
-        for kind, lst in by_kind.items():
-            loads = [x for x in (other_load(r) for r in lst) if x is not None]
-            if loads:
-                parts.append(f"{kind} {max(loads):.2f}")
-                noisy = noisy or max(loads) > NOISY_CPUS
-        if parts:
-            print(f"other processes' CPUs during {workload}: {', '.join(parts)}")
+    for placement, by_workload in runs.items():
+        for workload, by_kind in by_workload.items():
+            parts = []
+            for kind, lst in by_kind.items():
+                loads = [x for x in (other_load(r) for r in lst) if x is not None]
+                if loads:
+                    parts.append(f"{kind} {max(loads):.2f}")
+                    noisy = noisy or max(loads) > NOISY_CPUS
+            if parts:
+                print(f"other processes' CPUs during {placement} {workload}: {', '.join(parts)}")
     if noisy:
         print(
             f"WARNING: other jobs used more than {NOISY_CPUS} CPU during a measured window: "
             "the figures are disturbed (run again, or use --repeat)"
         )
-    for workload, by_kind in runs.items():
-        for kind, lst in by_kind.items():
-            for r in lst:
-                if not r.get("ok"):
-                    print(f"FAILED {workload} / {kind}: {r.get('error')}")
+    for placement, by_workload in runs.items():
+        for workload, by_kind in by_workload.items():
+            for kind, lst in by_kind.items():
+                for r in lst:
+                    if not r.get("ok"):
+                        print(f"FAILED {placement} {workload} / {kind}: {r.get('error')}")
 
 
 def other_load(run: dict[str, Any]) -> float | None:
@@ -1044,7 +1120,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--only", default=",".join(WORKLOADS), help="comma-separated workloads to run"
     )
-    parser.add_argument("--repeat", type=int, default=1, help="pairs per workload (median)")
+    parser.add_argument(
+        "--repeat", type=int, default=1, help="rounds: pairs per workload and placement (median)"
+    )
+    parser.add_argument(
+        "--placements",
+        default="proxy-alone",
+        help=f"comma-separated CPU placements ({', '.join(PLACEMENTS)}) or all",
+    )
     parser.add_argument(
         "--order",
         choices=("alternate", "ours-first", "haproxy-first"),
@@ -1066,6 +1149,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error(f"unknown workload(s): {', '.join(sorted(unknown))}")
     if not 1 <= args.repeat <= 10:
         parser.error("--repeat must be 1..10")
+    if args.placements == "all":
+        args.placements = ",".join(PLACEMENTS)
+    wrong = set(args.placements.split(",")) - set(PLACEMENTS)
+    if wrong:
+        parser.error(f"unknown placement(s): {', '.join(sorted(wrong))}")
     return args
 
 
@@ -1074,7 +1162,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _on_sigterm)
     began = time.monotonic()
     sizes = QUICK if args.quick else FULL
-    budget = args.budget if args.budget is not None else sizes.budget * args.repeat
+    placements = list(dict.fromkeys(args.placements.split(",")))
+    rounds = args.repeat * len(placements)
+    budget = args.budget if args.budget is not None else sizes.budget * rounds
+    cpus = tuple(sorted(os.sched_getaffinity(0)))
     nofile = raise_fd_limit()
     tmp = Path(tempfile.mkdtemp(prefix="layer4lab-bench-"))
     try:
@@ -1091,12 +1182,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             run_deadline=began + budget,
             haproxy_maxconn=fds["haproxy_maxconn"],
             idle_connections=fds["idle_connections"],
+            cpus=cpus,
         )
+        for placement in placements:
+            cpus_for(placement, "proxy", cpus)  # a placement this machine cannot do: exit 2
         machine = machine_info(haproxy)
         selected = [w for w in WORKLOADS if w in args.only.split(",")]
         mode = "quick" if args.quick else "full"
         print(
-            f"layer4lab bench ({mode}): {', '.join(selected)}; {machine['nproc']} CPUs "
+            f"layer4lab bench ({mode}): {', '.join(selected)}; {args.repeat} round(s) of "
+            f"{', '.join(placements)}; {machine['nproc']} CPUs "
             f"{machine['cpu_model']}; {machine['haproxy']}; budget {budget:.0f} s",
             flush=True,
         )
@@ -1107,29 +1202,37 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"{sizes.idle_connections}, HAProxy maxconn {fds['haproxy_maxconn']}",
                 flush=True,
             )
-        runs: dict[str, dict[str, list[dict[str, Any]]]] = {}
-        for wi, workload in enumerate(selected):
-            runs[workload] = {k: [] for k in KINDS}
-            for rep in range(args.repeat):
-                first = first_kind(args.order, wi, rep)
-                for kind in (first, KINDS[1 - KINDS.index(first)]):
-                    tag = f"{workload}-{rep}-{kind}"
-                    result = run_one(setup, workload, kind, tag)
-                    runs[workload][kind].append(result)
-                    status = "ok" if result["ok"] else f"FAILED: {result.get('error')}"
-                    print(f"  {workload:<9} {kind:<8} {result['wall_s']:6.1f} s  {status}")
-                    sys.stdout.flush()
+        # Rounds outermost: each round runs every placement and workload, so a drift in
+        # the machine's state spreads over all of them instead of one.
+        runs: Runs = {p: {w: {k: [] for k in KINDS} for w in selected} for p in placements}
+        for rep in range(args.repeat):
+            for placement in placements:
+                placed = dataclasses.replace(setup, placement=placement)
+                for wi, workload in enumerate(selected):
+                    first = first_kind(args.order, wi, rep)
+                    for kind in (first, KINDS[1 - KINDS.index(first)]):
+                        tag = f"{placement}-{workload}-{rep}-{kind}"
+                        result = run_one(placed, workload, kind, tag)
+                        result.update(round=rep + 1, placement=placement)
+                        runs[placement][workload][kind].append(result)
+                        status = "ok" if result["ok"] else f"FAILED: {result.get('error')}"
+                        print(
+                            f"  round {rep + 1} {placement:<11} {workload:<9} {kind:<8} "
+                            f"{result['wall_s']:6.1f} s  {status}"
+                        )
+                        sys.stdout.flush()
         rows = summarize(runs)
         print()
-        print_table(rows, runs)
+        print_table(rows, runs, cpus)
         report = {
-            "schema": 1,
+            "schema": 2,
             "mode": mode,
             "machine": machine,
             "parameters": {
                 "sizes": asdict(sizes),
                 "workloads": selected,
                 "repeat": args.repeat,
+                "placements": {p: describe_placement(p, cpus) for p in placements},
                 "order": args.order,
                 "haproxy_log": setup.haproxy_log,
                 "budget_s": budget,
@@ -1153,7 +1256,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         partial.write_text(json.dumps(report, indent=1) + "\n")
         partial.replace(args.out)
         print(f"\nwrote {args.out} ({report['total_seconds']} s)")
-        failed = any(not r["ok"] for by in runs.values() for lst in by.values() for r in lst)
+        failed = any(
+            not r["ok"]
+            for by_workload in runs.values()
+            for by_kind in by_workload.values()
+            for lst in by_kind.values()
+            for r in lst
+        )
     except BenchError as exc:
         print(f"bench: {exc}", file=sys.stderr)
         return 2

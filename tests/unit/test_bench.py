@@ -1,0 +1,78 @@
+"""bench/run.py's pure parts: which CPUs each process gets under a placement, and the
+per-round ratios and their range in the summary."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+
+RUN = Path(__file__).resolve().parents[2] / "bench" / "run.py"
+
+
+def load_bench() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("bench_run", RUN)
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_run"] = module  # dataclasses look their module up by name
+    spec.loader.exec_module(module)
+    return module
+
+
+bench = load_bench()
+
+
+def test_proxy_alone_gives_the_proxy_the_last_cpu_and_everyone_else_the_rest() -> None:
+    assert bench.cpus_for("proxy-alone", "proxy", [0, 1]) == {1}
+    assert bench.cpus_for("proxy-alone", "loadgen", [0, 1]) == {0}
+    assert bench.cpus_for("proxy-alone", "upstream", [3, 0, 2]) == {0, 2}
+    assert bench.cpus_for("proxy-alone", "proxy", [3, 0, 2]) == {3}
+
+
+def test_one_cpu_puts_everyone_together_and_unpinned_pins_nobody() -> None:
+    for role in ("proxy", "loadgen", "upstream"):
+        assert bench.cpus_for("one-cpu", role, [2, 5]) == {2}
+        assert bench.cpus_for("unpinned", role, [2, 5]) is None
+
+
+def test_a_placement_the_machine_cannot_do_is_a_clear_error() -> None:
+    with pytest.raises(bench.BenchError, match="needs two CPUs"):
+        bench.cpus_for("proxy-alone", "proxy", [0])
+    with pytest.raises(bench.BenchError, match="unknown placement"):
+        bench.cpus_for("two-cpus", "proxy", [0, 1])
+
+
+def run(value: float | None, ok: bool = True) -> dict[str, Any]:
+    return {"ok": ok, "cpu_us_per_connection": value}
+
+
+def test_the_summary_reports_the_median_of_per_round_ratios_and_their_range() -> None:
+    runs = {
+        "proxy-alone": {
+            "churn": {
+                # Round 3 of HAProxy failed: only rounds 1, 2 and 4 pair up.
+                "ours": [run(1300), run(1500), run(1400), run(1200)],
+                "haproxy": [run(1000), run(1000), run(None, ok=False), run(1200)],
+            }
+        }
+    }
+    rows = bench.summarize(runs)
+    (row,) = [r for r in rows if r["metric"] == "cpu_us_per_connection"]
+    assert (row["placement"], row["rounds"]) == ("proxy-alone", 3)
+    assert (row["ratio"], row["ratio_min"], row["ratio_max"]) == (1.3, 1.0, 1.5)
+    assert row["ours"] == 1350  # each proxy's own median over its good rounds
+    assert row["haproxy"] == 1000
+    assert row["met"] is False  # the target is <= 1.1
+
+
+def test_every_placement_is_described_by_what_runs_where() -> None:
+    assert bench.describe_placement("proxy-alone", [0, 1]) == (
+        "proxy-alone: the proxy on CPU 1, upstreams and load generators on CPU 0"
+    )
+    assert bench.describe_placement("one-cpu", [0, 1]) == "one-cpu: every process on CPU 0"
+    assert bench.describe_placement("unpinned", [0, 1]) == "unpinned: no process pinned"
