@@ -653,9 +653,15 @@ def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str
 
 
 def load_reference_config(path: Path = REFERENCE_PROXY_CONFIG) -> dict[str, Any]:
+    """The reference settings for runs and test containers: the file without
+    ``admin.metrics_listen``, the compose lab's listener for its Prometheus (no run or
+    test container has the network whose name it binds to)."""
     raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     if not isinstance(raw, dict):
         raise TopologyError(f"{path} is not a YAML mapping")
+    admin = raw.get("admin")
+    if isinstance(admin, dict):
+        raw["admin"] = {k: v for k, v in admin.items() if k != "metrics_listen"}
     return raw
 
 
@@ -673,11 +679,6 @@ def proxy_config(
         upstreams.append(entry)
     config["upstreams"] = upstreams
     config.setdefault("listen", f"0.0.0.0:{PROXY_PORT}")
-    # The read-only metrics listener is the compose lab's, for its Prometheus; a run
-    # has neither (its name would not resolve).
-    admin = dict(config.get("admin") or {})
-    if admin.pop("metrics_listen", None) is not None:
-        config["admin"] = admin
     tls = dict(config.get("tls") or {})
     tls.setdefault("ca", f"{CERTS_DIR}/ca.pem")
     tls.setdefault("cert", f"{CERTS_DIR}/server.pem")
