@@ -27,6 +27,7 @@ WINDOW = 3.0  # seconds of log lines shown either side of a fault
 EXCERPT_LIMIT = 40  # lines per container per fault
 WIDTH, HEIGHT = 960, 320
 MARGIN_LEFT, MARGIN_RIGHT, MARGIN_TOP, MARGIN_BOTTOM = 48, 16, 40, 36
+LABEL_ROWS = 3  # fault labels take the rows at the top of the chart in turn
 PALETTE = (
     "#1f77b4",
     "#ff7f0e",
@@ -138,6 +139,7 @@ def chart(result: ScenarioResult, origin: float) -> str:
         )
     out.append(f'<text x="{MARGIN_LEFT - 6}" y="{y(top):.1f}" text-anchor="end">{top}</text>')
     out.append(f'<text x="{MARGIN_LEFT - 6}" y="{y(0):.1f}" text-anchor="end">0</text>')
+    labels = 0
     for event in result.timeline:
         colour, dash = None, ""
         if event.kind in FAULT_COLOURS:
@@ -154,8 +156,12 @@ def chart(result: ScenarioResult, origin: float) -> str:
             f'stroke-dasharray="{dash}"><title>{escape(label)}</title></line>'
         )
         if event.kind in FAULT_COLOURS:  # health marks are many: tooltips only
+            # Rows in turn, so the labels of marks close together do not run into
+            # each other (a kill and its restart a second apart).
+            row = labels % LABEL_ROWS
+            labels += 1
             out.append(
-                f'<text x="{px + 3:.1f}" y="{MARGIN_TOP + 12}" fill="{colour}">'
+                f'<text x="{px + 3:.1f}" y="{MARGIN_TOP + 12 + 13 * row}" fill="{colour}">'
                 f"{escape(label)}</text>"
             )
     for index, (name, counts) in enumerate(series.items()):

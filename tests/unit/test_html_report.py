@@ -5,6 +5,7 @@ Debian's chromium is installed (CI installs it), the page as a browser renders i
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -92,6 +93,10 @@ def test_the_page_holds_every_verdict_the_chart_and_escaped_logs() -> None:
     assert "<link" not in page
     assert "kill u2" in page  # timeline
     assert "client.a: " in page  # log excerpts around the faults
+    # The fault and recovery labels are on different rows (they do not run together).
+    labels = re.findall(r'<text x="[0-9.]+" y="([0-9.]+)" fill="[^"]+">(kill u2|start u2)<', page)
+    assert len(labels) == 2
+    assert labels[0][0] != labels[1][0]
 
 
 def test_write_report_writes_index_html_beside_the_json(tmp_path: Path) -> None:
