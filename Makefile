@@ -57,7 +57,7 @@ down:
 
 # Side-by-side benchmarks against HAProxy (installed from Debian if missing); writes
 # bench/results/latest.json. The full run: three rounds of the three CPU placements
-# (about half an hour here); the quick one (the proxy alone on a CPU, once) < 2 min.
+# (about 12 minutes here); the quick one (the proxy alone on a CPU, once) < 2 min.
 bench: setup
 	$(BIN)/python bench/run.py --placements all --repeat 3
 

@@ -4,7 +4,10 @@
 
 TLS is uvloop's own TLS transport (``create_connection(ssl=...)``, implemented in
 Cython), the cheapest client side available here; every connection does a full
-handshake with a client certificate (client.a .. client.e in turn, no session reuse).
+handshake with a client certificate (client.a .. client.e in turn, no session reuse),
+except in ``resumption``: there each identity offers the last session ticket it got
+(TLS 1.3 resumption, as a returning client does), and the result counts how many
+handshakes the server resumed.
 
 It talks to the runner with JSON lines. On stdout::
 
@@ -77,10 +80,31 @@ class Control:
             raise WorkloadError("the runner went away (stdin closed)")
 
 
-def contexts(certs: Path) -> list[ssl.SSLContext]:
+class ResumingContext(ssl.SSLContext):
+    """A client context that offers the last session it was given. uvloop's TLS
+    transport makes its SSLObject with ``wrap_bio`` (which takes a session) and has no
+    other way to pass one."""
+
+    session: ssl.SSLSession | None = None
+
+    def wrap_bio(
+        self,
+        incoming: ssl.MemoryBIO,
+        outgoing: ssl.MemoryBIO,
+        server_side: bool = False,
+        server_hostname: str | bytes | None = None,
+        session: ssl.SSLSession | None = None,
+    ) -> ssl.SSLObject:
+        return super().wrap_bio(
+            incoming, outgoing, server_side, server_hostname, session or self.session
+        )
+
+
+def contexts(certs: Path, *, resume: bool = False) -> list[ssl.SSLContext]:
     out = []
+    kind = ResumingContext if resume else ssl.SSLContext
     for stem in STEMS:
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx = kind(ssl.PROTOCOL_TLS_CLIENT)
         ctx.load_verify_locations(cafile=str(certs / "ca.pem"))
         ctx.load_cert_chain(str(certs / f"{stem}.pem"), str(certs / f"{stem}.key"))
         out.append(ctx)
@@ -93,6 +117,7 @@ class Client(asyncio.Protocol):
     def __init__(self) -> None:
         self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
+        self.ctx: ssl.SSLContext | None = None  # the context it was dialled with
         self.closed: asyncio.Future[None] = self.loop.create_future()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -206,6 +231,8 @@ class Dialer:
         if self.tls is None:
             cipher = transport.get_extra_info("cipher")
             self.tls = list(cipher) if cipher else []
+        if isinstance(proto, Client):
+            proto.ctx = ctx
         return cast(T, proto)
 
 
@@ -332,16 +359,24 @@ async def pingpong(args: argparse.Namespace, dialer: Dialer, control: Control) -
 
 
 async def one_request(
-    dialer: Dialer, message: bytes, handshake_us: list[int] | None, request_us: list[int] | None
+    dialer: Dialer,
+    message: bytes,
+    handshake_us: list[int] | None,
+    request_us: list[int] | None,
+    resumed: Counter[str] | None = None,
 ) -> None:
     """A new connection for one request, like the lab's client: connect, handshake, send,
-    read the whole reply, close (close_notify), wait for the close to finish."""
+    read the whole reply, close (close_notify), wait for the close to finish. With
+    ``resumed``, the session (with the ticket that came after the handshake) is kept for
+    the identity's next connection, and whether this one resumed is counted."""
     started = time.perf_counter_ns()
     client = await dialer.connect(lambda: EchoClient(message))
     connected = time.perf_counter_ns()
     try:
         await client.run(1)
         replied = time.perf_counter_ns()
+        if resumed is not None:
+            keep_session(client, resumed)
     finally:
         await close_all([client], grace=SHUTDOWN_TIMEOUT)
     if handshake_us is not None:
@@ -350,21 +385,40 @@ async def one_request(
         request_us.append((replied - started) // 1000)
 
 
+def keep_session(client: Client, resumed: Counter[str]) -> None:
+    """Count whether the server resumed this connection's session, and keep its session
+    (now holding the ticket sent after the handshake) for the identity's next one."""
+    if client.transport is None or not isinstance(client.ctx, ResumingContext):
+        return
+    sslobj = client.transport.get_extra_info("ssl_object")
+    if sslobj is None:
+        return
+    resumed["resumed" if sslobj.session_reused else "full"] += 1
+    if sslobj.session is not None:
+        client.ctx.session = sslobj.session
+
+
 async def churn(args: argparse.Namespace, dialer: Dialer, control: Control) -> dict[str, Any]:
     message = os.urandom(args.size)
     handshake_us: list[int] = []
     request_us: list[int] = []
     warm: Counter[str] = Counter()
+    resuming = args.workload == "resumption"
+    warm_resumed: Counter[str] | None = Counter() if resuming else None
     await bounded(
-        args.warmup, args.concurrency, lambda _i: one_request(dialer, message, None, None), warm
+        args.warmup,
+        args.concurrency,
+        lambda _i: one_request(dialer, message, None, None, warm_resumed),
+        warm,
     )
     failures: Counter[str] = Counter()
+    resumed: Counter[str] | None = Counter() if resuming else None
     await control.checkpoint("start", warmup_failures=dict(warm))
     started = time.perf_counter()
     await bounded(
         args.total,
         args.concurrency,
-        lambda _i: one_request(dialer, message, handshake_us, request_us),
+        lambda _i: one_request(dialer, message, handshake_us, request_us, resumed),
         failures,
     )
     seconds = time.perf_counter() - started
@@ -378,6 +432,7 @@ async def churn(args: argparse.Namespace, dialer: Dialer, control: Control) -> d
         "seconds": seconds,
         "handshake_us": handshake_us,
         "request_us": request_us,
+        "resumed": dict(resumed) if resumed is not None else None,
     }
 
 
@@ -441,6 +496,7 @@ WORKLOADS: dict[str, Workload] = {
     "bulk": bulk,
     "pingpong": pingpong,
     "churn": churn,
+    "resumption": churn,  # churn with each identity's last session offered
     "idle": idle,
 }
 
@@ -449,7 +505,8 @@ async def amain(args: argparse.Namespace) -> int:
     loop = asyncio.get_running_loop()
     loop.set_exception_handler(lambda _loop, _ctx: None)  # failures are counted, not logged
     host, _, port = str(args.address).rpartition(":")
-    dialer = Dialer((host, int(port)), contexts(Path(args.certs)))
+    ctxs = contexts(Path(args.certs), resume=args.workload == "resumption")
+    dialer = Dialer((host, int(port)), ctxs)
     control = await Control.open()
     try:
         result = await WORKLOADS[args.workload](args, dialer, control)
