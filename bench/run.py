@@ -453,7 +453,7 @@ def make_certs(out: Path) -> None:
     combined.chmod(0o600)
 
 
-def ours_config(certs: Path, ports: Sequence[int]) -> str:
+def ours_config(certs: Path, ports: Sequence[int], tickets: bool = True) -> str:
     config = {
         "listen": "127.0.0.1:0",
         "tls": {
@@ -461,6 +461,7 @@ def ours_config(certs: Path, ports: Sequence[int]) -> str:
             "cert": str(certs / "server.pem"),
             "key": str(certs / "server.key"),
             "identity": "cn",
+            "session_tickets": 1 if tickets else 0,
         },
         "upstreams": [
             {"address": f"127.0.0.1:{p}", "name": f"u{i + 1}"} for i, p in enumerate(ports)
@@ -492,7 +493,13 @@ def fd_plan(nofile_hard: int, idle_wanted: int) -> dict[str, int]:
 
 
 def haproxy_config(
-    certs: Path, ports: Sequence[int], port: int, log: bool, maxconn: int = HAPROXY_MAXCONN
+    certs: Path,
+    ports: Sequence[int],
+    port: int,
+    log: bool,
+    *,
+    maxconn: int = HAPROXY_MAXCONN,
+    tickets: bool = True,
 ) -> str:
     servers = "\n".join(
         f"    server u{i + 1} 127.0.0.1:{p} check inter 3s rise 1 fall 1"
@@ -501,6 +508,7 @@ def haproxy_config(
     log_global = "    log stdout format raw local0\n" if log else ""
     log_defaults = "    log global\n    option tcplog\n" if log else "    no log\n"
     crt, ca = certs / "server-combined.pem", certs / "ca.pem"
+    no_tickets = "" if tickets else " no-tls-tickets"
     return f"""\
 # Written by bench/run.py: the same job as our proxy's YAML next to it.
 global
@@ -518,7 +526,7 @@ defaults
     timeout check 1s
 
 frontend mtls
-    bind 127.0.0.1:{port} ssl crt {crt} ca-file {ca} verify required
+    bind 127.0.0.1:{port} ssl crt {crt} ca-file {ca} verify required{no_tickets}
     default_backend upstreams
 
 backend upstreams
@@ -542,6 +550,7 @@ class Setup:
     idle_connections: int
     placement: str = "unpinned"
     cpus: tuple[int, ...] = ()  # the runner's own CPUs, which placements divide
+    tickets: bool = True  # TLS 1.3 session tickets: ours one, HAProxy OpenSSL's two
 
     def pin(self, role: str) -> frozenset[int] | None:
         return cpus_for(self.placement, role, self.cpus)
@@ -576,7 +585,7 @@ def start_upstreams(setup: Setup, tag: str, mode: str, deadline: float) -> tuple
 
 
 def start_ours(setup: Setup, tag: str, ports: Sequence[int], deadline: float) -> Proxy:
-    config = ours_config(setup.certs, ports)
+    config = ours_config(setup.certs, ports, setup.tickets)
     path = setup.tmp / f"{tag}-ours.yaml"
     path.write_text(config)
     log = setup.tmp / f"{tag}-ours.log"
@@ -616,7 +625,14 @@ def start_ours(setup: Setup, tag: str, ports: Sequence[int], deadline: float) ->
 
 def start_haproxy(setup: Setup, tag: str, ports: Sequence[int], deadline: float) -> Proxy:
     port = free_port()
-    config = haproxy_config(setup.certs, ports, port, setup.haproxy_log, setup.haproxy_maxconn)
+    config = haproxy_config(
+        setup.certs,
+        ports,
+        port,
+        setup.haproxy_log,
+        maxconn=setup.haproxy_maxconn,
+        tickets=setup.tickets,
+    )
     path = setup.tmp / f"{tag}-haproxy.cfg"
     path.write_text(config)
     log = setup.tmp / f"{tag}-haproxy.log"
@@ -1160,6 +1176,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         action="store_true",
         help="HAProxy without its per-connection log line (ours always logs one)",
     )
+    parser.add_argument(
+        "--no-tickets",
+        action="store_true",
+        help="neither proxy sends TLS 1.3 session tickets (not for resumption, which needs them)",
+    )
     parser.add_argument("--no-install", action="store_true", help="never apt-get install")
     parser.add_argument("--budget", type=float, help="seconds for the whole run")
     parser.add_argument("--out", type=Path, default=RESULTS / "latest.json")
@@ -1204,6 +1225,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             haproxy_maxconn=fds["haproxy_maxconn"],
             idle_connections=fds["idle_connections"],
             cpus=cpus,
+            tickets=not args.no_tickets,
         )
         for placement in placements:
             cpus_for(placement, "proxy", cpus)  # a placement this machine cannot do: exit 2
@@ -1230,10 +1252,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             for placement in placements:
                 placed = dataclasses.replace(setup, placement=placement)
                 for wi, workload in enumerate(selected):
+                    # resumption compares resumed handshakes: tickets whatever was asked
+                    here = placed
+                    if workload == "resumption" and not placed.tickets:
+                        here = dataclasses.replace(placed, tickets=True)
                     first = first_kind(args.order, wi, rep)
                     for kind in (first, KINDS[1 - KINDS.index(first)]):
                         tag = f"{placement}-{workload}-{rep}-{kind}"
-                        result = run_one(placed, workload, kind, tag)
+                        result = run_one(here, workload, kind, tag)
                         result.update(round=rep + 1, placement=placement)
                         runs[placement][workload][kind].append(result)
                         status = "ok" if result["ok"] else f"FAILED: {result.get('error')}"
@@ -1256,15 +1282,21 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "placements": {p: describe_placement(p, cpus) for p in placements},
                 "order": args.order,
                 "haproxy_log": setup.haproxy_log,
+                "session_tickets": setup.tickets,
                 "budget_s": budget,
                 "rlimit_nofile": list(nofile),
                 "fd_plan": fds,
                 "cpu_source": "utime+stime from /proc/PID/stat / SC_CLK_TCK",
                 "clk_tck": CLK_TCK,
                 "bulk": "sink upstream: the client streams, the upstream acks the byte count",
-                "ours_config_template": ours_config(Path("CERTS"), [1, 2, 3]),
+                "ours_config_template": ours_config(Path("CERTS"), [1, 2, 3], setup.tickets),
                 "haproxy_config_template": haproxy_config(
-                    Path("CERTS"), [1, 2, 3], 4, setup.haproxy_log, setup.haproxy_maxconn
+                    Path("CERTS"),
+                    [1, 2, 3],
+                    4,
+                    setup.haproxy_log,
+                    maxconn=setup.haproxy_maxconn,
+                    tickets=setup.tickets,
                 ),
             },
             "summary": rows,

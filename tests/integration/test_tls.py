@@ -4,6 +4,7 @@ nobody else anything."""
 from __future__ import annotations
 
 import asyncio
+import socket
 import ssl
 from pathlib import Path
 
@@ -258,3 +259,64 @@ def test_identity_charset_unicode_admits_other_scripts_as_distinct_identities(la
         "tls_failed",
         "identity_has_whitespace: U+0020 at 8",
     )
+
+
+# --- TLS 1.3 session resumption (tls.session_tickets) ------------------------------------
+
+
+def blocking_exchange(
+    lab: Lab, ctx: ssl.SSLContext, payload: bytes, session: ssl.SSLSession | None = None
+) -> tuple[bytes, bool, ssl.SSLSession | None]:
+    """One connection from this thread: send, half-close, read to the end. The reply,
+    whether the proxy resumed the session offered, and the session to offer next time
+    (it holds the ticket sent after the handshake, read with the reply)."""
+    with (
+        socket.create_connection(lab.address, timeout=10) as raw,
+        ctx.wrap_socket(raw, server_hostname="localhost", session=session) as tls,
+    ):
+        tls.sendall(payload)
+        chunks = []
+        while chunk := tls.recv(65536):
+            chunks.append(chunk)
+            if sum(map(len, chunks)) >= len(payload):
+                break
+        return b"".join(chunks), bool(tls.session_reused), tls.session
+
+
+def test_a_returning_client_resumes_and_keeps_its_identity_and_its_rules(lab: Lab) -> None:
+    """With the default one ticket, a returning client resumes its TLS 1.3 session. The
+    identity comes from the certificate the session carries: the access line names the
+    same client, and a denied client stays denied on a resumed session."""
+    lab.start_upstreams(["echo"])
+    rules = [{"client": "client.d", "action": "deny", "upstream": "*"}]
+    lab.start_proxy(lab.config(authorization={"default": "allow", "rules": rules}))
+    ctx = client_context(lab.certs, "client.b")
+    reply, resumed, session = blocking_exchange(lab, ctx, b"first")
+    assert (reply, resumed) == (b"first", False)
+    assert session is not None
+    assert session.has_ticket
+    reply, resumed, _ = blocking_exchange(lab, ctx, b"again", session)
+    assert (reply, resumed) == (b"again", True)
+    denied = client_context(lab.certs, "client.d")
+    _, _, d_session = blocking_exchange(lab, denied, b"x")
+    reply, resumed, _ = blocking_exchange(lab, denied, b"x", d_session)
+    assert (reply, resumed) == (b"", True)
+    records = lab.logs.wait_for("access", count=4)
+    assert [(r["client"], r["decision"]) for r in records] == [
+        ("client.b", "forwarded"),
+        ("client.b", "forwarded"),
+        ("client.d", "denied"),
+        ("client.d", "denied"),
+    ]
+
+
+def test_no_session_tickets_means_no_resumption(lab: Lab) -> None:
+    lab.start_upstreams(["echo"])
+    tls = {**lab.config_raw()["tls"], "session_tickets": 0}
+    lab.start_proxy(lab.config(tls=tls))
+    ctx = client_context(lab.certs, "client.b")
+    reply, _, session = blocking_exchange(lab, ctx, b"first")
+    assert reply == b"first"
+    assert session is None or not session.has_ticket
+    reply, resumed, _ = blocking_exchange(lab, ctx, b"again", session)
+    assert (reply, resumed) == (b"again", False)

@@ -448,6 +448,10 @@ ERROR_CASES: list[tuple[str, dict[str, Any], str]] = [
         "admin.listen",
     ),
     ("metrics-bad-address", minimal(admin={"metrics_listen": "9101"}), "admin.metrics_listen"),
+    ("tickets-negative", minimal(tls={**TLS, "session_tickets": -1}), "tls.session_tickets"),
+    ("tickets-too-many", minimal(tls={**TLS, "session_tickets": 9}), "tls.session_tickets"),
+    ("tickets-bool", minimal(tls={**TLS, "session_tickets": True}), "tls.session_tickets"),
+    ("tickets-string", minimal(tls={**TLS, "session_tickets": "1"}), "tls.session_tickets"),
     (
         "metrics-same-as-admin",
         minimal(admin={"listen": "127.0.0.1:9100", "metrics_listen": "127.0.0.1:9100"}),
@@ -771,6 +775,12 @@ def test_an_empty_admin_listen_turns_the_admin_listener_off(off: object) -> None
 
 def test_admin_port_zero_picks_a_free_port() -> None:
     assert parse(minimal(admin={"listen": "127.0.0.1:0"})).admin.listen == Address("127.0.0.1", 0)
+
+
+def test_one_session_ticket_by_default_and_none_on_request() -> None:
+    assert parse(minimal()).tls.session_tickets == 1
+    assert parse(minimal(tls={**TLS, "session_tickets": 0})).tls.session_tickets == 0
+    assert parse(minimal(tls={**TLS, "session_tickets": 8})).tls.session_tickets == 8
 
 
 def test_the_metrics_listener_is_off_unless_configured_and_may_name_a_host() -> None:

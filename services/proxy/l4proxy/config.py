@@ -94,6 +94,11 @@ class TlsConfig:
     # "ascii": identities are ASCII without whitespace or controls, compared case-folded;
     # "unicode": any printable text, NFC-normalized and case-folded (see identity.py).
     identity_charset: IdentityCharset = "ascii"
+    # TLS 1.3 session tickets sent after each full handshake (0: none, so no resumption).
+    session_tickets: int = 1
+
+
+MAX_SESSION_TICKETS = 8
 
 
 @dataclass(frozen=True, slots=True)
@@ -269,7 +274,7 @@ def _parse_tls(raw: Mapping[str, Any], base_dir: Path) -> TlsConfig:
     section = _section(
         raw,
         "tls",
-        ("ca", "cert", "key", "identity", "identity_charset"),
+        ("ca", "cert", "key", "identity", "identity_charset", "session_tickets"),
         required=("ca", "cert", "key"),
     )
 
@@ -290,7 +295,17 @@ def _parse_tls(raw: Mapping[str, Any], base_dir: Path) -> TlsConfig:
             "ascii",
             lambda v: _choice(v, "tls.identity_charset", IDENTITY_CHARSETS),
         ),
+        session_tickets=_opt(section, "session_tickets", 1, _session_tickets),
     )
+
+
+def _session_tickets(value: object) -> int:
+    count = _int(value, "tls.session_tickets", 0)
+    if count > MAX_SESSION_TICKETS:
+        raise ConfigError(
+            "tls.session_tickets", f"at most {MAX_SESSION_TICKETS} per handshake, got {count}"
+        )
+    return count
 
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")

@@ -32,9 +32,11 @@ def server_context(tls: TlsConfig) -> ssl.SSLContext:
     # OpenSSL treats it as a fatal error and the session can no longer send the rest
     # of the upstream's reply, nor a clean close_notify.
     ctx.options |= ssl.OP_IGNORE_UNEXPECTED_EOF
-    # One TLS 1.3 session ticket per handshake (OpenSSL's default is two): enough for a
-    # client's next resumption, and each ticket costs CPU on every handshake.
-    ctx.num_tickets = 1
+    # TLS 1.3 session tickets per full handshake (tls.session_tickets, default 1; OpenSSL's
+    # is two): one is enough for a client's next resumption, and each costs CPU on every
+    # handshake (OpenSSL 3.0 copies the session through i2d/d2i per ticket, decoding the
+    # client's certificate again). 0: none, so no client can resume.
+    ctx.num_tickets = tls.session_tickets
     ctx.verify_mode = ssl.CERT_REQUIRED
     ctx.verify_flags |= ssl.VERIFY_X509_STRICT
     try:
