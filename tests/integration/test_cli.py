@@ -57,16 +57,15 @@ def write_config(path: Path, certs: Path, upstreams: list[str], **overrides: Any
     return path
 
 
-def run(config: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+def child(argv: list[str]) -> subprocess.CompletedProcess[str]:
+    """A short-lived child of the repository's code: its output, within 30 s."""
     return subprocess.run(
-        command(config, *extra),
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-        cwd=REPO,
-        env=child_env(),
+        argv, capture_output=True, text=True, timeout=30, check=False, cwd=REPO, env=child_env()
     )
+
+
+def run(config: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    return child(command(config, *extra))
 
 
 def json_lines(stdout: str) -> list[dict[str, Any]]:
@@ -410,15 +409,7 @@ def test_listen_address_in_use_exits_1_with_a_fatal_line(lab: Lab, tmp_path: Pat
 
 
 def adminctl(config: Path, command_name: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "l4proxy.adminctl", "--config", str(config), command_name],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-        cwd=REPO,
-        env=child_env(),
-    )
+    return child([sys.executable, "-m", "l4proxy.adminctl", "--config", str(config), command_name])
 
 
 def test_adminctl_loads_neither_cryptography_nor_prometheus_client() -> None:
@@ -430,15 +421,8 @@ def test_adminctl_loads_neither_cryptography_nor_prometheus_client() -> None:
         "import sys, l4proxy.adminctl; "
         f"print(sorted({{m.split('.')[0] for m in sys.modules}} & set({heavy!r})))"
     )
-    done = subprocess.run(
-        [sys.executable, "-c", probe],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=True,
-        cwd=REPO,
-        env=child_env(),
-    )
+    done = child([sys.executable, "-c", probe])
+    assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]", done.stdout
 
 
