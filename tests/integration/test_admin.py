@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import socket
 import struct
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -14,6 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from l4proxy import admin, adminctl
 from l4proxy.admin import ADMIN_HEADER, AdminServer, Request, Response
+from labkit import topology as topo
 from tests.support.harness import Lab
 from tests.support.loops import wait_for
 from tests.support.tlsclient import End, TlsClient, client_context, exchange
@@ -47,6 +50,26 @@ def test_ready_needs_an_upstream_that_is_up(lab: Lab) -> None:
     lab.up_loop.run(upstream.start())
     lab.logs.wait_for("health", new="up", old="down")
     assert lab.admin_json("/ready")[0] == 200
+
+
+def test_labkits_ready_probe_follows_ready(lab: Lab) -> None:
+    """The run's container health check (labkit's READY_PROBE, a bare Python): exit 0
+    while /ready says 200, 1 once it says 503."""
+    (upstream,) = lab.start_upstreams(["echo"])
+    proxy = lab.start_proxy()
+    assert proxy.admin_address is not None
+    host, port = proxy.admin_address
+    argv = topo.ready_probe({"admin": {"listen": f"{host}:{port}"}})
+    assert argv[:4] == ["python3", "-I", "-S", "-c"]
+
+    def probe() -> int:
+        done = subprocess.run([sys.executable, *argv[1:]], timeout=10, check=False)
+        return done.returncode
+
+    assert probe() == 0
+    lab.up_loop.run(upstream.stop())
+    lab.logs.wait_for("health", new="down")
+    assert probe() == 1
 
 
 def test_status_shows_upstreams_config_and_certificate(lab: Lab) -> None:

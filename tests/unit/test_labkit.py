@@ -1046,3 +1046,10 @@ def test_an_attempt_began_when_its_client_says_not_when_the_line_was_written() -
     assert timed_out.start == pytest.approx(T0)  # not T0 + 1.0 (ts less the latency)
     older = line("client.a", T0 + 3.0, event="attempt", client="client.a", latency_ms=2000.0)
     assert attempts_of([older])[0].start == pytest.approx(T0 + 1.0)
+
+
+def test_the_ready_probe_asks_the_admin_listener_the_config_names() -> None:
+    assert topo.ready_probe({})[-2:] == ["127.0.0.1", "9100"]  # the proxy's default
+    assert topo.ready_probe({"admin": {"listen": "0.0.0.0:9200"}})[-2:] == ["127.0.0.1", "9200"]
+    assert topo.ready_probe({"admin": {"listen": "[::]:9200"}})[-2:] == ["::1", "9200"]
+    assert topo.ready_probe({"admin": {"listen": ""}}) == topo.adminctl("ready")
