@@ -1053,3 +1053,23 @@ def test_the_ready_probe_asks_the_admin_listener_the_config_names() -> None:
     assert topo.ready_probe({"admin": {"listen": "0.0.0.0:9200"}})[-2:] == ["127.0.0.1", "9200"]
     assert topo.ready_probe({"admin": {"listen": "[::]:9200"}})[-2:] == ["::1", "9200"]
     assert topo.ready_probe({"admin": {"listen": ""}}) == topo.adminctl("ready")
+
+
+@pytest.mark.parametrize("name", topo.list_topologies())
+def test_steady_clients_stay_under_the_rate_limit_of_their_topology(name: str) -> None:
+    """A client that is not a burst client must not outrun its topology's per-identity
+    rate on average, or scenarios that judge every attempt (authz) fail by chance once
+    its burst is spent (pool did: one attempt in a CI run)."""
+    layout = topo.load_topology(name)
+    config = topo.nominal_config(topo.load_reference_config(), layout)
+    limit = config.get("rate_limit") or {}
+    if limit.get("enabled", True) is False:
+        return
+    rate = float(limit.get("rate", 2))
+    for client in layout.clients:
+        if client.burst or client.count is not None or client.concurrency > 1:
+            continue  # meant to meet the limit, or bounded
+        lo = topo.parse_duration(client.interval_min, "interval_min")
+        hi = topo.parse_duration(client.interval_max, "interval_max")
+        mean_rate = 2 / (lo + hi)
+        assert mean_rate <= rate, (client.id, mean_rate, rate)
