@@ -80,7 +80,7 @@ for command in expand(spec["apply"], devs):
         for undo in expand(spec["clear"], devs):
             run(undo)
         sys.exit(3)
-say("fault_applied", devices=devs, began=began)
+say("fault_applied", devices=devs, began=began, fault=spec.get("fault"), target=spec.get("target"))
 started = time.monotonic()
 period = spec.get("period")
 def wait(seconds):
@@ -108,7 +108,13 @@ else:
 began = time.time()
 for command in expand(spec["clear"], devs):
     run(command)
-say("fault_cleared", reason="expired" if got is None else "stopped", began=began)
+say(
+    "fault_cleared",
+    reason="expired" if got is None else "stopped",
+    began=began,
+    fault=spec.get("fault"),
+    target=spec.get("target"),
+)
 """
 
 
@@ -212,6 +218,8 @@ def apply_network(
         "clear": clear_commands([DEVICE]),
         "for": spec.duration,
         "period": spec.flap,
+        "fault": spec.describe(),  # said in its lines, for a reader of its log alone
+        "target": target,
     }
     labelled = {
         **labels,

@@ -95,10 +95,12 @@ def describe_event(line: LogLine) -> str | None:
     if kind == "health":
         name = rec.get("upstream_name") or rec.get("upstream")
         return f"{name} {rec.get('old')} -> {rec.get('new')} ({rec.get('reason')})"
-    if kind == "fault_applied":
-        return f"fault applied: {rec.get('fault') or rec.get('kind') or line.source}"
-    if kind == "fault_cleared":
-        return f"fault cleared ({rec.get('reason')}): {rec.get('fault') or line.source}"
+    if kind in ("fault_applied", "fault_cleared"):
+        what = rec.get("fault") or rec.get("kind") or line.source
+        target = f"{rec['target']}: " if rec.get("target") else ""
+        if kind == "fault_applied":
+            return f"fault applied: {target}{what}"
+        return f"fault cleared ({rec.get('reason')}): {target}{what}"
     if kind == "fault":
         return f"{rec.get('upstream')} fault {rec.get('op')}: {rec.get('fault') or ''}".strip()
     if kind == "reload":

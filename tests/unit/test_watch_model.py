@@ -61,7 +61,7 @@ def lines() -> list[LogLine]:
         ),
         line("proxy", NOW - 4, event="access", upstream_name="u3", bytes_up=100, bytes_down=2048),
         line("proxy", NOW - 12, event="access", upstream_name="u3", bytes_up=5, bytes_down=5),
-        line("fault", NOW - 31, event="fault_applied", fault="blackhole u2"),
+        line("fault", NOW - 31, event="fault_applied", fault="blackhole (both)", target="u2"),
         line("proxy", NOW - 1, event="reload", result="ok"),
     ]
 
@@ -94,7 +94,7 @@ def test_the_event_feed_is_in_time_order_and_short() -> None:
     frame = build(lines(), STATUS, NOW, title="run up-1")
     texts = [e.text for e in frame.events]
     assert texts == [
-        "fault applied: blackhole u2",
+        "fault applied: u2: blackhole (both)",
         "u2 up -> down (connect refused)",
         "config reloaded",
     ]
