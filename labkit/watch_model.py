@@ -10,7 +10,9 @@ A frame covers the last ``window`` seconds (10 by default) ending at ``now``:
   (both directions, from the proxy's ``access`` lines of connections to it that ended in
   the window);
 - one row per client identity: ok, refused (``rejected``) and errors in the window, and
-  its last outcome with the reason (the error, or the upstream that replied);
+  its last outcome with the reason (the error, or the upstream that replied; for a
+  refusal, the proxy's decision and reason from its access line when one was logged
+  within a second of it);
 - the last events: health transitions, faults applied and cleared (fault helpers and
   the upstreams' own), reloads, draining, capacity, discovered members changing.
 
@@ -80,6 +82,11 @@ class Frame:
     events: list[Event] = field(default_factory=list)
 
 
+# How far apart a client's refused attempt and the proxy's access line for it may be
+# logged and still be read as one connection (both are written when it closes).
+JOIN_SLACK = 1.0
+
+
 def _rec(line: LogLine) -> Mapping[str, Any]:
     return line.record or {}
 
@@ -143,6 +150,9 @@ def build(
     volume: dict[str, int] = {}
     clients: dict[str, list[int]] = {}
     last: dict[str, tuple[str, str]] = {}
+    last_at: dict[str, float] = {}
+    # The proxy's last refusal of each identity: why, which a refused client cannot see.
+    refusals: dict[str, tuple[float, str]] = {}
     events: list[Event] = []
     for line in seen:
         rec = _rec(line)
@@ -169,11 +179,17 @@ def build(
             else:
                 counts[1 if outcome == "rejected" else 2] += 1
                 last[client] = (outcome, str(rec.get("error") or ""))
-        elif kind == "access" and rec.get("upstream_name"):
-            name = str(rec["upstream_name"])
-            volume[name] = (
-                volume.get(name, 0) + _int(rec.get("bytes_up")) + _int(rec.get("bytes_down"))
-            )
+            last_at[client] = at
+        elif kind == "access":
+            if rec.get("upstream_name"):
+                name = str(rec["upstream_name"])
+                volume[name] = (
+                    volume.get(name, 0) + _int(rec.get("bytes_up")) + _int(rec.get("bytes_down"))
+                )
+            decision = rec.get("decision")
+            if rec.get("client") and decision not in (None, "forwarded"):
+                why = f"{decision}: {rec.get('reason')}" if rec.get("reason") else str(decision)
+                refusals[str(rec["client"])] = (at, why)
     total = sum(replies.values())
     names = upstream_names + sorted(set(replies) - set(upstream_names))
     rows = [
@@ -191,6 +207,13 @@ def build(
     client_rows = []
     for client, (ok, refused, errors) in sorted(clients.items()):
         outcome, reason = last.get(client, ("-", ""))
+        refusal = refusals.get(client)
+        if (
+            outcome == "rejected"
+            and refusal is not None
+            and abs(refusal[0] - last_at[client]) <= JOIN_SLACK
+        ):
+            reason = f"proxy: {refusal[1]}"  # the proxy's word for the same refusal
         client_rows.append(ClientRow(client, ok, refused, errors, outcome, reason))
     shown_clients = [c.client for c in client_rows]
     topology = (

@@ -66,6 +66,32 @@ def lines() -> list[LogLine]:
     ]
 
 
+def test_a_refused_clients_reason_is_the_proxys_when_it_logged_one() -> None:
+    refused = [
+        line(
+            "client.c",
+            NOW - 2,
+            event="attempt",
+            client="client.c",
+            outcome="rejected",
+            error="closed without a reply",
+        ),
+        line(
+            "proxy",
+            NOW - 1.99,
+            event="access",
+            client="client.c",
+            decision="no_healthy_upstream",
+            reason="u3 is down",
+        ),
+        line("client.d", NOW - 2, event="attempt", client="client.d", outcome="rejected"),
+        line("proxy", NOW - 6, event="access", client="client.d", decision="rate_limited"),
+    ]
+    rows = {c.client: c for c in build(refused, STATUS, NOW, title="t").clients}
+    assert rows["client.c"].reason == "proxy: no_healthy_upstream: u3 is down"
+    assert rows["client.d"].reason == ""  # 4 s apart: not the same connection
+
+
 def test_counts_cover_exactly_the_window() -> None:
     frame = build(lines(), STATUS, NOW, title="run up-1")
     rows = {r.name: r for r in frame.upstreams}
