@@ -270,7 +270,6 @@ class Child:
         cpus: frozenset[int] | None = None,
     ) -> None:
         self.name = name
-        self.cpus = cpus
         self.stderr_path = stderr
         self.buf = b""
         out_file: IO[bytes] | None = stdout.open("wb") if stdout is not None else None

@@ -151,6 +151,10 @@ class Probe:
                 )
         raise ValueError(f"the probe in {container} printed no result: {output[-2000:]}")
 
+    def resolving(self) -> dict[str, list[str]]:
+        """The names that resolved, with their addresses."""
+        return {name: found for name, found in self.resolved.items() if found}
+
     def connected(self) -> list[str]:
         return [address for address, result in self.connect.items() if result.get("connected")]
 
@@ -162,7 +166,7 @@ def judge_client(
     can read are its own (``own_key``: its path, the paths of the keys of the identities
     it runs, or None for a client without one)."""
     who = probe.container
-    resolved = {n: a for n, a in probe.resolved.items() if a}
+    resolved = probe.resolving()
     names = sorted(upstream_names)
     reached = probe.connected()
     failures = [f"{a}: {r.get('error')}" for a, r in sorted(probe.connect.items())]
@@ -290,7 +294,7 @@ def probe_clients(
 
 def judge_unreached(probe: Probe, what: str) -> Check:
     """A container from which ``what`` must neither resolve nor answer."""
-    resolved = {n: a for n, a in probe.resolved.items() if a}
+    resolved = probe.resolving()
     reached = probe.connected()
     return check(
         f"{probe.container}: {what} neither resolves nor answers",

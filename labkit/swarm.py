@@ -428,12 +428,12 @@ def with_stack(
     name: str,
     progress: Progress,
     body: Callable[[Stack], None],
-) -> tuple[list[str], str]:
+) -> str:
     """Init a swarm if needed, run ``body`` with a fresh :class:`Stack` (``body``
     deploys it), then remove the stack and leave the swarm if it was created here --
-    also when ``body`` fails or is interrupted. Returns the engine's differences from
-    before (empty when it was restored) and what became of the swarm."""
-    before = engine_state(engine)
+    also when ``body`` fails or is interrupted. Returns what became of the swarm; the
+    caller compares :func:`engine_state` before and after, which holds when ``body``
+    raised too."""
     stack = Stack(engine, name, progress)
     ensure_swarm(engine, progress)
     note = ""
@@ -446,4 +446,4 @@ def with_stack(
             stack.remove()
         finally:
             note = leave_if_created(fresh, progress)
-    return before.differences(engine_state(engine.fresh())), note
+    return note

@@ -71,7 +71,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT / "services" / "common") not in sys.path:
     sys.path.append(str(ROOT / "services" / "common"))
 
-from l4common.addresses import parse_address  # noqa: E402
+from l4common.addresses import parse_address, reachable_host  # noqa: E402
 from l4common.durations import parse_duration as _parse_duration  # noqa: E402
 from l4common.errors import ConfigError  # noqa: E402
 
@@ -102,7 +102,6 @@ READY_PROBE = (
     "  head+=chunk\n"
     "sys.exit(0 if head.startswith(b'HTTP/1.1 200') else 1)\n"
 )
-WILDCARDS = {"0.0.0.0": "127.0.0.1", "::": "::1"}  # noqa: S104 - reached over loopback
 
 
 def ready_probe(config: Mapping[str, Any]) -> list[str]:
@@ -112,7 +111,7 @@ def ready_probe(config: Mapping[str, Any]) -> list[str]:
     if not listen:
         return adminctl("ready")
     address = parse_address(listen, "admin.listen")
-    host = WILDCARDS.get(address.host, address.host)
+    host = reachable_host(address.host)
     return ["python3", "-I", "-S", "-c", READY_PROBE, host, str(address.port)]
 
 

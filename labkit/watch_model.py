@@ -149,8 +149,7 @@ def build(
     replies: dict[str, int] = {}
     volume: dict[str, int] = {}
     clients: dict[str, list[int]] = {}
-    last: dict[str, tuple[str, str]] = {}
-    last_at: dict[str, float] = {}
+    last: dict[str, tuple[str, str, float]] = {}  # outcome, reason, when
     # The proxy's last refusal of each identity: why, which a refused client cannot see.
     refusals: dict[str, tuple[float, str]] = {}
     events: list[Event] = []
@@ -175,11 +174,10 @@ def build(
                 counts[0] += 1
                 upstream = str(rec.get("upstream") or "?")
                 replies[upstream] = replies.get(upstream, 0) + 1
-                last[client] = (outcome, f"from {upstream}")
+                last[client] = (outcome, f"from {upstream}", at)
             else:
                 counts[1 if outcome == "rejected" else 2] += 1
-                last[client] = (outcome, str(rec.get("error") or ""))
-            last_at[client] = at
+                last[client] = (outcome, str(rec.get("error") or ""), at)
         elif kind == "access":
             if rec.get("upstream_name"):
                 name = str(rec["upstream_name"])
@@ -206,13 +204,9 @@ def build(
     ]
     client_rows = []
     for client, (ok, refused, errors) in sorted(clients.items()):
-        outcome, reason = last.get(client, ("-", ""))
+        outcome, reason, at = last.get(client, ("-", "", 0.0))
         refusal = refusals.get(client)
-        if (
-            outcome == "rejected"
-            and refusal is not None
-            and abs(refusal[0] - last_at[client]) <= JOIN_SLACK
-        ):
+        if outcome == "rejected" and refusal is not None and abs(refusal[0] - at) <= JOIN_SLACK:
             reason = f"proxy: {refusal[1]}"  # the proxy's word for the same refusal
         client_rows.append(ClientRow(client, ok, refused, errors, outcome, reason))
     shown_clients = [c.client for c in client_rows]

@@ -364,7 +364,7 @@ def run(
     before = engine_state(engine)
     note = "the swarm was not reached"
     try:
-        _, note = with_stack(engine, f"l4l-{run_id}", progress, body)
+        note = with_stack(engine, f"l4l-{run_id}", progress, body)
     except (LabError, EngineError, TimeoutError) as exc:
         result.error = str(exc)
         evidence = exc.evidence if isinstance(exc, LabError) else []

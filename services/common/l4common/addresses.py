@@ -15,6 +15,15 @@ _PORT = re.compile(r"0*([0-9]{1,5})")
 MAX_PORT = 65535
 
 
+# A listener bound to a wildcard address is reached, from the same host, over loopback.
+_WILDCARD_LOOPBACK = {"0.0.0.0": "127.0.0.1", "::": "::1"}  # noqa: S104
+
+
+def reachable_host(host: str) -> str:
+    """The host to connect to for a listener bound to ``host`` on this machine."""
+    return _WILDCARD_LOOPBACK.get(host, host)
+
+
 def format_address(host: str, port: int) -> str:
     """``host:port``, with the host in brackets when it is an IPv6 address."""
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -15,6 +15,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from l4common.addresses import format_address, reachable_host
+
 from .config import ConfigError, load_config
 
 DEFAULT_CONFIG = Path("/etc/l4proxy/config.yaml")
@@ -23,7 +25,6 @@ DEFAULT_CONFIG = Path("/etc/l4proxy/config.yaml")
 # is not imported so that the HEALTHCHECK does not load prometheus_client.
 ADMIN_HEADERS = {"X-L4proxy-Admin": "1"}
 TIMEOUT = 5.0
-WILDCARDS = {"0.0.0.0": "127.0.0.1", "::": "::1"}  # noqa: S104 - mapped to loopback
 COMMANDS = {
     "ready": ("GET", "/ready"),
     "status": ("GET", "/status"),
@@ -36,7 +37,7 @@ def request(host: str, port: int, method: str, path: str) -> tuple[int, bytes]:
     """One request to our own admin listener, which answers with ``Content-Length`` and
     closes (``Connection: close``). A plain socket, not http.client: this runs as the
     HEALTHCHECK every few seconds, and http.client's imports cost a third of its start."""
-    authority = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    authority = format_address(host, port)
     head = (
         f"{method} {path} HTTP/1.1\r\nHost: {authority}\r\n"
         + "".join(f"{name}: {value}\r\n" for name, value in ADMIN_HEADERS.items())
@@ -73,7 +74,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if listen is None:
         print(f"adminctl: {args.config} turns the admin listener off", file=sys.stderr)
         return 2
-    host = WILDCARDS.get(listen.host, listen.host)
+    host = reachable_host(listen.host)
     method, path = COMMANDS[args.command]
     try:
         status, body = request(host, listen.port, method, path)

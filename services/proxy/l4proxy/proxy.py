@@ -23,7 +23,7 @@ from typing import Any
 from .accesslog import AccessLog
 from .admin import METRICS_ROUTES, AdminServer
 from .capacity import Capacity
-from .config import Config, ConfigError, check_files, read_config, restart_needed
+from .config import Address, Config, ConfigError, check_files, read_config, restart_needed
 from .connection import HOLD_LIMIT, READ_SIZE, ClientConnection, State
 from .health import Health
 from .healthchecks import HealthChecks
@@ -156,30 +156,21 @@ class Proxy(Capacity, HealthChecks, AccessLog):
             raise OSError(exc.errno, f"cannot listen on {listen}: {exc.strerror}") from exc
         sock = self.server.sockets[0].getsockname()
         self.address = (str(sock[0]), int(sock[1]))
-        admin_listen = self.config.admin.listen
-        if admin_listen is not None:
-            self.admin = AdminServer(self)
-            try:
-                self.admin_address = await self.admin.start(admin_listen.host, admin_listen.port)
-            except OSError as exc:
-                self.server.close()
-                message = f"cannot listen on {admin_listen} (admin.listen): {exc.strerror}"
-                raise OSError(exc.errno, message) from exc
-        metrics_listen = self.config.admin.metrics_listen
-        if metrics_listen is not None:
-            self.metrics = AdminServer(self, routes=METRICS_ROUTES)
-            try:
-                self.metrics_address = await self.metrics.start(
-                    metrics_listen.host, metrics_listen.port
+        admin = self.config.admin
+        try:
+            if admin.listen is not None:
+                self.admin = AdminServer(self)
+                self.admin_address = await _open(self.admin, admin.listen, "admin.listen")
+            if admin.metrics_listen is not None:
+                self.metrics = AdminServer(self, routes=METRICS_ROUTES)
+                self.metrics_address = await _open(
+                    self.metrics, admin.metrics_listen, "admin.metrics_listen"
                 )
-            except OSError as exc:
-                self.server.close()
-                if self.admin is not None:
-                    await self.admin.stop()
-                message = (
-                    f"cannot listen on {metrics_listen} (admin.metrics_listen): {exc.strerror}"
-                )
-                raise OSError(exc.errno, message) from exc
+        except OSError:
+            self.server.close()
+            if self.admin is not None:
+                await self.admin.stop()
+            raise
         self._sync_health_tasks()
         self._sync_discovery_tasks()
         self.tasks.append(self.loop.create_task(self._cleanup_loop(), name="ratelimit-cleanup"))
@@ -370,6 +361,14 @@ class Proxy(Capacity, HealthChecks, AccessLog):
             self.emptied.set_result(None)
         if "max_connections" in self.at_capacity and not self._at_cap("max_connections"):
             self._capacity_available("max_connections")
+
+
+async def _open(listener: AdminServer, address: Address, key: str) -> tuple[str, int]:
+    """Start an admin listener on ``address``; an OSError names the address and key."""
+    try:
+        return await listener.start(address.host, address.port)
+    except OSError as exc:
+        raise OSError(exc.errno, f"cannot listen on {address} ({key}): {exc.strerror}") from exc
 
 
 def _format(address: tuple[str, int] | None) -> str | None:
