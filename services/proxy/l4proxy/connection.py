@@ -469,8 +469,7 @@ class ClientConnection(asyncio.Protocol):
             self.timer = self.loop.call_later(self.proxy.config.timeouts.idle, self._check_idle)
         lifetime = self.proxy.config.timeouts.max_lifetime
         if lifetime > 0:
-            left = self.started + lifetime - time.monotonic()
-            self.lifetime_timer = self.loop.call_later(max(0.0, left), self._lifetime_over)
+            self._arm_lifetime(self.started + lifetime)
         if self.transport is not None and not self.transport.is_closing():
             self.transport.resume_reading()
         self._pump_from_client()  # bytes that arrived with or after the handshake
@@ -601,7 +600,16 @@ class ClientConnection(asyncio.Protocol):
         self.timer = None
         self._on(Kind.IDLE)
 
-    def _lifetime_over(self) -> None:
+    def _arm_lifetime(self, deadline: float) -> None:
+        left = max(0.0, deadline - time.monotonic())
+        self.lifetime_timer = self.loop.call_later(left, self._lifetime_over, deadline)
+
+    def _lifetime_over(self, deadline: float) -> None:
+        # uvloop's timers count whole milliseconds and can fire just before the
+        # deadline on the monotonic clock the access line's duration uses: never early.
+        if time.monotonic() < deadline:
+            self._arm_lifetime(deadline)
+            return
         self.lifetime_timer = None
         self._on(Kind.LIFETIME)
 
