@@ -198,27 +198,57 @@ class BenchError(Exception):
 # --------------------------------------------------------------------------- /proc
 
 
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and its descendants (our proxy with ``workers: N`` is a supervisor and
+    N worker processes; a proxy's CPU time and memory are theirs together)."""
+    out = [pid]
+    for parent in out:
+        for task in Path(f"/proc/{parent}/task").glob("*/children"):
+            with contextlib.suppress(OSError):
+                out.extend(int(c) for c in task.read_text().split())
+    return out
+
+
 def cpu_times(pid: int) -> tuple[float, float]:
-    """(utime, stime) of the whole process (all threads), in seconds."""
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    fields = stat[stat.rindex(")") + 2 :].split()
-    return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK  # fields 14 and 15, stat(5)
+    """(utime, stime) of the process and its descendants (all threads), in seconds."""
+    user = system = 0.0
+    for i, one in enumerate(process_tree(pid)):
+        try:
+            stat = Path(f"/proc/{one}/stat").read_text()
+        except OSError:
+            if i == 0:
+                raise
+            continue  # a descendant that just exited
+        fields = stat[stat.rindex(")") + 2 :].split()
+        user += int(fields[11]) / CLK_TCK  # fields 14 and 15, stat(5)
+        system += int(fields[12]) / CLK_TCK
+    return user, system
 
 
 def sched_seconds(pid: int) -> float:
     """Time on CPU from /proc/PID/schedstat (nanoseconds): a finer cross-check."""
-    try:
-        return int(Path(f"/proc/{pid}/schedstat").read_text().split()[0]) / 1e9
-    except (OSError, ValueError, IndexError):
-        return math.nan
+    total = 0.0
+    for one in process_tree(pid):
+        try:
+            total += int(Path(f"/proc/{one}/schedstat").read_text().split()[0]) / 1e9
+        except (OSError, ValueError, IndexError):
+            return math.nan
+    return total
 
 
 def memory_kib(pid: int) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        key, _, value = line.partition(":")
-        if key in ("VmRSS", "VmHWM"):
-            out[key] = int(value.split()[0])
+    out: dict[str, int] = {"VmRSS": 0, "VmHWM": 0}
+    for i, one in enumerate(process_tree(pid)):
+        try:
+            text = Path(f"/proc/{one}/status").read_text()
+        except OSError:
+            if i == 0:
+                raise
+            continue
+        for line in text.splitlines():
+            key, _, value = line.partition(":")
+            if key in out:
+                out[key] += int(value.split()[0])
     return out
 
 
@@ -452,8 +482,8 @@ def make_certs(out: Path) -> None:
     combined.chmod(0o600)
 
 
-def ours_config(certs: Path, ports: Sequence[int], tickets: bool = True) -> str:
-    config = {
+def ours_config(certs: Path, ports: Sequence[int], tickets: bool = True, workers: int = 1) -> str:
+    config: dict[str, Any] = {
         "listen": "127.0.0.1:0",
         "tls": {
             "ca": str(certs / "ca.pem"),
@@ -472,6 +502,8 @@ def ours_config(certs: Path, ports: Sequence[int], tickets: bool = True) -> str:
         "timeouts": {"handshake": "5s", "connect": "1s", "idle": "5m", "drain": "1s"},
         "admin": {"listen": "127.0.0.1:0"},  # on, as in production; any free port
     }
+    if workers > 1:
+        config["workers"] = workers
     return yaml.safe_dump(config, sort_keys=False)
 
 
@@ -499,6 +531,7 @@ def haproxy_config(
     *,
     maxconn: int = HAPROXY_MAXCONN,
     tickets: bool = True,
+    threads: int = 1,
 ) -> str:
     servers = "\n".join(
         f"    server u{i + 1} 127.0.0.1:{p} check inter 3s rise 1 fall 1"
@@ -511,7 +544,7 @@ def haproxy_config(
     return f"""\
 # Written by bench/run.py: the same job as our proxy's YAML next to it.
 global
-    nbthread 1
+    nbthread {threads}
     maxconn {maxconn}
 {log_global}    ssl-default-bind-ciphers ECDHE+AESGCM:ECDHE+CHACHA20
     ssl-default-bind-options ssl-min-ver TLSv1.2
@@ -550,6 +583,7 @@ class Setup:
     placement: str = "unpinned"
     cpus: tuple[int, ...] = ()  # the runner's own CPUs, which placements divide
     tickets: bool = True  # TLS 1.3 session tickets: ours one, HAProxy OpenSSL's two
+    workers: int = 1  # ours: workers; HAProxy: nbthread
 
     def pin(self, role: str) -> frozenset[int] | None:
         return cpus_for(self.placement, role, self.cpus)
@@ -584,7 +618,7 @@ def start_upstreams(setup: Setup, tag: str, mode: str, deadline: float) -> tuple
 
 
 def start_ours(setup: Setup, tag: str, ports: Sequence[int], deadline: float) -> Proxy:
-    config = ours_config(setup.certs, ports, setup.tickets)
+    config = ours_config(setup.certs, ports, setup.tickets, setup.workers)
     path = setup.tmp / f"{tag}-ours.yaml"
     path.write_text(config)
     log = setup.tmp / f"{tag}-ours.log"
@@ -631,6 +665,7 @@ def start_haproxy(setup: Setup, tag: str, ports: Sequence[int], deadline: float)
         setup.haproxy_log,
         maxconn=setup.haproxy_maxconn,
         tickets=setup.tickets,
+        threads=setup.workers,
     )
     path = setup.tmp / f"{tag}-haproxy.cfg"
     path.write_text(config)
@@ -803,6 +838,7 @@ def summarize_log(kind: str, log: Path) -> dict[str, Any]:
     if kind == "haproxy":
         return {"lines": len(lines)}
     events: Counter[str] = Counter()
+    workers: Counter[str] = Counter()  # access lines by worker (workers: N)
     decisions: Counter[str] = Counter()
     reasons: Counter[str] = Counter()
     errors: list[str] = []
@@ -815,6 +851,8 @@ def summarize_log(kind: str, log: Path) -> dict[str, Any]:
         if ev.get("event") == "access":
             decisions[str(ev.get("decision"))] += 1
             reasons[str(ev.get("reason"))] += 1
+            if "worker" in ev:
+                workers[str(ev["worker"])] += 1
         elif ev.get("event") in ("error", "fatal") and len(errors) < 5:
             errors.append(line[:300])
     return {
@@ -822,6 +860,7 @@ def summarize_log(kind: str, log: Path) -> dict[str, Any]:
         "decisions": dict(decisions),
         "reasons": dict(reasons.most_common(8)),
         "errors": errors,
+        "by_worker": dict(sorted(workers.items())),
     }
 
 
@@ -1180,6 +1219,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         action="store_true",
         help="neither proxy sends TLS 1.3 session tickets (not for resumption, which needs them)",
     )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="ours with workers: N, HAProxy with nbthread N (default 1)",
+    )
     parser.add_argument("--no-install", action="store_true", help="never apt-get install")
     parser.add_argument("--budget", type=float, help="seconds for the whole run")
     parser.add_argument("--out", type=Path, default=RESULTS / "latest.json")
@@ -1225,6 +1270,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             idle_connections=fds["idle_connections"],
             cpus=cpus,
             tickets=not args.no_tickets,
+            workers=args.workers,
         )
         for placement in placements:
             cpus_for(placement, "proxy", cpus)  # a placement this machine cannot do: exit 2
@@ -1282,13 +1328,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "order": args.order,
                 "haproxy_log": setup.haproxy_log,
                 "session_tickets": setup.tickets,
+                "workers": setup.workers,
                 "budget_s": budget,
                 "rlimit_nofile": list(nofile),
                 "fd_plan": fds,
                 "cpu_source": "utime+stime from /proc/PID/stat / SC_CLK_TCK",
                 "clk_tck": CLK_TCK,
                 "bulk": "sink upstream: the client streams, the upstream acks the byte count",
-                "ours_config_template": ours_config(Path("CERTS"), [1, 2, 3], setup.tickets),
+                "ours_config_template": ours_config(
+                    Path("CERTS"), [1, 2, 3], setup.tickets, setup.workers
+                ),
                 "haproxy_config_template": haproxy_config(
                     Path("CERTS"),
                     [1, 2, 3],
@@ -1296,6 +1345,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     setup.haproxy_log,
                     maxconn=setup.haproxy_maxconn,
                     tickets=setup.tickets,
+                    threads=setup.workers,
                 ),
             },
             "summary": rows,

@@ -21,7 +21,7 @@ import pytest
 import uvloop
 import yaml
 
-from tests.support.harness import Lab
+from tests.support.harness import WORKERS, Lab
 from tests.support.loops import await_condition
 from tests.support.paths import service_env
 from tests.support.tlsclient import End, TlsClient, client_context
@@ -52,6 +52,8 @@ def write_config(path: Path, certs: Path, upstreams: list[str], **overrides: Any
         "rate_limit": {"enabled": False},
         "admin": {"listen": "127.0.0.1:0"},
     }
+    if WORKERS > 1:
+        raw["workers"] = WORKERS
     raw.update(overrides)
     path.write_text(yaml.safe_dump(raw, sort_keys=False), encoding="utf-8")
     return path

@@ -13,6 +13,7 @@ import ssl
 import time
 from pathlib import Path
 
+import pytest
 import uvloop
 
 from tests.support.harness import Lab
@@ -39,6 +40,7 @@ def proxy_sockets(port: int) -> int:
     return count
 
 
+@pytest.mark.single_process("waits for the connection's paused upstream transport")
 def test_a_client_that_stops_reading_loses_its_socket_after_the_close_timeout(lab: Lab) -> None:
     """8 MiB from the upstream, a client that never reads, ``idle: 1s``: the idle close
     may not flush, so ``timeouts.close`` later the proxy resets it and frees everything.

@@ -135,6 +135,7 @@ def test_idle_connections_are_closed_after_the_idle_timeout(lab: Lab) -> None:
     assert lab.active() == [0]
 
 
+@pytest.mark.single_process("reads the connection's transport buffers")
 def test_slow_reader_bounds_proxy_buffers_and_still_gets_every_byte(lab: Lab) -> None:
     """Flow control: while the client does not read, the proxy stops reading the
     upstream instead of buffering the whole stream; then everything arrives intact."""
@@ -170,6 +171,7 @@ def test_slow_reader_bounds_proxy_buffers_and_still_gets_every_byte(lab: Lab) ->
     assert line["bytes_down"] == len(blob)
 
 
+@pytest.mark.single_process("reads the connection's paused client transport")
 def test_slow_upstream_pauses_the_client_and_still_gets_every_byte(lab: Lab) -> None:
     """Flow control the other way: while the upstream does not read, the proxy stops
     reading the client. The decrypted chunks it hands to the upstream transport (without

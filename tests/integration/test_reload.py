@@ -417,6 +417,7 @@ def pending_idle_check(proxy: Proxy) -> asyncio.TimerHandle | None:
     return conns[0].timer
 
 
+@pytest.mark.single_process("reads the connection's idle timer")
 def test_a_longer_idle_timeout_reaches_an_open_connection_at_its_next_idle_check(
     lab: Lab, tmp_path: Path
 ) -> None:
@@ -459,6 +460,7 @@ def test_a_longer_idle_timeout_reaches_an_open_connection_at_its_next_idle_check
     assert (line["decision"], line["reason"]) == ("forwarded", "eof")
 
 
+@pytest.mark.single_process("reads the connection's idle timer")
 def test_reloading_idle_to_zero_disables_it_for_open_connections(lab: Lab, tmp_path: Path) -> None:
     """``timeouts.idle: 0`` disables the idle timeout, and a new idle applies to open
     connections at their next idle check: so a connection opened under ``idle: 500ms``

@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime as dt
 import http.client
 import json
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -23,10 +24,13 @@ from l4proxy.config import Config, parse_config, read_config
 from l4proxy.logs import JsonLog
 from l4proxy.resolver import Lookup
 from l4proxy.server import Proxy
+from l4proxy.supervisor import make_proxy
 
 from .loops import LoopThread
 from .upstreams import TestUpstream
 
+# L4PROXY_TEST_WORKERS=2 runs every test's proxy as a supervisor and two workers.
+WORKERS = int(os.environ.get("L4PROXY_TEST_WORKERS", "1"))
 CLIENTS = ("client.a", "client.b", "client.c", "client.d", "client.e", "client-x")
 
 
@@ -197,6 +201,8 @@ class Lab:
             "rate_limit": {"enabled": False},
             "admin": {"listen": "127.0.0.1:0"},
         }
+        if WORKERS > 1:
+            raw["workers"] = WORKERS
         raw.update(overrides)
         return raw
 
@@ -217,7 +223,7 @@ class Lab:
 
         async def start() -> Proxy:
             log = JsonLog(self.logs)  # type: ignore[arg-type]
-            proxy = Proxy(cfg, log, config_path=path, config_sha256=digest, lookup=lookup)
+            proxy = make_proxy(cfg, log, config_path=path, config_sha256=digest, lookup=lookup)
             await proxy.start()
             return proxy
 
@@ -285,7 +291,12 @@ class Lab:
     def open_connections(self) -> int:
         proxy = self.proxy
         assert proxy is not None
-        return self.proxy_loop.call(lambda: len(proxy.connections))
+
+        async def count() -> int:
+            await proxy.refresh()
+            return proxy.open_count()
+
+        return self.proxy_loop.run(count())
 
     def health(self) -> list[str]:
         proxy = self.proxy

@@ -82,6 +82,7 @@ LEAVES: dict[str, str] = {
     "max_connections": "int",
     "max_handshakes": "int",
     "proxy_protocol": "proxy_protocol",
+    "workers": "workers",
     "tls.ca": "path",
     "tls.cert": "path",
     "tls.key": "path",
@@ -199,6 +200,7 @@ VALID: dict[str, st.SearchStrategy[object]] = {
     "identity_charset": st.sampled_from(IDENTITY_CHARSETS),
     "action": st.sampled_from(ACTIONS),
     "on_reload": st.sampled_from(ON_RELOAD),
+    "workers": st.integers(1, 64) | st.just("auto"),
 }
 # ...and values of its kind that are subtly wrong, or right at an edge.
 TRICKY: dict[str, st.SearchStrategy[object]] = {
@@ -211,6 +213,7 @@ TRICKY: dict[str, st.SearchStrategy[object]] = {
     "int": st.integers(-3, 3) | HUGE_INTS | st.sampled_from([True, 1.0, 2.5, "5", math.nan]),
     "number": FLOATS | st.integers(-3, 3) | HUGE_INTS | st.sampled_from(["2", True, 0]),
     "bool": st.sampled_from(["yes", "true", 0, 1, None, "True"]),
+    "workers": st.integers(-1, 70) | st.sampled_from(["AUTO", "2", 2.0, True, None, "auto "]),
     "path": st.sampled_from(["", " ", "a\0b", "../up.pem", "/"]) | UNICODE | st.integers(),
     **{
         kind: choice_values(choices)
@@ -506,6 +509,7 @@ def check_config(config: Config) -> None:
     assert config.health_check.rise >= 1
     assert config.health_check.fall >= 1
     assert min(config.max_connections, config.max_handshakes, config.rate_limit.max_concurrent) >= 0
+    assert 1 <= config.workers <= 64
     known = {*keys, *names, *groups, "*"}
     charset = config.tls.identity_charset
     for rule in config.authorization.rules:

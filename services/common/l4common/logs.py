@@ -40,14 +40,19 @@ class JsonLog:
     time would be lost); values JSON cannot hold are written as ``str(value)``, and a
     NaN or infinity as its text, so every line is valid JSON."""
 
-    def __init__(self, stream: IO[str] | None = None) -> None:
+    def __init__(self, stream: IO[str] | None = None, fields: dict[str, Any] | None = None) -> None:
+        """``fields``: written in every line, after ``ts`` and ``event`` (e.g. a worker's
+        number)."""
         self.stream = stream if stream is not None else sys.stdout
+        self.fields = dict(fields or {})
 
     def emit(self, event: str, /, **fields: Any) -> None:
         clash = [name for name in RESERVED if name in fields]
         if clash:
             raise ValueError(f"log field {clash[0]!r} would overwrite the line's own")
         record: dict[str, Any] = {"ts": utc_timestamp(), "event": event}
+        if self.fields:
+            record.update(self.fields)
         record.update(fields)
         try:
             line = json.dumps(record, separators=(",", ":"), default=str, allow_nan=False)

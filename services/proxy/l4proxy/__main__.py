@@ -14,7 +14,7 @@ import uvloop
 
 from .config import Config, ConfigError, check_files, read_config
 from .logs import JsonLog
-from .server import Proxy
+from .supervisor import make_proxy
 from .tls import server_context
 
 
@@ -46,7 +46,7 @@ async def serve(config: Config, log: JsonLog, path: Path | None = None, digest: 
     def on_stop_signal() -> None:
         (force if stop.is_set() else stop).set()
 
-    proxy = Proxy(config, log, config_path=path, config_sha256=digest or None)
+    proxy = make_proxy(config, log, config_path=path, config_sha256=digest or None)
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_stop_signal)
     loop.add_signal_handler(signal.SIGHUP, proxy.reload)

@@ -36,6 +36,7 @@ import asyncio
 import json
 import re
 import time
+from collections import Counter
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -235,7 +236,7 @@ class ProxyCollector:
 
     def collect(self) -> Iterator[Metric]:
         proxy = self.proxy
-        stats = proxy.stats
+        stats = proxy.counters()
         pool = proxy.router.pool
 
         yield _counter(
@@ -250,9 +251,7 @@ class ProxyCollector:
         by_state: dict[str, int] = dict.fromkeys(
             ("handshake", "admitting", "dialing", "forwarding", "closing"), 0
         )
-        for conn in proxy.connections:
-            name = "closing" if conn.closed else conn.state.value
-            by_state[name] = by_state.get(name, 0) + 1
+        by_state.update(proxy.connection_states())
         for name, count in by_state.items():
             active.add_metric([name], count)
         yield active
@@ -327,12 +326,8 @@ class ProxyCollector:
             },
         )
 
-        moved = dict(stats.bytes_closed)
-        for conn in proxy.connections:  # open connections count as they go
-            if conn.upstream is not None and (conn.bytes_up or conn.bytes_down):
-                key = conn.upstream.key
-                moved[key, "up"] = moved.get((key, "up"), 0) + conn.bytes_up
-                moved[key, "down"] = moved.get((key, "down"), 0) + conn.bytes_down
+        moved = Counter(stats.bytes_closed)
+        moved.update(proxy.open_bytes())  # open connections count as they go
         traffic = CounterMetricFamily(
             "l4proxy_bytes",
             "Plaintext bytes forwarded: up = client to upstream, down = upstream to client.",
@@ -404,6 +399,17 @@ class ProxyCollector:
         yield GaugeMetricFamily(
             "l4proxy_draining", "1 while draining after SIGTERM.", value=int(proxy.draining)
         )
+        running, restarts = proxy.worker_counts()
+        yield GaugeMetricFamily(
+            "l4proxy_workers_running",
+            "Processes accepting connections (workers: N; 1 when the proxy is one process).",
+            value=running,
+        )
+        yield _counter(
+            "l4proxy_worker_restarts",
+            "Worker processes that died and were started again (workers: N).",
+            restarts,
+        )
         yield GaugeMetricFamily(
             "l4proxy_start_time_seconds", "Start time, Unix seconds.", value=proxy.started_at
         )
@@ -452,7 +458,7 @@ def status(proxy: Proxy) -> dict[str, Any]:
                 },
             }
         )
-    states = ["closing" if conn.closed else conn.state.value for conn in proxy.connections]
+    states = proxy.connection_states()
     return {
         "state": "draining" if proxy.draining else "serving",
         "ready": ready,
@@ -468,13 +474,13 @@ def status(proxy: Proxy) -> dict[str, Any]:
         },
         "tls": {"certificate": proxy.certificate},
         "connections": {
-            "open": len(states),
-            "forwarding": states.count("forwarding"),
-            "handshaking": states.count("handshake"),
-            "closing": states.count("closing"),
+            "open": sum(states.values()),
+            "forwarding": states["forwarding"],
+            "handshaking": states["handshake"],
+            "closing": states["closing"],
             "max_connections": proxy.config.max_connections,
             "max_handshakes": proxy.config.max_handshakes,
-            "accepted": proxy.stats.accepted,
+            "accepted": proxy.counters().accepted,
         },
         "upstreams": upstreams,
         "retired_upstreams": [
@@ -644,4 +650,6 @@ class AdminServer:
             return text_response(431, "request head too large"), False
         except asyncio.IncompleteReadError as exc:
             raise ConnectionError("client closed mid-request") from exc
+        if request.path in ("/metrics", "/status"):
+            await self.proxy.refresh()  # workers: N: their counts, as of now
         return self.respond(request), request.method == "HEAD"

@@ -30,6 +30,8 @@ class Capacity:
 
         def log_access(self, conn: ClientConnection, decision: str, reason: str) -> None: ...
 
+        def connection_closed(self, conn: ClientConnection, decision: str, reason: str) -> None: ...
+
     def full(self) -> str | None:
         """The cap a new connection would exceed, if any: ``max_connections`` counts
         every socket, ``max_handshakes`` the connections still in their handshake."""
@@ -82,6 +84,13 @@ class Capacity:
         cap = getattr(self.config, limit)
         self._capacity_full(limit, refused=1)
         self.log_access(conn, "over_capacity", f"{limit} {cap} reached")
+
+    def refused_after_accept(self, conn: ClientConnection, limit: str) -> None:
+        """``conn`` was counted, then refused: ``limit`` is reached proxy-wide and no
+        handshake of this worker could make room (``workers: N``)."""
+        cap = getattr(self.config, limit)
+        self._capacity_full(limit, refused=1)
+        self.connection_closed(conn, "over_capacity", f"{limit} {cap} reached")
 
     def _capacity_full(self, limit: str, *, refused: int = 0, evicted: int = 0) -> None:
         counts = self.at_capacity.get(limit)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import math
+import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -172,6 +173,30 @@ class Config:
     max_connections: int = 0  # open client connections at once, handshakes included; 0: no cap
     max_handshakes: int = 256  # connections still in their TLS handshake; 0: no separate cap
     proxy_protocol: ProxyProtocol = "none"  # the default for upstreams that do not say
+    # Worker processes that accept, handshake and forward (1: the proxy is one process;
+    # more: a supervisor owns the limits, health and admin, see workers.py).
+    workers: int = 1
+
+
+MAX_WORKERS = 64
+
+
+def available_cpus() -> int:
+    """The CPUs this process may run on (a container's cpuset, not the host's count)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def _workers(value: object) -> int:
+    """``workers``: a count from 1 to :data:`MAX_WORKERS`, or ``auto`` (one per CPU)."""
+    if value == "auto":
+        return min(MAX_WORKERS, available_cpus())
+    count = _int(value, "workers", 1)
+    if count > MAX_WORKERS:
+        raise ConfigError("workers", f"must be at most {MAX_WORKERS}, got {count}")
+    return count
 
 
 # --- scalar parsers -------------------------------------------------------------------
@@ -267,6 +292,7 @@ _TOP_KEYS = (
     "max_connections",
     "max_handshakes",
     "proxy_protocol",
+    "workers",
 )
 
 
@@ -637,6 +663,7 @@ def parse_config(raw: object, base_dir: Path) -> Config:
         max_connections=_opt(raw, "max_connections", 0, lambda v: _int(v, "max_connections", 0)),
         max_handshakes=_opt(raw, "max_handshakes", 256, lambda v: _int(v, "max_handshakes", 0)),
         proxy_protocol=proxy_protocol,
+        workers=_opt(raw, "workers", 1, _workers),
     )
     for key in ("listen", "metrics_listen"):
         admin = getattr(config.admin, key)
@@ -680,7 +707,13 @@ def _parse_text(text: str, path: Path) -> Config:
 
 
 def restart_needed(old: Config, new: Config) -> None:
-    """Raise :class:`ConfigError` for a change a reload cannot apply (the listeners)."""
+    """Raise :class:`ConfigError` for a change a reload cannot apply (the listeners and
+    the number of worker processes)."""
+    if new.workers != old.workers:
+        raise ConfigError(
+            "workers",
+            f"changing the number of workers ({old.workers} -> {new.workers}) needs a restart",
+        )
     if new.listen != old.listen:
         raise ConfigError(
             "listen", f"changing the listen address ({old.listen} -> {new.listen}) needs a restart"

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Protocol, cast
 from . import proxyproto
 from .closing import reset, reset_not_eof
 from .config import Upstream
+from .gate import Answer
 from .identity import NoIdentity
 from .lifecycle import End, Event, HalfClose, Kind, Lifecycle, Phase, Side
 from .router import Admission, Rejected
@@ -178,6 +179,7 @@ class ClientConnection(asyncio.Protocol):
     __slots__ = (
         "accepted",
         "admission",
+        "asked",
         "attempts",
         "bytes_down",
         "bytes_up",
@@ -228,7 +230,8 @@ class ClientConnection(asyncio.Protocol):
         self.tls = proxy.ssl_context.wrap_bio(self.incoming, self.outgoing, server_side=True)
         self.tls_core: TlsCore = self.tls._sslobj  # type: ignore[attr-defined]
         self.identity: str | None = None
-        self.admission: Admission | None = None
+        self.admission: Admission | None = None  # the router's, in this process
+        self.asked = False  # the supervisor may hold something for it (workers: N)
         self.upstream: Upstream | None = None
         self.upstream_transport: asyncio.Transport | None = None
         self.dial_task: asyncio.Task[None] | None = None
@@ -275,6 +278,20 @@ class ClientConnection(asyncio.Protocol):
         proxy.connections.add(self)
         proxy.handshaking[self] = None
         self.timer = self.loop.call_later(proxy.config.timeouts.handshake, self._handshake_timeout)
+        proxy.gate.opened(self)
+
+    def refuse_at_accept(self, limit: str) -> None:
+        """The supervisor says ``limit`` is reached and no handshake here may make room:
+        reset, as at accept (``workers: N``; the connection has done no TLS work)."""
+        self._cancel_timer()
+        self.life.phase = self.state = State.CLOSED
+        self.close_kind = "abort"
+        self.client_gone = True
+        self.logged = True
+        if self.transport is not None:
+            self.transport.abort()
+        self.proxy.gate.release(self)
+        self.proxy.refused_after_accept(self, limit)
 
     def data_received(self, data: bytes) -> None:
         state = self.state
@@ -409,41 +426,41 @@ class ClientConnection(asyncio.Protocol):
         assert self.identity is not None
         self._on(Kind.IDENTIFIED)
         self.transport.pause_reading()
-        result = self.proxy.router.admit(self.identity, self.loop.time())
-        if isinstance(result, Rejected):
-            self._on(Kind.REJECTED, result.reason, result.decision)
+        picked = self.proxy.gate.admit(self)
+        if isinstance(picked, Rejected):
+            self._on(Kind.REJECTED, picked.reason, picked.decision)
             return
-        self.admission = result
-        self._on(Kind.ADMITTED)
-        self.dial_task = self.loop.create_task(self._dial(), name=f"dial-{self.id}")
+        if isinstance(picked, Upstream):
+            self._on(Kind.ADMITTED)
+        self.dial_task = self.loop.create_task(self._dial(picked), name=f"dial-{self.id}")
 
-    async def _dial(self) -> None:
-        admission = self.admission
-        assert admission is not None
+    async def _dial(self, answer: Answer) -> None:
+        gate = self.proxy.gate
         timeout = self.proxy.config.timeouts.connect
         while True:
-            upstream = admission.lease.upstream
+            if not isinstance(answer, Upstream | Rejected):  # the supervisor's, to come
+                answer = await answer
+                if isinstance(answer, Upstream) and self.state is State.ADMITTING:
+                    self._on(Kind.ADMITTED)
+            if isinstance(answer, Rejected):
+                self.dial_task = None
+                self._on(Kind.REJECTED, answer.reason, answer.decision)
+                return
+            upstream = answer
             self.upstream = upstream
             self.attempts += 1
             try:
                 async with asyncio.timeout(timeout):
                     # The address the health checks resolved: no DNS on the dial path.
-                    host = self.proxy.resolver.cached(upstream.address) or upstream.address.host
                     transport, side = await self.loop.create_connection(
-                        UpstreamSide, host, upstream.address.port
+                        UpstreamSide, gate.host(upstream), upstream.address.port
                     )
             except OSError as exc:  # TimeoutError is an OSError
                 reason = describe_os_error(exc)
             else:
                 break
             self.proxy.stats.dial_failures[upstream.key, reason] += 1
-            transition, picked = self.proxy.router.dial_failed(admission, self.loop.time(), reason)
-            if transition is not None:
-                self.proxy.log_transition(upstream, transition, passive=True)
-            if isinstance(picked, Rejected):
-                self.admission = None  # dial_failed gave every slot back
-                self._on(Kind.REJECTED, picked.reason, picked.decision)
-                return
+            answer = gate.dial_failed(self, reason)
         self.dial_task = None
         if self.state is not State.DIALING:  # cannot happen: closing cancels this task
             transport.close()
@@ -670,10 +687,9 @@ class ClientConnection(asyncio.Protocol):
         if self.dial_task is not None:
             self.dial_task.cancel()
             self.dial_task = None
-        if self.admission is not None:
-            self.admission.release()
-            self.admission = None
         proxy = self.proxy
+        if self.admission is not None or self.asked:
+            proxy.gate.release(self)
         proxy.handshake_done(self)
         proxy.flush_writes()  # nothing overtakes a held write
         client = self.transport

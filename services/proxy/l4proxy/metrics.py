@@ -91,6 +91,26 @@ class Stats:
         self.lookups: dict[str, LookupStats] = {}  # by discovered group name
         self._clients: set[str] = set()
 
+    # What a worker counts (its connections); the rest is the supervisor's own.
+    CONNECTION_COUNTS = (
+        "closed",
+        "closes",
+        "handshake_failures",
+        "rate_limited",
+        "denied",
+        "dial_failures",
+        "bytes_closed",
+        "forwarded",
+    )
+
+    def absorb(self, other: Stats) -> None:
+        """Add ``other``'s connection counts to these (``workers: N``: the proxy's
+        counters are the sum of its workers')."""
+        self.accepted += other.accepted
+        for name in self.CONNECTION_COUNTS:
+            counts: Counter[object] = getattr(self, name)
+            counts.update(getattr(other, name))
+
     def client_label(self, identity: str | None) -> str:
         if identity is None:
             return "-"

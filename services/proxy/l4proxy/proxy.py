@@ -15,7 +15,8 @@ import contextlib
 import datetime as dt
 import itertools
 import time
-from collections.abc import Awaitable
+from collections import Counter
+from collections.abc import Awaitable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from .admin import METRICS_ROUTES, AdminServer
 from .capacity import Capacity
 from .config import Address, Config, ConfigError, check_files, read_config, restart_needed
 from .connection import HOLD_LIMIT, READ_SIZE, ClientConnection, State
+from .gate import Gate, LocalGate
 from .health import Health
 from .healthchecks import HealthChecks
 from .identity import IdentityCache
@@ -50,6 +52,8 @@ class Proxy(Capacity, HealthChecks, AccessLog):
     Operations: :meth:`reload` (SIGHUP, ``POST /reload``), :meth:`drain` (SIGTERM) and
     :meth:`stop`. The admin listener, if configured, is started and stopped with it."""
 
+    EVENT_PREFIX = ""  # of the draining and stopped lines (a worker's say worker_...)
+
     def __init__(
         self,
         config: Config,
@@ -67,6 +71,7 @@ class Proxy(Capacity, HealthChecks, AccessLog):
         self.started_at = time.time()
         self.log = log or JsonLog()
         self.router = Router(config)
+        self.gate: Gate = LocalGate(self)
         self.ssl_context = server_context(config.tls)
         self.ca_pem = _read(config.tls.ca)  # as loaded: a reload compares (revocation)
         self.certificate = certificate_facts(config.tls.cert)  # what /status shows
@@ -80,7 +85,7 @@ class Proxy(Capacity, HealthChecks, AccessLog):
         # Decrypted client bytes, one chunk at a time: reused while the upstream
         # transports send what they are given at once (see ClientConnection._send_up).
         self.read_buffer = memoryview(bytearray(READ_SIZE))
-        self.ids = itertools.count(1)
+        self.ids: Iterator[int] = itertools.count(1)
         self.held: list[tuple[asyncio.Transport, bytes]] = []  # see write_soon
         self.held_bytes = 0
         self.loop = asyncio.get_running_loop()
@@ -141,8 +146,8 @@ class Proxy(Capacity, HealthChecks, AccessLog):
             exception=repr(exc) if exc is not None else None,
         )
 
-    async def start(self) -> None:
-        self.loop.set_exception_handler(self._on_loop_error)
+    async def _listen(self) -> None:
+        """Start accepting client connections; set :attr:`address`."""
         listen = self.config.listen
         try:
             self.server = await self.loop.create_server(
@@ -156,6 +161,15 @@ class Proxy(Capacity, HealthChecks, AccessLog):
             raise OSError(exc.errno, f"cannot listen on {listen}: {exc.strerror}") from exc
         sock = self.server.sockets[0].getsockname()
         self.address = (str(sock[0]), int(sock[1]))
+
+    def _stop_listening(self) -> None:
+        if self.server is not None:
+            self.server.close()
+
+    async def start(self) -> None:
+        self.loop.set_exception_handler(self._on_loop_error)
+        await self._listen()
+        assert self.address is not None
         admin = self.config.admin
         try:
             if admin.listen is not None:
@@ -167,7 +181,7 @@ class Proxy(Capacity, HealthChecks, AccessLog):
                     self.metrics, admin.metrics_listen, "admin.metrics_listen"
                 )
         except OSError:
-            self.server.close()
+            await self._unlisten()
             if self.admin is not None:
                 await self.admin.stop()
             raise
@@ -184,12 +198,54 @@ class Proxy(Capacity, HealthChecks, AccessLog):
             balancer=self.config.balancer,
             max_connections=self.config.max_connections,
             config_sha256=self.config_sha256,
+            **self._listening_fields(),
         )
+
+    async def _unlisten(self) -> None:
+        """A start that failed after :meth:`_listen`: stop accepting."""
+        self._stop_listening()
+
+    def _listening_fields(self) -> dict[str, Any]:
+        return {}
+
+    @property
+    def serving(self) -> bool:
+        return self.server is not None and self.server.is_serving()
+
+    # --- what /status and /metrics read (the whole proxy's, see workers.py) -----------
+
+    def counters(self) -> Stats:
+        return self.stats
+
+    def connection_states(self) -> Counter[str]:
+        """Open client connections by state; ``closing``: ended, its socket not yet gone."""
+        return Counter("closing" if conn.closed else conn.state.value for conn in self.connections)
+
+    def open_bytes(self) -> Counter[tuple[str, str]]:
+        """Bytes open connections have moved so far, by (upstream, direction)."""
+        moved: Counter[tuple[str, str]] = Counter()
+        for conn in self.connections:
+            if conn.upstream is not None and (conn.bytes_up or conn.bytes_down):
+                key = conn.upstream.key
+                moved[key, "up"] += conn.bytes_up
+                moved[key, "down"] += conn.bytes_down
+        return moved
+
+    def open_count(self) -> int:
+        return len(self.connections)
+
+    def worker_counts(self) -> tuple[int, int]:
+        """(processes accepting now, restarts so far)."""
+        return int(self.serving), 0
+
+    async def refresh(self) -> None:
+        """Bring :meth:`counters` and the connection views up to date (nothing to do
+        in one process)."""
 
     @property
     def ready(self) -> tuple[bool, str]:
         """``/ready``: listening, not draining, and at least one upstream is up."""
-        if self.server is None or not self.server.is_serving():
+        if not self.serving:
             return False, "draining" if self.draining else "not listening"
         if self.draining:
             return False, "draining"
@@ -229,9 +285,6 @@ class Proxy(Capacity, HealthChecks, AccessLog):
         if config.timeouts.idle != old_idle:
             for conn in list(self.connections):
                 conn.rearm_idle()
-        revoked = 0
-        if config.authorization.on_reload == "close":
-            revoked = self.revoke(ca_changed=ca_changed)
         result = ReloadResult(
             ok=True,
             message="reloaded",
@@ -241,18 +294,31 @@ class Proxy(Capacity, HealthChecks, AccessLog):
         )
         self.stats.reloads["ok"] += 1
         self.last_reload = {"result": "ok", "at": self.loaded_at, "sha256": digest}
-        self.log.emit(
-            "reload",
-            result="ok",
-            config_sha256=digest,
-            upstreams=new_keys,
-            groups={g.name: str(g.address) for g in config.groups},
-            added=list(result.added),
-            removed=list(result.removed),
-            open_connections=len(self.connections),
-            revoked=revoked,
+        self._reloaded(
+            ca_changed,
+            {
+                "result": "ok",
+                "config_sha256": digest,
+                "upstreams": new_keys,
+                "groups": {g.name: str(g.address) for g in config.groups},
+                "added": list(result.added),
+                "removed": list(result.removed),
+            },
         )
         return result
+
+    def _reloaded(self, ca_changed: bool, fields: dict[str, Any]) -> None:
+        """The reload applied here: revoke what it says, then its log line."""
+        revoked = 0
+        if self.config.authorization.on_reload == "close":
+            revoked = self.revoke(ca_changed=ca_changed)
+        self.log.emit("reload", **fields, open_connections=len(self.connections), revoked=revoked)
+
+    def permits(self, conn: ClientConnection) -> bool:
+        """May ``conn`` keep its upstream under the rules now in force."""
+        assert conn.identity is not None
+        assert conn.upstream is not None
+        return self.router.permits(conn.identity, conn.upstream)
 
     def revoke(self, *, ca_changed: bool) -> int:
         """``authorization.on_reload: close``: end every admitted connection whose
@@ -267,7 +333,7 @@ class Proxy(Capacity, HealthChecks, AccessLog):
                 continue
             if conn.identity is None or conn.upstream is None:
                 continue
-            keep = self.router.permits(conn.identity, conn.upstream)
+            keep = self.permits(conn)
             if keep and ca_changed:
                 der = conn.tls.getpeercert(binary_form=True) or b""
                 if der not in verdicts:
@@ -293,10 +359,11 @@ class Proxy(Capacity, HealthChecks, AccessLog):
 
         Returns how it ended: ``drained`` (every connection finished), ``drain_timeout``
         or ``forced``; the ``stopped`` log line says the same."""
-        if self.server is not None:
-            self.server.close()
+        self._stop_listening()
         self.draining = True
-        self.log.emit("draining", open_connections=len(self.connections), grace_s=grace)
+        self.log.emit(
+            f"{self.EVENT_PREFIX}draining", open_connections=len(self.connections), grace_s=grace
+        )
         outcome = "drained"
         if self.connections:
             waits: list[asyncio.Future[Any]] = [asyncio.ensure_future(self.wait_empty())]
@@ -319,8 +386,7 @@ class Proxy(Capacity, HealthChecks, AccessLog):
         with ``shutdown`` like a plain stop), into the access line of each connection."""
         left = len(self.connections)
         self.stopping = True
-        if self.server is not None:
-            self.server.close()
+        self._stop_listening()
         for conn in list(self.connections):
             conn.shutdown("shutdown" if reason == "forced" else reason)
         # Closing connections get timeouts.close to deliver what they hold, then a reset.
@@ -329,6 +395,11 @@ class Proxy(Capacity, HealthChecks, AccessLog):
                 await asyncio.wait_for(self.wait_empty(), self.config.timeouts.close + 0.5)
         for conn in list(self.connections):
             conn.force_close()  # cannot happen: each has a close timer
+        await self._stop_background()
+        self.log.emit(f"{self.EVENT_PREFIX}stopped", open_connections=left, reason=reason)
+
+    async def _stop_background(self) -> None:
+        """Stop the health checks, lookups and admin listeners."""
         self.resolver.cancel()
         tasks = [*self.tasks, *self.health_tasks.values(), *self.discovery_tasks.values()]
         for task in tasks:
@@ -340,7 +411,6 @@ class Proxy(Capacity, HealthChecks, AccessLog):
         for listener in (self.admin, self.metrics):
             if listener is not None:
                 await listener.stop()
-        self.log.emit("stopped", open_connections=left, reason=reason)
 
     # --- connections ---------------------------------------------------------------------
 

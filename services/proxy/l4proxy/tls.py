@@ -98,3 +98,46 @@ def certificate_facts(path: Path) -> dict[str, Any]:
         "not_after": cert.not_valid_after_utc.isoformat().replace("+00:00", "Z"),
         "sha256": hashlib.sha256(cert.public_bytes(Encoding.DER)).hexdigest(),
     }
+
+
+# --- session ticket keys shared by workers (workers: N) ---------------------------------
+
+TICKET_KEYS_SIZE = 80  # OpenSSL's ticket key: 16 bytes name, 32 HMAC, 32 AES
+_GET_TICKET_KEYS = 58  # SSL_CTRL_GET_TLSEXT_TICKET_KEYS
+_SET_TICKET_KEYS = 59  # SSL_CTRL_SET_TLSEXT_TICKET_KEYS
+
+
+def set_ticket_keys(context: ssl.SSLContext, keys: bytes) -> str | None:
+    """Give ``context`` the TLS session ticket keys ``keys`` (the supervisor's, the same
+    for every worker), so a ticket one worker issued resumes on any of them. Python's
+    ``ssl`` has no call for it: this reaches OpenSSL's ``SSL_CTX_ctrl`` through ctypes,
+    finding the ``SSL_CTX`` where CPython keeps it (the first field after the object
+    header) and proving it is that one (its options read back as ``context.options``)
+    before writing, then reading the keys back. Returns None when the keys are set,
+    else why not (the context keeps its own keys: resumption then works only on the
+    worker that issued the ticket)."""
+    if len(keys) != TICKET_KEYS_SIZE:
+        return f"ticket keys must be {TICKET_KEYS_SIZE} bytes, not {len(keys)}"
+    try:
+        import _ssl  # noqa: PLC0415 - only workers need it
+        import ctypes  # noqa: PLC0415
+
+        library = ctypes.CDLL(getattr(_ssl, "__file__", None))
+        ctrl = library.SSL_CTX_ctrl
+        ctrl.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_void_p]
+        ctrl.restype = ctypes.c_long
+        options = library.SSL_CTX_get_options
+        options.argtypes = [ctypes.c_void_p]
+        options.restype = ctypes.c_uint64
+        header = 2 * ctypes.sizeof(ctypes.c_ssize_t)  # ob_refcnt, ob_type
+        pointer = ctypes.c_void_p.from_address(id(context) + header).value
+        if not pointer or options(pointer) != int(context.options):
+            return "this Python keeps its SSL_CTX elsewhere"
+        if ctrl(pointer, _SET_TICKET_KEYS, TICKET_KEYS_SIZE, keys) != 1:
+            return "OpenSSL refused the keys"
+        check = ctypes.create_string_buffer(TICKET_KEYS_SIZE)
+        if ctrl(pointer, _GET_TICKET_KEYS, TICKET_KEYS_SIZE, check) != 1 or check.raw != keys:
+            return "the keys did not read back"
+    except (OSError, AttributeError, ValueError) as exc:
+        return f"OpenSSL's SSL_CTX_ctrl is out of reach: {exc}"
+    return None

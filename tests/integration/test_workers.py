@@ -1,0 +1,203 @@
+"""``workers: 2``: a supervisor and two worker processes, through real sockets.
+
+What a user relies on when the proxy uses more than one core: connections land on
+both workers; the per-identity token bucket, ``max_concurrent`` and least connections
+are proxy-wide, not per worker; a worker that dies is restarted and gives back every
+slot its connections held; ``/status`` and ``/metrics`` count the whole proxy; drain
+reaches every worker. (The whole integration tier also runs with ``workers: 2``:
+``L4PROXY_TEST_WORKERS=2``; see the README.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from collections import Counter
+
+import uvloop
+
+from tests.integration.test_tls import blocking_exchange
+from tests.support.harness import Lab
+from tests.support.loops import wait_for
+from tests.support.tlsclient import End, TlsClient, client_context, exchange
+
+ATTEMPTS = 120
+
+
+def burst(lab: Lab, stem: str, n: int, concurrency: int = 8) -> list[End | None]:
+    """``n`` connections from ``stem``, ``concurrency`` at a time, each a whole exchange."""
+
+    async def main() -> list[End | None]:
+        ctx = client_context(lab.certs, stem)
+        gate = asyncio.Semaphore(concurrency)
+
+        async def one() -> End | None:
+            async with gate:
+                _, end = await exchange(lab.address, ctx)
+                return end
+
+        return list(await asyncio.gather(*(one() for _ in range(n))))
+
+    return uvloop.run(main())
+
+
+def by_worker(records: list[dict[str, object]]) -> Counter[object]:
+    return Counter(r.get("worker") for r in records)
+
+
+def test_connections_land_on_both_workers_and_the_counts_are_the_whole_proxys(lab: Lab) -> None:
+    lab.start_upstreams(["echo"] * 3)
+    lab.start_proxy(lab.config(workers=2))
+    ends = burst(lab, "client.a", ATTEMPTS)
+    assert set(ends) == {End.CLOSE_NOTIFY}
+    lines = lab.logs.wait_for("access", count=ATTEMPTS)
+    assert {r["decision"] for r in lines} == {"forwarded"}
+    spread = by_worker(lines)
+    assert set(spread) == {1, 2}, spread
+    assert min(spread.values()) >= ATTEMPTS // 4, spread  # SO_REUSEPORT hashes 4-tuples
+    assert len({r["conn"] for r in lines}) == ATTEMPTS  # ids unique across workers
+    # Least connections over both workers' connections: all three upstreams served.
+    assert set(Counter(r["upstream"] for r in lines)) == {u.address for u in lab.upstreams}
+    # Health checks and their lines are the supervisor's alone.
+    assert all("worker" not in r for r in lab.logs.events("health"))
+    status, body = lab.admin_json("/status")
+    assert status == 200
+    assert body["connections"]["accepted"] == ATTEMPTS
+    _, _, metrics = lab.admin("/metrics")
+    assert f"l4proxy_connections_accepted_total {float(ATTEMPTS)}" in metrics.decode()
+    assert (
+        'l4proxy_connections_closed_total{decision="forwarded"} ' + str(float(ATTEMPTS))
+        in metrics.decode()
+    )
+    assert lab.active() == [0, 0, 0]
+    assert lab.open_connections() == 0
+
+
+def test_one_token_bucket_for_both_workers(lab: Lab) -> None:
+    """A burst client gets exactly ``burst`` connections proxy-wide: with a bucket per
+    worker it would get up to twice that. (The refill, one token per 1,000 s, adds
+    none during the test.)"""
+    lab.start_upstreams(["echo"] * 2)
+    rate_limit = {"enabled": True, "rate": 0.001, "burst": 7, "cleanup_interval": "1h"}
+    lab.start_proxy(lab.config(workers=2, rate_limit=rate_limit))
+    burst(lab, "client.b", 60, concurrency=6)
+    lines = lab.logs.wait_for("access", count=60)
+    decisions = Counter(r["decision"] for r in lines)
+    assert decisions == {"forwarded": 7, "rate_limited": 53}, decisions
+    limited = [r for r in lines if r["decision"] == "rate_limited"]
+    assert set(by_worker(limited)) == {1, 2}  # both workers asked the one bucket
+    assert lab.active() == [0, 0]
+
+
+def test_max_concurrent_never_lets_a_fourth_stream_open(lab: Lab) -> None:
+    lab.start_upstreams(["echo"] * 2)
+    rate_limit = {"enabled": True, "rate": 1000, "burst": 1000, "max_concurrent": 3}
+    lab.start_proxy(lab.config(workers=2, rate_limit=rate_limit))
+    ctx = client_context(lab.certs, "client.c")
+
+    async def main() -> tuple[list[bytes], bytes]:
+        held = [await TlsClient.connect(lab.address, ctx) for _ in range(3)]
+        for client in held:  # each one forwarding: its echo came back
+            await client.send(b"ping")
+            assert await client.recv() == b"ping"
+        refused = []
+        for _ in range(40):
+            data, _ = await exchange(lab.address, ctx)
+            refused.append(data)
+        await held[0].aclose()
+        lab.logs.wait_for("access", count=41)  # 40 refused + the one closed
+        data, _ = await exchange(lab.address, ctx, b"again")
+        for client in held[1:]:
+            await client.aclose()
+        return refused, data
+
+    refused, data = uvloop.run(main())
+    assert refused == [b""] * 40  # not one byte through
+    assert data == b"again"
+    lines = lab.logs.wait_for("access", count=44)
+    limited = [r for r in lines if r["decision"] == "rate_limited"]
+    assert len(limited) == 40
+    assert {r["reason"] for r in limited} == {"max_concurrent"}
+    assert set(by_worker(limited)) == {1, 2}
+    assert lab.active() == [0, 0]
+
+
+def test_a_killed_worker_is_restarted_and_gives_back_its_slots(lab: Lab) -> None:
+    lab.start_upstreams(["echo"] * 2)
+    rate_limit = {"enabled": True, "rate": 1000, "burst": 1000, "max_concurrent": 4}
+    proxy = lab.start_proxy(lab.config(workers=2, rate_limit=rate_limit))
+    listening = lab.logs.wait_for("listening")[0]
+    pids = listening["pids"]
+    ctx = client_context(lab.certs, "client.d")
+
+    async def hold(n: int) -> list[TlsClient]:
+        clients = [await TlsClient.connect(lab.address, ctx) for _ in range(n)]
+        for client in clients:
+            await client.send(b"x")
+            assert await client.recv() == b"x"
+        return clients
+
+    async def main() -> None:
+        clients = await hold(4)  # max_concurrent: all of client.d's slots
+        wait_for("four admitted", lambda: sum(lab.active()) == 4)
+        os.kill(pids[0], signal.SIGKILL)
+        exited = lab.logs.wait_for("worker_exited")[0]
+        assert exited["worker"] == 1
+        assert exited["signal"] == "SIGKILL"
+        lab.logs.wait_for("worker_started", worker=1)
+        # The dead worker's connections gave their slots back; the other's kept theirs.
+        survivors = sum(lab.active())
+        assert survivors == 4 - exited["released"]
+        replaced = await hold(4 - survivors)  # room again, on either worker
+        for client in clients + replaced:
+            await client.aclose()
+
+    uvloop.run(main())
+    wait_for("all slots back", lambda: lab.active() == [0, 0])
+    assert proxy.serving
+
+
+def test_a_ticket_from_one_worker_resumes_on_the_other(lab: Lab) -> None:
+    """Every worker has the supervisor's session ticket keys: a returning client resumes
+    wherever its connection lands (with each worker's own keys, half would not)."""
+    lab.start_upstreams(["echo"])
+    lab.start_proxy(lab.config(workers=2))
+    ctx = client_context(lab.certs, "client.b")
+    reply, resumed, session = blocking_exchange(lab, ctx, b"first")
+    assert (reply, resumed) == (b"first", False)
+    results = [blocking_exchange(lab, ctx, b"again", session)[:2] for _ in range(16)]
+    assert results == [(b"again", True)] * 16
+    lines = lab.logs.wait_for("access", count=17)
+    assert set(by_worker(lines[1:])) == {1, 2}  # resumed on both workers
+    assert not lab.logs.events("error")
+
+
+def test_drain_reaches_every_worker_and_waits_for_their_connections(lab: Lab) -> None:
+    lab.start_upstreams(["echo"])
+    proxy = lab.start_proxy(lab.config(workers=2, timeouts={"drain": "10s"}))
+    ctx = client_context(lab.certs, "client.e")
+
+    async def main() -> bytes:
+        clients = [await TlsClient.connect(lab.address, ctx) for _ in range(6)]
+        for client in clients:
+            await client.send(b"before")
+            assert await client.recv() == b"before"
+        draining = asyncio.wrap_future(
+            asyncio.run_coroutine_threadsafe(proxy.drain(10.0), lab.proxy_loop.loop)
+        )
+        lab.logs.wait_for("draining")
+        # New connections are refused; open ones keep flowing until they end.
+        for client in clients:
+            await client.send(b"during")
+            assert await client.recv() == b"during"
+            await client.close_notify()
+            await client.recv_all()
+            await client.aclose()
+        return str(await draining).encode()
+
+    assert uvloop.run(main()) == b"drained"
+    stopped = lab.logs.wait_for("stopped", where=lambda r: "worker" not in r)[0]
+    assert stopped["reason"] == "drained"
+    assert stopped["workers"] == 2
+    lab.proxy = None  # stopped: nothing left for the harness to stop
