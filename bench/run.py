@@ -1080,6 +1080,25 @@ def fmt(x: float | None) -> str:
     return f"{x:.3f}"
 
 
+def worker_shares(runs: Runs) -> list[str]:
+    """With ``--workers N``: how our connections spread over the workers, per run (the
+    workers' access lines), e.g. ``50.4/49.6``."""
+    lines = []
+    for placement, by_workload in runs.items():
+        for workload, by_kind in by_workload.items():
+            shares = []
+            for r in by_kind.get("ours", []):
+                counts = r.get("proxy_log", {}).get("by_worker") or {}
+                total = sum(counts.values())
+                if total:
+                    shares.append("/".join(f"{100 * n / total:.1f}" for n in counts.values()))
+            if shares:
+                lines.append(
+                    f"our connections by worker, {placement} {workload}: {', '.join(shares)} %"
+                )
+    return lines
+
+
 def print_table(rows: list[dict[str, Any]], runs: Runs, cpus: Sequence[int]) -> None:
     head = ("workload", "metric", "unit", "ours", "haproxy", "ours/hap", "range", "target", "")
     for placement in runs:
@@ -1114,6 +1133,8 @@ def print_table(rows: list[dict[str, Any]], runs: Runs, cpus: Sequence[int]) -> 
             if n == 0:
                 print("  ".join("-" * w for w in widths))
         print()
+    for line in worker_shares(runs):
+        print(line)
     noisy = False
     for placement, by_workload in runs.items():
         for workload, by_kind in by_workload.items():

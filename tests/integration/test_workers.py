@@ -13,10 +13,13 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import subprocess
 from collections import Counter
+from pathlib import Path
 
 import uvloop
 
+from tests.integration.test_cli import Child, child_env, command, write_config
 from tests.integration.test_tls import blocking_exchange
 from tests.support.harness import Lab
 from tests.support.loops import wait_for
@@ -201,3 +204,61 @@ def test_drain_reaches_every_worker_and_waits_for_their_connections(lab: Lab) ->
     assert stopped["reason"] == "drained"
     assert stopped["workers"] == 2
     lab.proxy = None  # stopped: nothing left for the harness to stop
+
+
+def test_sigterm_to_the_whole_process_group_drains_instead_of_cutting(
+    lab: Lab, tmp_path: Path
+) -> None:
+    """systemd stops a service by signalling every process in it, and Ctrl-C reaches the
+    terminal's whole group: the workers leave it to the supervisor, so open streams
+    still finish and the proxy exits 0 after the drain."""
+    (upstream,) = lab.start_upstreams(["echo"])
+    config = write_config(
+        tmp_path / "proxy.yaml",
+        lab.certs,
+        [upstream.address],
+        workers=2,
+        timeouts={"drain": "20s"},
+    )
+    with subprocess.Popen(
+        command(config),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=child_env(),
+        start_new_session=True,  # its own process group, as under systemd
+    ) as proc:
+        child = Child(proc)
+        try:
+            child.wait_for("health", upstream=upstream.address, new="up")
+            address = child.address()
+
+            async def main() -> bytes:
+                ctx = client_context(lab.certs, "client.b")
+                clients = [await TlsClient.connect(address, ctx) for _ in range(4)]
+                for client in clients:
+                    await client.send(b"before")
+                    assert await client.recv_exactly(6) == b"before"
+                os.killpg(proc.pid, signal.SIGTERM)
+                await asyncio.to_thread(child.wait_for, "draining")
+                received = b""
+                for client in clients:  # every stream still works, on either worker
+                    await client.send(b"after")
+                    received += await client.recv_exactly(5)
+                    await client.close_notify()
+                    await client.recv_all()
+                    await client.aclose()
+                return received
+
+            assert uvloop.run(main()) == b"after" * 4
+            assert proc.wait(30) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+            child.join()
+    stopped = child.wait_for("stopped")
+    assert (stopped["reason"], stopped["workers"]) == ("drained", 2)
+    assert not child.events("worker_exited")
+    ends = {r["reason"] for r in child.events("access")}
+    assert ends == {"eof"}, ends

@@ -4,6 +4,8 @@ per-round ratios and their range in the summary."""
 from __future__ import annotations
 
 import importlib.util
+import os
+import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -76,3 +78,26 @@ def test_every_placement_is_described_by_what_runs_where() -> None:
     )
     assert bench.describe_placement("one-cpu", [0, 1]) == "one-cpu: every process on CPU 0"
     assert bench.describe_placement("unpinned", [0, 1]) == "unpinned: no process pinned"
+
+
+def test_the_workers_share_of_connections_is_reported_per_run() -> None:
+    run = {"proxy_log": {"by_worker": {"1": 2559, "2": 2505}}}
+    runs = {"unpinned": {"churn": {"ours": [run, run], "haproxy": [{}]}}}
+    assert bench.worker_shares(runs) == [
+        "our connections by worker, unpinned churn: 50.5/49.5, 50.5/49.5 %"
+    ]
+    assert bench.worker_shares({"unpinned": {"churn": {"ours": [{}]}}}) == []
+
+
+def test_the_proxys_cpu_time_includes_its_worker_processes() -> None:
+    """``workers: N``: the proxy is a process tree; its CPU time is the tree's."""
+    child = subprocess.Popen(
+        [sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE
+    )
+    try:
+        assert child.pid in bench.process_tree(os.getpid())
+        assert bench.process_tree(child.pid) == [child.pid]
+    finally:
+        assert child.stdin is not None
+        child.stdin.close()
+        child.wait(10)

@@ -287,9 +287,11 @@ async def serve(slot: int, sock: socket.socket, channel_sock: socket.socket) -> 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     slot, listen_fd, channel_fd = (int(a) for a in args)
-    # Ctrl-C reaches the whole process group: the supervisor decides, and tells us.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    # Signals for the proxy go to the supervisor, which tells the workers what to do.
+    # Some reach every process (Ctrl-C in a terminal, systemd's stop of a whole cgroup):
+    # a worker that died of them would cut its connections instead of draining them.
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_IGN)
     sock = socket.socket(fileno=listen_fd)
     channel_sock = socket.socket(fileno=channel_fd)
     try:
