@@ -19,6 +19,9 @@ from pathlib import Path
 
 import uvloop
 
+from l4proxy.ratelimit import TokenBucket
+from l4proxy.router import Admission, Rejected
+from l4proxy.supervisor import Supervisor
 from tests.integration.test_cli import Child, child_env, command, write_config
 from tests.integration.test_tls import blocking_exchange
 from tests.support.harness import Lab
@@ -91,6 +94,38 @@ def test_one_token_bucket_for_both_workers(lab: Lab) -> None:
     limited = [r for r in lines if r["decision"] == "rate_limited"]
     assert set(by_worker(limited)) == {1, 2}  # both workers asked the one bucket
     assert lab.active() == [0, 0]
+
+
+def test_admissions_replay_exactly_on_one_token_bucket(lab: Lab) -> None:
+    """With a refill that matters (20 tokens/s, burst 5) and 100 connections over about
+    two seconds from both workers, every admit decision the supervisor made is the one
+    a single bucket makes when replayed at the same times: one bucket for the whole
+    proxy, not one per worker (which would admit about twice as many)."""
+    lab.start_upstreams(["echo"])
+    rate_limit = {"enabled": True, "rate": 20, "burst": 5, "cleanup_interval": "1h"}
+    proxy = lab.start_proxy(lab.config(workers=2, rate_limit=rate_limit))
+    assert isinstance(proxy, Supervisor)
+    decisions: list[tuple[float, int, bool]] = []  # (time, worker, admitted)
+    admit = proxy.ledger.admit
+
+    def recording(worker: int, conn: int, identity: str, now: float) -> Admission | Rejected:
+        result = admit(worker, conn, identity, now)
+        decisions.append((now, worker, isinstance(result, Admission)))
+        return result
+
+    proxy.ledger.admit = recording  # type: ignore[method-assign]
+    burst(lab, "client.a", 100, concurrency=4)
+    lab.logs.wait_for("access", count=100)
+    assert len(decisions) == 100
+    bucket = TokenBucket.full(20, 5, decisions[0][0])
+    replayed = [bucket.take(now) for now, _, _ in decisions]
+    assert replayed == [admitted for _, _, admitted in decisions]
+    admitted = [worker for _, worker, ok in decisions if ok]
+    refused = [worker for _, worker, ok in decisions if not ok]
+    assert set(admitted) == {1, 2}
+    assert set(refused) == {1, 2}
+    span = decisions[-1][0] - decisions[0][0]
+    assert len(admitted) <= 5 + 20 * span + 1
 
 
 def test_max_concurrent_never_lets_a_fourth_stream_open(lab: Lab) -> None:

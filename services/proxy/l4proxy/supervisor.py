@@ -76,6 +76,12 @@ class WorkerHandle:
     def alive(self) -> bool:
         return self.process is not None and self.process.returncode is None
 
+    @property
+    def serving(self) -> bool:
+        """Running, and it said it accepts."""
+        started = self.started
+        return self.alive and self.channel is not None and started is not None and started.done()
+
 
 class Supervisor(Proxy):
     def __init__(
@@ -135,7 +141,7 @@ class Supervisor(Proxy):
 
     @property
     def serving(self) -> bool:
-        return self.accepting and all(h.alive and h.channel for h in self.handles)
+        return self.accepting and all(h.serving for h in self.handles)
 
     def _close_sockets(self) -> None:
         for handle in self.handles:
@@ -172,6 +178,9 @@ class Supervisor(Proxy):
                 stdout=asyncio.subprocess.PIPE,
                 env={**os.environ, "PYTHONPATH": _pythonpath()},
             )
+        except BaseException:
+            ours.close()
+            raise
         finally:
             theirs.close()
         handle.process = process
@@ -242,9 +251,8 @@ class Supervisor(Proxy):
             return
         try:
             await self._spawn(handle)
-        except OSError as exc:
-            self.log.emit("error", message=f"worker {handle.slot} did not restart: {exc}")
-            return
+        except OSError:
+            return  # it exited at start: its own watch logs that and tries again
         restarted = handle.process
         self.log.emit(
             "worker_started", worker=handle.slot, pid=restarted.pid if restarted else None
@@ -338,7 +346,7 @@ class Supervisor(Proxy):
         return self.open_total
 
     def worker_counts(self) -> tuple[int, int]:
-        running = sum(1 for h in self.handles if h.alive and h.channel is not None)
+        running = sum(1 for h in self.handles if h.serving)
         return running, self.restarts
 
     # --- reload, drain, stop ----------------------------------------------------------
