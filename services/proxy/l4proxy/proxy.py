@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import inspect
 import itertools
 import time
 from collections import Counter
@@ -376,6 +377,8 @@ class Proxy(Capacity, HealthChecks, AccessLog):
                 future.cancel()
             if self.connections:
                 outcome = "drain_timeout" if not done else "forced"
+        elif inspect.iscoroutine(force):
+            force.close()  # nothing to wait for: never awaited, and says so at exit
         await self.stop(outcome)
         return outcome
 
