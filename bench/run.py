@@ -209,16 +209,21 @@ def process_tree(pid: int) -> list[int]:
     return out
 
 
-def cpu_times(pid: int) -> tuple[float, float]:
-    """(utime, stime) of the process and its descendants (all threads), in seconds."""
-    user = system = 0.0
+def tree_texts(pid: int, name: str) -> Iterator[str]:
+    """``/proc/PID/<name>`` of the process and of each descendant still there (one that
+    just exited is skipped; the process itself gone is an OSError)."""
     for i, one in enumerate(process_tree(pid)):
         try:
-            stat = Path(f"/proc/{one}/stat").read_text()
+            yield Path(f"/proc/{one}/{name}").read_text()
         except OSError:
             if i == 0:
                 raise
-            continue  # a descendant that just exited
+
+
+def cpu_times(pid: int) -> tuple[float, float]:
+    """(utime, stime) of the process and its descendants (all threads), in seconds."""
+    user = system = 0.0
+    for stat in tree_texts(pid, "stat"):
         fields = stat[stat.rindex(")") + 2 :].split()
         user += int(fields[11]) / CLK_TCK  # fields 14 and 15, stat(5)
         system += int(fields[12]) / CLK_TCK
@@ -227,24 +232,15 @@ def cpu_times(pid: int) -> tuple[float, float]:
 
 def sched_seconds(pid: int) -> float:
     """Time on CPU from /proc/PID/schedstat (nanoseconds): a finer cross-check."""
-    total = 0.0
-    for one in process_tree(pid):
-        try:
-            total += int(Path(f"/proc/{one}/schedstat").read_text().split()[0]) / 1e9
-        except (OSError, ValueError, IndexError):
-            return math.nan
-    return total
+    try:
+        return sum(int(text.split()[0]) / 1e9 for text in tree_texts(pid, "schedstat"))
+    except (OSError, ValueError, IndexError):
+        return math.nan
 
 
 def memory_kib(pid: int) -> dict[str, int]:
     out: dict[str, int] = {"VmRSS": 0, "VmHWM": 0}
-    for i, one in enumerate(process_tree(pid)):
-        try:
-            text = Path(f"/proc/{one}/status").read_text()
-        except OSError:
-            if i == 0:
-                raise
-            continue
+    for text in tree_texts(pid, "status"):
         for line in text.splitlines():
             key, _, value = line.partition(":")
             if key in out:

@@ -83,6 +83,7 @@ def test_check_accepts_a_valid_file(certs: Path, tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     assert "is valid" in done.stdout
     assert "2 upstream(s)" in done.stdout
+    assert f"{WORKERS} worker(s)" in done.stdout
     assert "Traceback" not in done.stderr
 
 

@@ -71,7 +71,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(
             f"l4proxy: {args.config} is valid: listen {config.listen}, "
             f"{len(config.upstreams)} upstream(s), "
-            f"{len(config.groups)} discovered group(s), balancer {config.balancer}"
+            f"{len(config.groups)} discovered group(s), balancer {config.balancer}, "
+            f"{config.workers} worker(s)"
         )
         return 0
     # libuv resolves names on a pool of worker threads (4 by default). Lookups are

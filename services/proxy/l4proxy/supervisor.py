@@ -34,7 +34,6 @@ from .ledger import Ledger
 from .logs import JsonLog
 from .metrics import Stats
 from .proxy import Proxy
-from .resolver import Lookup
 from .router import Admission, Rejected
 from .tls import TICKET_KEYS_SIZE
 from .worker import ID_BLOCK
@@ -84,18 +83,9 @@ class WorkerHandle:
 
 
 class Supervisor(Proxy):
-    def __init__(
-        self,
-        config: Config,
-        log: JsonLog | None = None,
-        *,
-        config_path: Path | None = None,
-        config_sha256: str | None = None,
-        lookup: Lookup | None = None,
-    ) -> None:
-        super().__init__(
-            config, log, config_path=config_path, config_sha256=config_sha256, lookup=lookup
-        )
+    def __init__(self, config: Config, log: JsonLog | None = None, **options: Any) -> None:
+        """``options``: :class:`~l4proxy.proxy.Proxy`'s (config_path, config_sha256, lookup)."""
+        super().__init__(config, log, **options)
         self.ledger = Ledger(self.router)
         self.handles: list[WorkerHandle] = []
         self.next_block = 1
@@ -481,14 +471,8 @@ def _reuseport_socket(host: str, port: int, *, first: bool) -> socket.socket:
     return sock
 
 
-def make_proxy(
-    config: Config,
-    log: JsonLog | None = None,
-    *,
-    config_path: Path | None = None,
-    config_sha256: str | None = None,
-    lookup: Lookup | None = None,
-) -> Proxy:
-    """The proxy ``config`` asks for: one process, or a supervisor of ``workers``."""
+def make_proxy(config: Config, log: JsonLog | None = None, **options: Any) -> Proxy:
+    """The proxy ``config`` asks for: one process, or a supervisor of ``workers``
+    (``options``: :class:`~l4proxy.proxy.Proxy`'s)."""
     cls = Supervisor if config.workers > 1 else Proxy
-    return cls(config, log, config_path=config_path, config_sha256=config_sha256, lookup=lookup)
+    return cls(config, log, **options)
