@@ -74,7 +74,7 @@ class LocalGate:
         return picked.upstream
 
     def host(self, upstream: Upstream) -> str:
-        return self.proxy.resolver.cached(upstream.address) or upstream.address.host
+        return self.proxy.dial_host(upstream)
 
     def release(self, conn: ClientConnection) -> None:
         admission = conn.admission

@@ -15,9 +15,10 @@ import contextlib
 import datetime as dt
 import inspect
 import itertools
+import ssl
 import time
 from collections import Counter
-from collections.abc import Awaitable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,15 @@ from typing import Any
 from .accesslog import AccessLog
 from .admin import METRICS_ROUTES, AdminServer
 from .capacity import Capacity
-from .config import Address, Config, ConfigError, check_files, read_config, restart_needed
+from .config import (
+    Address,
+    Config,
+    ConfigError,
+    Upstream,
+    check_files,
+    read_config,
+    restart_needed,
+)
 from .connection import HOLD_LIMIT, READ_SIZE, ClientConnection, State
 from .gate import Gate, LocalGate
 from .health import Health
@@ -272,20 +281,13 @@ class Proxy(Capacity, HealthChecks, AccessLog):
         ca_pem = _read(config.tls.ca)
         ca_changed = ca_pem != self.ca_pem
         self.ca_pem = ca_pem
-        old_idle = self.config.timeouts.idle
-        self.config = config
-        self.config_sha256 = digest
+        self.adopt(config, digest, context)
         self.loaded_at = utc_timestamp()
-        self.ssl_context = context
         self.certificate = certificate_facts(config.tls.cert)
-        self.identities = IdentityCache(config.tls.identity, charset=config.tls.identity_charset)
         self.router.reconfigure(config)
         new_keys = [u.key for u in self.router.pool.upstreams]  # members of kept groups too
         self._sync_health_tasks()
         self._sync_discovery_tasks()
-        if config.timeouts.idle != old_idle:
-            for conn in list(self.connections):
-                conn.rearm_idle()
         result = ReloadResult(
             ok=True,
             message="reloaded",
@@ -308,6 +310,23 @@ class Proxy(Capacity, HealthChecks, AccessLog):
         )
         return result
 
+    def adopt(self, config: Config, digest: str | None, context: ssl.SSLContext) -> None:
+        """New connections get ``config`` and its TLS context; open ones get a changed
+        ``timeouts.idle`` at once."""
+        old_idle = self.config.timeouts.idle
+        self.config = config
+        self.config_sha256 = digest
+        self.ssl_context = context
+        self.identities = IdentityCache(config.tls.identity, charset=config.tls.identity_charset)
+        if config.timeouts.idle != old_idle:
+            for conn in list(self.connections):
+                conn.rearm_idle()
+
+    def dial_host(self, upstream: Upstream) -> str:
+        """The address to dial for ``upstream``: the health checks' last lookup of its
+        name (no DNS on the dial path), or its host as written."""
+        return self.resolver.cached(upstream.address) or upstream.address.host
+
     def _reloaded(self, ca_changed: bool, fields: dict[str, Any]) -> None:
         """The reload applied here: revoke what it says, then its log line."""
         revoked = 0
@@ -315,16 +334,15 @@ class Proxy(Capacity, HealthChecks, AccessLog):
             revoked = self.revoke(ca_changed=ca_changed)
         self.log.emit("reload", **fields, open_connections=len(self.connections), revoked=revoked)
 
-    def permits(self, conn: ClientConnection) -> bool:
-        """May ``conn`` keep its upstream under the rules now in force."""
-        assert conn.identity is not None
-        assert conn.upstream is not None
-        return self.router.permits(conn.identity, conn.upstream)
-
-    def revoke(self, *, ca_changed: bool) -> int:
+    def revoke(
+        self, *, ca_changed: bool, permits: Callable[[ClientConnection], bool] | None = None
+    ) -> int:
         """``authorization.on_reload: close``: end every admitted connection whose
         identity the new rules no longer let reach its upstream, or (when ``tls.ca``
-        changed) whose certificate the new CA bundle no longer accepts. Returns how many."""
+        changed) whose certificate the new CA bundle no longer accepts. Returns how many.
+
+        ``permits``: whether a connection may keep its upstream (default: the router
+        asked here; a worker is told by the supervisor)."""
         anchors = trust_anchors(self.config.tls.ca) if ca_changed else ()
         now = dt.datetime.now(dt.UTC)
         verdicts: dict[bytes, bool] = {}
@@ -334,7 +352,10 @@ class Proxy(Capacity, HealthChecks, AccessLog):
                 continue
             if conn.identity is None or conn.upstream is None:
                 continue
-            keep = self.permits(conn)
+            if permits is not None:
+                keep = permits(conn)
+            else:
+                keep = self.router.permits(conn.identity, conn.upstream)
             if keep and ca_changed:
                 der = conn.tls.getpeercert(binary_form=True) or b""
                 if der not in verdicts:

@@ -29,7 +29,7 @@ import l4common
 
 from . import __file__ as _package_file
 from .channel import Channel, Message
-from .config import Config
+from .config import Config, Upstream
 from .ledger import Ledger
 from .logs import JsonLog
 from .metrics import Stats
@@ -282,8 +282,8 @@ class Supervisor(Proxy):
         elif kind == "stopped":
             handle.stopped = (message[1], message[2])
 
-    def _answer(self, upstream: Any) -> tuple[Any, str]:
-        return upstream, self.resolver.cached(upstream.address) or upstream.address.host
+    def _answer(self, upstream: Upstream) -> tuple[Upstream, str]:
+        return upstream, self.dial_host(upstream)
 
     # --- what /status and /metrics read ---------------------------------------------
 
@@ -316,8 +316,7 @@ class Supervisor(Proxy):
             states.update(by_state)
             moving.update(moved)
             total += count
-        own = self.stats
-        merged.dial_failures.update(own.dial_failures)
+        own = self.stats  # its own: health checks, lookups, reloads
         merged.checks = own.checks
         merged.lookups = own.lookups
         merged.reloads = own.reloads

@@ -29,7 +29,6 @@ from .channel import Channel, Message
 from .config import Config, Upstream
 from .connection import ClientConnection
 from .gate import Answer
-from .identity import IdentityCache
 from .logs import JsonLog
 from .proxy import Proxy
 from .router import Rejected
@@ -161,7 +160,6 @@ class WorkerProxy(Proxy):
         self.channel = channel
         self.gate = RemoteGate(self, channel)
         self.ids = IdBlocks(ids, lambda answer: channel.request(("ids",), answer))
-        self.revoking: set[int] = set()
         self.finished: asyncio.Future[tuple[str, int]] = self.loop.create_future()
 
     async def start_on(self, sock: socket.socket) -> None:
@@ -195,26 +193,13 @@ class WorkerProxy(Proxy):
         ``revoke`` (connections the new rules deny) and, when the CA changed,
         connections whose certificate it no longer accepts are ended. Returns how
         many were ended."""
-        old_idle = self.config.timeouts.idle
-        self.config = config
-        self.config_sha256 = digest
-        self.ssl_context = server_context(config.tls)
+        self.adopt(config, digest, server_context(config.tls))
         self.ticket_keys = ticket_keys
         self._share_tickets()
-        self.identities = IdentityCache(config.tls.identity, charset=config.tls.identity_charset)
-        if config.timeouts.idle != old_idle:
-            for conn in list(self.connections):
-                conn.rearm_idle()
         if config.authorization.on_reload != "close":
             return 0
-        self.revoking = set(revoke)
-        try:
-            return self.revoke(ca_changed=ca_changed)
-        finally:
-            self.revoking = set()
-
-    def permits(self, conn: ClientConnection) -> bool:
-        return conn.id not in self.revoking
+        denied = set(revoke)
+        return self.revoke(ca_changed=ca_changed, permits=lambda conn: conn.id not in denied)
 
     def snapshot(self) -> tuple[Stats, Any, Any, int]:
         return self.stats, self.connection_states(), self.open_bytes(), self.open_count()
