@@ -105,6 +105,9 @@ def test_max_connections_refuses_the_one_too_many_and_says_so(lab: Lab) -> None:
     (over,) = lab.logs.wait_for("access", decision="over_capacity")
     assert over["reason"] == "max_connections 2 reached"
     assert over["client"] is None
+    # One line per connection: the refused one's socket going away adds none.
+    lines = lab.logs.wait_for("access", count=4)
+    assert sorted(r["decision"] for r in lines) == ["forwarded"] * 3 + ["over_capacity"]
 
 
 def test_a_tcp_probe_never_counts_against_the_cap_once_it_is_gone(lab: Lab) -> None:

@@ -28,8 +28,6 @@ class Capacity:
 
     if TYPE_CHECKING:  # AccessLog's, in Proxy
 
-        def log_access(self, conn: ClientConnection, decision: str, reason: str) -> None: ...
-
         def connection_closed(self, conn: ClientConnection, decision: str, reason: str) -> None: ...
 
     def full(self) -> str | None:
@@ -81,13 +79,6 @@ class Capacity:
     def over_capacity(self, conn: ClientConnection, limit: str) -> None:
         """``conn`` was refused at accept: ``limit`` is reached and no handshake could
         make room."""
-        cap = getattr(self.config, limit)
-        self._capacity_full(limit, refused=1)
-        self.log_access(conn, "over_capacity", f"{limit} {cap} reached")
-
-    def refused_after_accept(self, conn: ClientConnection, limit: str) -> None:
-        """``conn`` was counted, then refused: ``limit`` is reached proxy-wide and no
-        handshake of this worker could make room (``workers: N``)."""
         cap = getattr(self.config, limit)
         self._capacity_full(limit, refused=1)
         self.connection_closed(conn, "over_capacity", f"{limit} {cap} reached")

@@ -265,14 +265,7 @@ class ClientConnection(asyncio.Protocol):
         proxy.stats.accepted += 1
         full = proxy.full()
         if full is not None and not proxy.evict_handshake(full):
-            # Over a cap, and no handshake may make room: no TLS work at all for this
-            # one. A reset is the cheapest refusal; the access line and the capacity
-            # event say why.
-            self.life.phase = self.state = State.CLOSED
-            self.close_kind = "abort"
-            self.client_gone = True
-            transport.abort()
-            proxy.over_capacity(self, full)
+            self.refuse_at_accept(full)
             return
         transport.set_write_buffer_limits(high=HIGH_WATER, low=LOW_WATER)
         proxy.connections.add(self)
@@ -281,8 +274,10 @@ class ClientConnection(asyncio.Protocol):
         proxy.gate.opened(self)
 
     def refuse_at_accept(self, limit: str) -> None:
-        """The supervisor says ``limit`` is reached and no handshake here may make room:
-        reset, as at accept (``workers: N``; the connection has done no TLS work)."""
+        """Over the cap ``limit`` (this process's, or the supervisor's with
+        ``workers: N``), and no handshake may make room: no TLS work at all for this
+        one. A reset is the cheapest refusal; its one access line and the capacity
+        event say why (the line is written here: the socket is gone with the abort)."""
         self._cancel_timer()
         self.life.phase = self.state = State.CLOSED
         self.close_kind = "abort"
@@ -291,7 +286,7 @@ class ClientConnection(asyncio.Protocol):
         if self.transport is not None:
             self.transport.abort()
         self.proxy.gate.release(self)
-        self.proxy.refused_after_accept(self, limit)
+        self.proxy.over_capacity(self, limit)
 
     def data_received(self, data: bytes) -> None:
         state = self.state
