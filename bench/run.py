@@ -580,9 +580,17 @@ class Setup:
     cpus: tuple[int, ...] = ()  # the runner's own CPUs, which placements divide
     tickets: bool = True  # TLS 1.3 session tickets: ours one, HAProxy OpenSSL's two
     workers: int = 1  # ours: workers; HAProxy: nbthread
+    # bench/instructions.py: an argv prefix for the proxy ("{tag}" becomes the run's tag,
+    # e.g. valgrind's output file), and the longer waits a proxy under valgrind needs.
+    wrap: tuple[str, ...] = ()
+    start_timeout: float = 20.0
+    stop_grace: float = 5.0
 
     def pin(self, role: str) -> frozenset[int] | None:
         return cpus_for(self.placement, role, self.cpus)
+
+    def wrapped(self, tag: str, argv: Sequence[str]) -> list[str]:
+        return [part.replace("{tag}", tag) for part in self.wrap] + list(argv)
 
 
 @dataclass
@@ -621,7 +629,7 @@ def start_ours(setup: Setup, tag: str, ports: Sequence[int], deadline: float) ->
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(PROXY_DIR), str(COMMON_DIR)])}
     child = Child(
         "ours",
-        [sys.executable, "-m", "l4proxy", "--config", str(path)],
+        setup.wrapped(tag, [sys.executable, "-m", "l4proxy", "--config", str(path)]),
         stdout=log,
         stderr=setup.tmp / f"{tag}-ours.err",
         cwd=PROXY_DIR,
@@ -646,7 +654,7 @@ def start_ours(setup: Setup, tag: str, ports: Sequence[int], deadline: float) ->
         ups = {ev.get("upstream") for ev in events() if ev.get("event") == "health"}
         return len(ups) >= len(ports)
 
-    limit = min(deadline, time.monotonic() + 20)
+    limit = min(deadline, time.monotonic() + setup.start_timeout)
     wait_for(listening, limit, "our proxy", child)
     wait_for(all_up, limit, "our proxy's first health checks", child)
     return Proxy(child, address[0], config, log)
@@ -668,14 +676,46 @@ def start_haproxy(setup: Setup, tag: str, ports: Sequence[int], deadline: float)
     log = setup.tmp / f"{tag}-haproxy.log"
     child = Child(
         "haproxy",
-        [setup.haproxy, "-db", "-f", str(path)],
+        setup.wrapped(tag, [setup.haproxy, "-db", "-f", str(path)]),
         stdout=log,
         stderr=setup.tmp / f"{tag}-haproxy.err",
         cpus=setup.pin("proxy"),
     )
-    wait_for(lambda: listening_on(port), min(deadline, time.monotonic() + 20), "haproxy", child)
+    limit = min(deadline, time.monotonic() + setup.start_timeout)
+    wait_for(lambda: listening_on(port), limit, "haproxy", child)
     time.sleep(0.3)  # let the first health checks run
     return Proxy(child, f"127.0.0.1:{port}", config, log)
+
+
+def start_floor(setup: Setup, tag: str, ports: Sequence[int], deadline: float) -> Proxy:
+    """bench/floor_proxy.py: the least a Python TLS proxy does (bench/instructions.py)."""
+    log = setup.tmp / f"{tag}-floor.log"
+    argv = [sys.executable, str(BENCH / "floor_proxy.py"), "--certs", str(setup.certs)]
+    child = Child(
+        "floor",
+        setup.wrapped(tag, argv + [str(p) for p in ports]),
+        stdout=log,
+        stderr=setup.tmp / f"{tag}-floor.err",
+        cpus=setup.pin("proxy"),
+    )
+    address: list[str] = []
+
+    def listening() -> bool:
+        for line in log.read_text().splitlines():
+            with contextlib.suppress(json.JSONDecodeError):
+                address.append(str(json.loads(line)["address"]))
+                return True
+        return False
+
+    wait_for(listening, min(deadline, time.monotonic() + setup.start_timeout), "floor", child)
+    return Proxy(child, address[0], " ".join(argv), log)
+
+
+STARTERS: dict[str, Callable[[Setup, str, Sequence[int], float], Proxy]] = {
+    "ours": start_ours,
+    "haproxy": start_haproxy,
+    "floor": start_floor,
+}
 
 
 def loadgen_argv(workload: str, setup: Setup, address: str, index: int) -> list[str]:
@@ -764,7 +804,7 @@ def run_one(setup: Setup, workload: str, kind: str, tag: str) -> dict[str, Any]:
         out["error"] = f"{type(exc).__name__}: {exc}"  # a bug here, or a malformed answer
     finally:
         for child in reversed(run.children):
-            child.stop()
+            child.stop(grace=setup.stop_grace)
         out["wall_s"] = round(time.monotonic() - started, 3)
         if run.proxy is not None:
             out["proxy_log"] = summarize_log(kind, run.proxy.log)
@@ -785,7 +825,7 @@ def drive(
     mode = "sink" if workload == "bulk" else "echo"
     upstream, ports = start_upstreams(setup, tag, mode, deadline)
     run.children.append(upstream)
-    start = start_ours if kind == "ours" else start_haproxy
+    start = STARTERS[kind]
     proxy = run.proxy = start(setup, tag, ports, deadline)
     run.children.append(proxy.child)
     nloadgens = setup.sizes.idle_loadgens if workload == "idle" else 1

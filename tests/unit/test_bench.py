@@ -101,3 +101,58 @@ def test_the_proxys_cpu_time_includes_its_worker_processes() -> None:
         assert child.stdin is not None
         child.stdin.close()
         child.wait(10)
+
+
+INSTRUCTIONS = Path(__file__).resolve().parents[2] / "bench" / "instructions.py"
+
+
+def load_instructions() -> ModuleType:
+    sys.modules.setdefault("run", bench)  # instructions.py imports run.py as ``run``
+    spec = importlib.util.spec_from_file_location("bench_instructions", INSTRUCTIONS)
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+instructions = load_instructions()
+
+
+def test_instructions_per_connection_are_the_difference_of_two_runs() -> None:
+    """Start-up and warm-up are in both runs' totals: the difference has none of them."""
+    small = {"total": 1_000_000 + 50 * 6_000, "handshake": 50 * 5_000}
+    large = {"total": 1_000_000 + 250 * 6_000, "handshake": 250 * 5_000}
+    assert instructions.per_connection(small, large, 200) == {
+        "total": 6_000.0,
+        "handshake": 5_000.0,
+        "rest": 1_000.0,
+    }
+
+
+def test_instruction_ratios_are_to_haproxys_figures() -> None:
+    figures = {
+        "ours": {"total": 6_200.0, "rest": 650.0},
+        "haproxy": {"total": 5_700.0, "rest": 130.0},
+    }
+    got = instructions.ratios(figures)
+    assert got["haproxy"] == {"total": 1.0, "rest": 1.0}
+    assert got["ours"]["rest"] == pytest.approx(5.0)
+    assert instructions.ratios({"ours": figures["ours"]}) == {}
+
+
+def test_callgrind_totals_and_the_handshakes_inclusive_count_are_read(tmp_path: Path) -> None:
+    out = tmp_path / "run.callgrind"
+    out.write_text("version: 1\ncmd: haproxy\nsummary: 123456789\n")
+    annotated = (
+        "5,566,127 (89.1%)  ???:SSL_do_handshake [/usr/lib/x86_64-linux-gnu/libssl.so.3]\n"
+        "   12,345 ( 0.1%)  ???:SSL_do_handshake_x [/usr/lib/libssl.so.3]\n"
+        "   99,999 ( 1.0%)  ???:_ssl__SSLSocket_do_handshake [/usr/lib/_ssl.so]\n"
+    )
+    script = tmp_path / "annotate"
+    script.write_text(f"#!/bin/sh\ncat <<'END'\n{annotated}END\n")
+    script.chmod(0o755)
+    assert instructions.counted(out, str(script)) == {"total": 123456789, "handshake": 5566127}
+    out.write_text("version: 1\n")
+    with pytest.raises(bench.BenchError, match="no instruction total"):
+        instructions.counted(out, str(script))
