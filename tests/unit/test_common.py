@@ -26,7 +26,7 @@ import upstream.config
 from l4common.addresses import Address, format_address, parse_address
 from l4common.durations import parse_duration
 from l4common.errors import ConfigError
-from l4common.logs import JsonLog, utc_timestamp
+from l4common.logs import JsonLog, to_json, utc_timestamp
 
 T = TypeVar("T")
 
@@ -393,6 +393,35 @@ def test_utc_timestamp_is_iso_8601_utc_with_milliseconds() -> None:
     when = datetime.fromisoformat(text)
     assert when.utcoffset() == timedelta(0)
     assert before - timedelta(milliseconds=1) <= when <= after
+
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
+    max_leaves=12,
+)
+
+
+@given(JSON_VALUES)
+def test_the_log_encoder_writes_what_json_dumps_writes(value: object) -> None:
+    """The encoder made once gives json.dumps' compact text, and refuses NaN alike."""
+    try:
+        expected = json.dumps(value, separators=(",", ":"), default=str, allow_nan=False)
+    except ValueError:
+        with pytest.raises(ValueError, match="JSON"):
+            to_json(value)
+        return
+    assert to_json(value) == expected
+
+
+def test_the_log_encoder_writes_unknown_values_as_their_text() -> None:
+    assert to_json({"at": Path("/x"), "b": b"\x01"}) == '{"at":"/x","b":"b\'\\\\x01\'"}'
+
+
+def test_timestamps_in_the_same_second_share_their_prefix_and_keep_order() -> None:
+    stamps = [utc_timestamp() for _ in range(200)]
+    assert all(TS.fullmatch(s) for s in stamps)
+    assert stamps == sorted(stamps)
 
 
 def test_a_line_is_one_compact_object_ts_and_event_first_flushed() -> None:

@@ -8,15 +8,44 @@ lines, the client's attempt fields; this module only writes the line.
 from __future__ import annotations
 
 import json
+import json.encoder
 import math
 import sys
-from datetime import UTC, datetime
+import time
+from collections.abc import Callable
 from typing import IO, Any
+
+_second: list[Any] = [None, ""]  # [the last whole second, its text up to the seconds]
 
 
 def utc_timestamp() -> str:
-    """ISO 8601 UTC with milliseconds, e.g. ``2024-05-01T12:00:00.123Z``."""
-    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    """ISO 8601 UTC with milliseconds, e.g. ``2024-05-01T12:00:00.123Z``.
+
+    Every log line has one, so the text up to the second is made once per second."""
+    now = time.time()
+    second = int(now)
+    if _second[0] != second:
+        _second[1] = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        _second[0] = second
+    return f"{_second[1]}.{min(999, int((now - second) * 1000)):03d}Z"
+
+
+def _compact_encoder() -> Callable[[Any], str]:
+    """``json.dumps(value, separators=(",", ":"), default=str, allow_nan=False)``, made
+    once: ``dumps`` with arguments builds a new encoder for every call, a third of the
+    cost of a log line. (Without the C accelerator: the same encoder in Python.)"""
+    encoder = json.JSONEncoder(separators=(",", ":"), default=str, allow_nan=False)
+    make = getattr(json.encoder, "c_make_encoder", None)
+    if make is None:
+        return encoder.encode
+    # No circularity check (markers None): a log record is a tree we build ourselves.
+    chunks = make(
+        None, str, json.encoder.encode_basestring_ascii, None, ":", ",", False, False, False
+    )
+    return lambda value: "".join(chunks(value, 0))
+
+
+to_json = _compact_encoder()
 
 
 RESERVED = ("ts", "event")
@@ -55,9 +84,9 @@ class JsonLog:
             record.update(self.fields)
         record.update(fields)
         try:
-            line = json.dumps(record, separators=(",", ":"), default=str, allow_nan=False)
+            line = to_json(record)
         except ValueError:
-            line = json.dumps(_finite(record), separators=(",", ":"), default=str, allow_nan=False)
+            line = to_json(_finite(record))
         try:
             self.stream.write(line + "\n")
             self.stream.flush()

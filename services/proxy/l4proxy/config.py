@@ -51,11 +51,12 @@ class Upstream:
     name: str
     proxy_protocol: ProxyProtocol = "none"  # "v2": a PROXY v2 header starts each connection
     group: str | None = None  # the discovered group this upstream is a member of, if any
+    # The canonical ``host:port`` string, as written in logs and rules (made once: every
+    # connection's admission, log line and counters ask for it).
+    key: str = field(init=False, repr=False, compare=False)
 
-    @property
-    def key(self) -> str:
-        """The canonical ``host:port`` string, as written in logs and rules."""
-        return str(self.address)
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "key", str(self.address))
 
 
 @dataclass(frozen=True, slots=True)

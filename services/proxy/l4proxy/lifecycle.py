@@ -23,9 +23,18 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 
-class Phase(enum.Enum):
+class _Member(enum.Enum):
+    """Enum members are singletons compared by identity, so hashing by identity keeps
+    the contract; it is done in C, where ``Enum.__hash__`` is a Python call (the
+    lifecycle tables are looked up by (phase, kind) a few times per connection)."""
+
+    __hash__ = object.__hash__
+
+
+class Phase(_Member):
     HANDSHAKE = "handshake"
     ADMITTING = "admitting"
     DIALING = "dialing"
@@ -33,7 +42,7 @@ class Phase(enum.Enum):
     CLOSED = "closed"
 
 
-class Kind(enum.Enum):
+class Kind(_Member):
     """What happened. Some carry a detail (a reason, a decision) in :class:`Event`."""
 
     # The handshake.
@@ -59,14 +68,16 @@ class Kind(enum.Enum):
     SHUTDOWN = "shutdown"  # detail: shutdown or drain_timeout
 
 
-@dataclass(frozen=True, slots=True)
-class Event:
+class Event(NamedTuple):
+    """(A named tuple, not a frozen dataclass: a few are made per connection, and a
+    tuple is made in C where a frozen dataclass sets each field through Python.)"""
+
     kind: Kind
     detail: str = ""
     decision: str = ""  # REJECTED only
 
 
-class Side(enum.Enum):
+class Side(_Member):
     """How to close one socket when the connection ends."""
 
     KEEP = "keep"  # nothing to do (not connected, or already gone)
@@ -86,7 +97,7 @@ class End:
     close_notify: bool = False  # say close_notify to the client first
 
 
-class HalfClose(enum.Enum):
+class HalfClose(_Member):
     """One direction has ended; the other goes on."""
 
     UPSTREAM = "write_eof_upstream"  # the client is done sending

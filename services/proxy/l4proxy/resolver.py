@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import ipaddress
 import socket
 from collections.abc import Awaitable, Callable, Sequence
@@ -35,7 +36,9 @@ NODATA = getattr(socket, "EAI_NODATA", None)
 GONE = {socket.EAI_NONAME, NODATA if NODATA is not None else socket.EAI_NONAME}
 
 
+@functools.lru_cache(maxsize=256)
 def is_ip(host: str) -> bool:
+    """Is ``host`` an IP literal (every dial asks, so the answer is kept)."""
     try:
         ipaddress.ip_address(host)
     except ValueError:
