@@ -882,3 +882,37 @@ def test_empty_log_throttle() -> None:
     assert throttle.drain() == 0
     every = up_decide.EmptyLogThrottle(interval=0.0)
     assert [every.admit(1.0), every.admit(1.0)] == [0, 0]
+
+
+def test_stop_serves_the_connections_already_in_the_listen_backlog() -> None:
+    """A stop closes the listener, which would reset every connection the kernel had
+    completed and the server had not accepted yet: a proxy's dial of a moment ago would
+    lose its client's request. They are taken in and served first."""
+
+    async def main() -> None:
+        logs = Capture()
+        config = up_config.Config(host="127.0.0.1", port=0, name=NAME, mode="echo")
+        server = await up_server.serve(config, JsonLog(cast("IO[str]", logs)))
+        assert server.address is not None
+        # Connected and written without yielding to the loop: all still in the backlog.
+        clients = [socket.create_connection(server.address, timeout=WAIT) for _ in range(8)]
+        for client in clients:
+            client.sendall(b"ping")
+
+        def read_replies() -> list[bytes | str]:
+            replies: list[bytes | str] = []
+            for client in clients:
+                try:
+                    replies.append(client.recv(4))
+                except OSError as exc:
+                    replies.append(type(exc).__name__)
+                finally:
+                    client.close()
+            return replies
+
+        reading = asyncio.get_running_loop().run_in_executor(None, read_replies)
+        await server.stop(grace=WAIT)  # the first thing after the connects: no accept ran
+        assert await reading == [b"ping"] * 8
+        assert logs.events("stopped")[0]["connections"] == 8
+
+    run(main())

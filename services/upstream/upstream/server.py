@@ -497,6 +497,21 @@ class UpstreamServer:
         self._fault_expiry: asyncio.TimerHandle | None = None
         self._control: asyncio.Server | None = None
 
+    async def _adopt_backlog(self, server: asyncio.Server) -> None:
+        for listener in server.sockets:
+            # A second descriptor for the listening socket (the loop keeps its own).
+            backlog = socket.socket(fileno=os.dup(listener.fileno()))
+            try:
+                backlog.setblocking(False)
+                while True:
+                    try:
+                        conn, _ = backlog.accept()
+                    except OSError:  # BlockingIOError: the backlog is empty
+                        break
+                    await self.loop.connect_accepted_socket(lambda: Connection(self), conn)
+            finally:
+                backlog.close()
+
     async def start(self) -> None:
         cfg = self.config
         self._server = await self.loop.create_server(
@@ -676,10 +691,16 @@ class UpstreamServer:
         return True
 
     async def stop(self, grace: float = SHUTDOWN_GRACE) -> None:
-        """Stop listening, let open connections finish for ``grace`` s, abort the rest."""
+        """Stop listening, let open connections finish for ``grace`` s, abort the rest.
+
+        Connections the kernel has completed but the loop has not accepted yet (the
+        listen backlog) are taken in first, and served like the others: closing the
+        listener would reset each of them, and a proxy that dialed us a moment ago would
+        see its client's request cut without a reply."""
         server, self._server = self._server, None
         if server is None:
             return
+        await self._adopt_backlog(server)
         server.close()
         if self._control is not None:
             self._control.close()
