@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat requirements.txt requirements-dev.txt | cksum | cut -d' ' -f1)
 
-.PHONY: setup lint test unit integration e2e lab-tests certs up down bench bench-quick clean
+.PHONY: setup lint test unit integration e2e lab-tests certs up down bench bench-quick bench-instructions clean
 
 # A virtual environment with the pinned requirements (re-made when they change).
 $(STAMP): requirements.txt requirements-dev.txt
@@ -58,12 +58,17 @@ down:
 
 # Side-by-side benchmarks against HAProxy (installed from Debian if missing); writes
 # bench/results/latest.json. The full run: three rounds of the three CPU placements
-# (about 12 minutes here); the quick one (the proxy alone on a CPU, once) < 2 min.
+# (about 18 minutes here); the quick one (the proxy alone on a CPU, once) < 2 min.
 bench: setup
 	$(BIN)/python bench/run.py --placements all --repeat 3
 
 bench-quick: setup
 	$(BIN)/python bench/run.py --quick
+
+# Instructions per connection under valgrind (ours, HAProxy, the Python floor): the
+# figure that does not move with the machine's load, to steer by (~5 minutes).
+bench-instructions: setup
+	$(BIN)/python bench/instructions.py
 
 # Certificates for running the proxy by hand (never committed: certs/ is ignored).
 certs: setup

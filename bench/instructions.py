@@ -23,8 +23,10 @@ where CPU time needs many rounds. It takes about 10 minutes (valgrind runs a pro
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -136,14 +138,25 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
+def ensure_valgrind(install: bool) -> tuple[str, str]:
+    """valgrind and callgrind_annotate; installed from Debian's packages when missing
+    (as root, like HAProxy for bench/run.py)."""
+    found = shutil.which("valgrind"), shutil.which("callgrind_annotate")
+    if None in found and install and os.geteuid() == 0 and shutil.which("apt-get"):
+        with contextlib.suppress(subprocess.CalledProcessError):
+            bench.apt_install("valgrind")
+        found = shutil.which("valgrind"), shutil.which("callgrind_annotate")
+    valgrind, annotate = found
+    if valgrind is None or annotate is None:
+        raise bench.BenchError("valgrind is missing: install it (apt-get install -y valgrind)")
+    return valgrind, annotate
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    valgrind, annotate = shutil.which("valgrind"), shutil.which("callgrind_annotate")
-    if valgrind is None or annotate is None:
-        print("valgrind is missing: apt-get install -y valgrind", file=sys.stderr)
-        return 2
     tmp = Path(tempfile.mkdtemp(prefix="layer4lab-instructions-"))
     try:
+        valgrind, annotate = ensure_valgrind(install=not args.no_install)
         haproxy = bench.ensure_haproxy(install=not args.no_install)
         certs = tmp / "certs"
         bench.make_certs(certs)

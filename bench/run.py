@@ -432,20 +432,26 @@ def ensure_haproxy(install: bool) -> str:
         raise BenchError("haproxy is not installed (and --no-install was given)")
     if os.geteuid() != 0 or shutil.which("apt-get") is None:
         raise BenchError("haproxy is missing: install it (apt-get install -y haproxy)")
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    print("installing haproxy from Debian's packages (apt-get) ...", flush=True)
-    subprocess.run(["apt-get", "update"], env=env, check=False, timeout=300)  # noqa: S607
-    subprocess.run(
-        ["apt-get", "install", "-y", "haproxy"],  # noqa: S607
-        env=env,
-        check=True,
-        timeout=600,
-    )
+    apt_install("haproxy")
     stop_packaged_service()
     found = shutil.which("haproxy") or "/usr/sbin/haproxy"
     if not Path(found).exists():
         raise BenchError("apt-get install haproxy did not provide /usr/sbin/haproxy")
     return found
+
+
+def apt_install(package: str) -> None:
+    """``apt-get update``, then ``apt-get install -y PACKAGE`` (as root); raises
+    ``subprocess.CalledProcessError`` if the install fails."""
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    print(f"installing {package} from Debian's packages (apt-get) ...", flush=True)
+    subprocess.run(["apt-get", "update"], env=env, check=False, timeout=300)  # noqa: S607
+    subprocess.run(  # noqa: S603 - a package name of ours, no shell
+        ["apt-get", "install", "-y", package],  # noqa: S607
+        env=env,
+        check=True,
+        timeout=600,
+    )
 
 
 def stop_packaged_service() -> None:
