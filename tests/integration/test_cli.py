@@ -265,6 +265,8 @@ def test_a_signal_drains_open_connections_finish_and_the_proxy_exits_0(
                 assert await client.recv_exactly(6) == b"before"
                 child.proc.send_signal(signum)
                 child.wait_for("draining")
+                if WORKERS > 1:  # each worker closes its own socket when it drains
+                    child.wait_for("worker_draining", count=WORKERS)
                 closed = await asyncio.to_thread(refused, address)
                 await client.send(b"after the signal")
                 after = await client.recv_exactly(16)

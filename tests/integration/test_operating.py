@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import socket
 
+import pytest
 import uvloop
 
 from l4proxy import proxyproto
@@ -119,3 +121,42 @@ def test_a_tcp_probe_never_counts_against_the_cap_once_it_is_gone(lab: Lab) -> N
         lab.logs.wait_for("access", count=done, decision="tls_failed")
         wait_for("no open connection", lambda: lab.open_connections() == 0)
     assert lab.logs.events("access", decision="over_capacity") == []
+
+
+@pytest.mark.single_process("queues connections on the proxy's listener by not yielding its loop")
+def test_a_drain_serves_the_clients_already_queued_on_the_listener(lab: Lab) -> None:
+    """Clients the kernel had connected when the drain began, but the proxy had not
+    accepted yet, are served like the open connections: closing the listener would
+    have reset them."""
+    lab.start_upstreams(["echo"])
+    proxy = lab.start_proxy(lab.config(timeouts={"drain": "10s"}))
+    assert lab.address is not None
+    address = lab.address
+    ctx = client_context(lab.certs, "client.e")
+    queued: concurrent.futures.Future[list[socket.socket]] = concurrent.futures.Future()
+
+    async def connect_then_drain() -> str:
+        # In the proxy's own loop, without yielding: nothing is accepted in between.
+        clients = [socket.create_connection(address, timeout=10) for _ in range(4)]
+        queued.set_result(clients)
+        return await proxy.drain(10.0)
+
+    draining = asyncio.run_coroutine_threadsafe(connect_then_drain(), lab.proxy_loop.loop)
+
+    def request(raw: socket.socket) -> bytes | str:
+        try:
+            with ctx.wrap_socket(raw, server_hostname="proxy") as tls:
+                tls.sendall(b"queued")
+                reply = tls.recv(64)
+                tls.unwrap()
+                return reply
+        except OSError as exc:
+            return type(exc).__name__
+
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        replies = list(pool.map(request, queued.result(timeout=10)))
+    assert replies == [b"queued"] * 4
+    assert draining.result(timeout=15) == "drained"
+    access = lab.logs.wait_for("access", count=4)
+    assert [r["decision"] for r in access] == ["forwarded"] * 4
+    lab.proxy = None  # stopped: nothing left for the harness to stop

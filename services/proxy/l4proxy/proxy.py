@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from l4common.backlog import adopt_queued
+
 from .accesslog import AccessLog
 from .admin import METRICS_ROUTES, AdminServer
 from .capacity import Capacity
@@ -380,7 +382,13 @@ class Proxy(Capacity, HealthChecks, AccessLog):
         until ``force`` completes: a second signal), then close what is left.
 
         Returns how it ended: ``drained`` (every connection finished), ``drain_timeout``
-        or ``forced``; the ``stopped`` log line says the same."""
+        or ``forced``; the ``stopped`` log line says the same.
+
+        Clients the kernel has already connected but this process has not accepted yet
+        (the listen backlog) are taken in first and served like the open connections:
+        closing the listener would reset them."""
+        if self.server is not None:
+            await adopt_queued(self.loop, self.server, lambda: ClientConnection(self))
         self._stop_listening()
         self.draining = True
         self.log.emit(

@@ -41,6 +41,7 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any, Literal, cast
 
+from l4common.backlog import adopt_queued
 from l4common.logs import JsonLog
 
 from .config import Config, format_address
@@ -497,21 +498,6 @@ class UpstreamServer:
         self._fault_expiry: asyncio.TimerHandle | None = None
         self._control: asyncio.Server | None = None
 
-    async def _adopt_backlog(self, server: asyncio.Server) -> None:
-        for listener in server.sockets:
-            # A second descriptor for the listening socket (the loop keeps its own).
-            backlog = socket.socket(fileno=os.dup(listener.fileno()))
-            try:
-                backlog.setblocking(False)
-                while True:
-                    try:
-                        conn, _ = backlog.accept()
-                    except OSError:  # BlockingIOError: the backlog is empty
-                        break
-                    await self.loop.connect_accepted_socket(lambda: Connection(self), conn)
-            finally:
-                backlog.close()
-
     async def start(self) -> None:
         cfg = self.config
         self._server = await self.loop.create_server(
@@ -700,7 +686,7 @@ class UpstreamServer:
         server, self._server = self._server, None
         if server is None:
             return
-        await self._adopt_backlog(server)
+        await adopt_queued(self.loop, server, lambda: Connection(self))
         server.close()
         if self._control is not None:
             self._control.close()
