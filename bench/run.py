@@ -627,6 +627,21 @@ def start_upstreams(setup: Setup, tag: str, mode: str, deadline: float) -> tuple
     return child, [int(p) for p in ready["ports"]]
 
 
+def log_events(log: Path) -> Iterator[dict[str, Any]]:
+    """The JSON lines a proxy (ours, or the floor) has written to ``log`` so far."""
+    for line in log.read_text().splitlines():
+        with contextlib.suppress(json.JSONDecodeError):
+            yield json.loads(line)
+
+
+def listening_address(log: Path) -> str | None:
+    """The address of the proxy's ``listening`` line in ``log``, once it is there."""
+    for ev in log_events(log):
+        if ev.get("event") == "listening":
+            return str(ev["address"])
+    return None
+
+
 def start_ours(setup: Setup, tag: str, ports: Sequence[int], deadline: float) -> Proxy:
     config = ours_config(setup.certs, ports, setup.tickets, setup.workers)
     path = setup.tmp / f"{tag}-ours.yaml"
@@ -642,28 +657,17 @@ def start_ours(setup: Setup, tag: str, ports: Sequence[int], deadline: float) ->
         env=env,
         cpus=setup.pin("proxy"),
     )
-    address: list[str] = []
-
-    def events() -> Iterator[dict[str, Any]]:
-        for line in log.read_text().splitlines():
-            with contextlib.suppress(json.JSONDecodeError):
-                yield json.loads(line)
-
-    def listening() -> bool:
-        for ev in events():
-            if ev.get("event") == "listening":
-                address.append(str(ev["address"]))
-                return True
-        return False
 
     def all_up() -> bool:
-        ups = {ev.get("upstream") for ev in events() if ev.get("event") == "health"}
+        ups = {ev.get("upstream") for ev in log_events(log) if ev.get("event") == "health"}
         return len(ups) >= len(ports)
 
     limit = min(deadline, time.monotonic() + setup.start_timeout)
-    wait_for(listening, limit, "our proxy", child)
+    wait_for(lambda: listening_address(log) is not None, limit, "our proxy", child)
     wait_for(all_up, limit, "our proxy's first health checks", child)
-    return Proxy(child, address[0], config, log)
+    address = listening_address(log)
+    assert address is not None
+    return Proxy(child, address, config, log)
 
 
 def start_haproxy(setup: Setup, tag: str, ports: Sequence[int], deadline: float) -> Proxy:
@@ -704,17 +708,11 @@ def start_floor(setup: Setup, tag: str, ports: Sequence[int], deadline: float) -
         stderr=setup.tmp / f"{tag}-floor.err",
         cpus=setup.pin("proxy"),
     )
-    address: list[str] = []
-
-    def listening() -> bool:
-        for line in log.read_text().splitlines():
-            with contextlib.suppress(json.JSONDecodeError):
-                address.append(str(json.loads(line)["address"]))
-                return True
-        return False
-
-    wait_for(listening, min(deadline, time.monotonic() + setup.start_timeout), "floor", child)
-    return Proxy(child, address[0], " ".join(argv), log)
+    limit = min(deadline, time.monotonic() + setup.start_timeout)
+    wait_for(lambda: listening_address(log) is not None, limit, "floor", child)
+    address = listening_address(log)
+    assert address is not None
+    return Proxy(child, address, " ".join(argv), log)
 
 
 STARTERS: dict[str, Callable[[Setup, str, Sequence[int], float], Proxy]] = {

@@ -18,12 +18,11 @@ async def adopt_queued(
     loop: asyncio.AbstractEventLoop,
     server: asyncio.Server,
     factory: Callable[[], asyncio.BaseProtocol],
-) -> int:
+) -> None:
     """Accept every connection queued on ``server``'s sockets now, each with a protocol
-    from ``factory``, as the server itself would. Returns how many there were. Whatever
+    from ``factory``, as the server itself would. Whatever
     arrives after this returns is reset by the close that follows: the window is that of
     one call, not of the whole backlog."""
-    taken = 0
     for listener in server.sockets:
         # A second descriptor for the listening socket: the loop keeps polling its own.
         queued = socket.socket(fileno=os.dup(listener.fileno()))
@@ -35,7 +34,5 @@ async def adopt_queued(
                 except OSError:  # BlockingIOError: nothing more is queued
                     break
                 await loop.connect_accepted_socket(factory, conn)
-                taken += 1
         finally:
             queued.close()
-    return taken

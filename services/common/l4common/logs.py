@@ -7,6 +7,7 @@ lines, the client's attempt fields; this module only writes the line.
 
 from __future__ import annotations
 
+import functools
 import json
 import json.encoder
 import math
@@ -15,7 +16,10 @@ import time
 from collections.abc import Callable
 from typing import IO, Any
 
-_second: list[Any] = [None, ""]  # [the last whole second, its text up to the seconds]
+
+@functools.lru_cache(maxsize=2)
+def _up_to_the_second(second: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
 
 
 def utc_timestamp() -> str:
@@ -24,20 +28,16 @@ def utc_timestamp() -> str:
     Every log line has one, so the text up to the second is made once per second."""
     now = time.time()
     second = int(now)
-    if _second[0] != second:
-        _second[1] = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-        _second[0] = second
-    return f"{_second[1]}.{min(999, int((now - second) * 1000)):03d}Z"
+    return f"{_up_to_the_second(second)}.{min(999, int((now - second) * 1000)):03d}Z"
 
 
 def _compact_encoder() -> Callable[[Any], str]:
     """``json.dumps(value, separators=(",", ":"), default=str, allow_nan=False)``, made
     once: ``dumps`` with arguments builds a new encoder for every call, a third of the
     cost of a log line. (Without the C accelerator: the same encoder in Python.)"""
-    encoder = json.JSONEncoder(separators=(",", ":"), default=str, allow_nan=False)
     make = getattr(json.encoder, "c_make_encoder", None)
     if make is None:
-        return encoder.encode
+        return json.JSONEncoder(separators=(",", ":"), default=str, allow_nan=False).encode
     # No circularity check (markers None): a log record is a tree we build ourselves.
     chunks = make(
         None, str, json.encoder.encode_basestring_ascii, None, ":", ",", False, False, False

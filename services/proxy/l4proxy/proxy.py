@@ -163,7 +163,7 @@ class Proxy(Capacity, HealthChecks, AccessLog):
         listen = self.config.listen
         try:
             self.server = await self.loop.create_server(
-                lambda: ClientConnection(self),
+                self.new_connection,
                 listen.host,
                 listen.port,
                 backlog=1024,
@@ -173,6 +173,10 @@ class Proxy(Capacity, HealthChecks, AccessLog):
             raise OSError(exc.errno, f"cannot listen on {listen}: {exc.strerror}") from exc
         sock = self.server.sockets[0].getsockname()
         self.address = (str(sock[0]), int(sock[1]))
+
+    def new_connection(self) -> ClientConnection:
+        """The protocol for an accepted client socket (the listener's factory)."""
+        return ClientConnection(self)
 
     def _stop_listening(self) -> None:
         if self.server is not None:
@@ -388,7 +392,7 @@ class Proxy(Capacity, HealthChecks, AccessLog):
         (the listen backlog) are taken in first and served like the open connections:
         closing the listener would reset them."""
         if self.server is not None:
-            await adopt_queued(self.loop, self.server, lambda: ClientConnection(self))
+            await adopt_queued(self.loop, self.server, self.new_connection)
         self._stop_listening()
         self.draining = True
         self.log.emit(

@@ -164,9 +164,7 @@ class WorkerProxy(Proxy):
 
     async def start_on(self, sock: socket.socket) -> None:
         self.loop.set_exception_handler(self._on_loop_error)
-        self.server = await self.loop.create_server(
-            lambda: ClientConnection(self), sock=sock, backlog=1024
-        )
+        self.server = await self.loop.create_server(self.new_connection, sock=sock, backlog=1024)
         name = sock.getsockname()
         self.address = (str(name[0]), int(name[1]))
 
