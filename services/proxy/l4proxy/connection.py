@@ -50,12 +50,30 @@ CLOSED = State.CLOSED
 
 
 class TlsCore(Protocol):
-    """The C object under ``ssl.SSLObject`` (its ``_sslobj``). The per-chunk paths call
-    it directly: ``SSLObject``'s methods only add a Python frame around each call."""
+    """The C TLS object (``_ssl._SSLSocket``) that ``ssl.SSLObject`` wraps. A connection
+    holds it alone: every method of ``SSLObject`` is a Python frame around the same call
+    on it, and making an ``SSLObject`` costs three more Python calls per connection."""
 
+    session_reused: bool
+
+    def do_handshake(self) -> None: ...
     def read(self, size: int, buffer: memoryview, /) -> int: ...
     def write(self, data: bytes, /) -> int: ...
     def pending(self) -> int: ...
+    def shutdown(self) -> object: ...
+    def getpeercert(self, binary_form: bool, /) -> bytes | None: ...
+    def version(self) -> str | None: ...
+    def cipher(self) -> tuple[str, str, int] | None: ...
+
+
+def wrap_server_bio(
+    context: ssl.SSLContext, incoming: ssl.MemoryBIO, outgoing: ssl.MemoryBIO
+) -> TlsCore:
+    """What ``context.wrap_bio(incoming, outgoing, server_side=True)`` wraps, without the
+    wrapper (a server needs no hostname; no callback of ours asks for an owner)."""
+    return context._wrap_bio(  # type: ignore[attr-defined,no-any-return]
+        incoming, outgoing, server_side=True, server_hostname=None, owner=None, session=None
+    )
 
 
 def describe_os_error(exc: BaseException) -> str:
@@ -207,7 +225,6 @@ class ClientConnection(asyncio.Protocol):
         "state",
         "timer",
         "tls",
-        "tls_core",
         "transport",
         "unsent",
         "upstream",
@@ -227,8 +244,7 @@ class ClientConnection(asyncio.Protocol):
         self.accepted = self.loop.time()
         self.incoming = ssl.MemoryBIO()
         self.outgoing = ssl.MemoryBIO()
-        self.tls = proxy.ssl_context.wrap_bio(self.incoming, self.outgoing, server_side=True)
-        self.tls_core: TlsCore = self.tls._sslobj  # type: ignore[attr-defined]
+        self.tls = wrap_server_bio(proxy.ssl_context, self.incoming, self.outgoing)
         self.identity: str | None = None
         self.admission: Admission | None = None  # the router's, in this process
         self.asked = False  # the supervisor may hold something for it (workers: N)
@@ -373,10 +389,11 @@ class ClientConnection(asyncio.Protocol):
     # --- handshake and admission --------------------------------------------------------
 
     def _send_close_notify(self) -> None:
-        # unwrap() sends close_notify and then reports that the peer's has not arrived
-        # (SSLWantReadError), or that the session is already shut down: both are fine.
+        # shutdown() (SSLObject.unwrap) sends close_notify and then reports that the
+        # peer's has not arrived (SSLWantReadError), or that the session is already shut
+        # down: both are fine.
         with contextlib.suppress(ssl.SSLError):
-            self.tls.unwrap()
+            self.tls.shutdown()
         self._flush_tls()
 
     def _flush_tls(self) -> None:
@@ -405,7 +422,7 @@ class ClientConnection(asyncio.Protocol):
         self.handshake_ms = round((time.monotonic() - self.started) * 1000, 3)
         self._cancel_timer()
         self.proxy.handshake_done(self)
-        der = self.tls.getpeercert(binary_form=True)
+        der = self.tls.getpeercert(True)
         found = self.proxy.identities.lookup(der) if der else NoIdentity("no_client_certificate")
         if isinstance(found, NoIdentity):
             self._on(Kind.HANDSHAKE_FAILED, found.reason)
@@ -444,15 +461,25 @@ class ClientConnection(asyncio.Protocol):
             upstream = answer
             self.upstream = upstream
             self.attempts += 1
+            # timeouts.connect, on the connection's one timer (free while it dials; a
+            # close cancels it): asyncio.timeout would be a Python object and five
+            # Python calls more per dial, for the same cancel.
+            self.timer = self.loop.call_later(timeout, self._dial_expired)
             try:
-                async with asyncio.timeout(timeout):
-                    # The address the health checks resolved: no DNS on the dial path.
-                    transport, side = await self.loop.create_connection(
-                        UpstreamSide, gate.host(upstream), upstream.address.port
-                    )
-            except OSError as exc:  # TimeoutError is an OSError
+                # The address the health checks resolved: no DNS on the dial path.
+                transport, side = await self.loop.create_connection(
+                    UpstreamSide, gate.host(upstream), upstream.address.port
+                )
+            except asyncio.CancelledError:
+                if self.timer is not None or self.dial_task is None:
+                    raise  # not the deadline's: the connection is ending (_finish)
+                self.dial_task.uncancel()
+                reason = "timeout"
+            except OSError as exc:
+                self._cancel_timer()
                 reason = describe_os_error(exc)
             else:
+                self._cancel_timer()
                 break
             self.proxy.stats.dial_failures[upstream.key, reason] += 1
             answer = gate.dial_failed(self, reason)
@@ -486,6 +513,13 @@ class ClientConnection(asyncio.Protocol):
             self.transport.resume_reading()
         self._pump_from_client()  # bytes that arrived with or after the handshake
 
+    def _dial_expired(self) -> None:
+        """``timeouts.connect`` is over: cancel the dial, which ``_dial`` takes for a
+        timeout (the timer is gone; a close would have cleared ``dial_task``)."""
+        self.timer = None
+        if self.dial_task is not None:
+            self.dial_task.cancel()
+
     def _proxy_header(self) -> bytes:
         assert self.transport is not None
         assert self.identity is not None
@@ -509,7 +543,7 @@ class ClientConnection(asyncio.Protocol):
 
         The records decrypted from one chunk are gathered in one buffer and go upstream
         in one write: one system call for many records, not one per record."""
-        tls = self.tls_core
+        tls = self.tls
         incoming = self.incoming
         buffer = self.proxy.read_buffer
         filled = 0  # decrypted bytes in buffer, not yet written
@@ -575,7 +609,7 @@ class ClientConnection(asyncio.Protocol):
         self.last_activity = self.loop.time()
         self.bytes_down += len(data)
         try:
-            self.tls_core.write(data)
+            self.tls.write(data)
         except ssl.SSLError as exc:  # e.g. we already sent close_notify: a bug, not load
             self._on(Kind.TLS_WRITE_ERROR, describe_tls_error(exc))
             return

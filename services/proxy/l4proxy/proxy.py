@@ -363,7 +363,7 @@ class Proxy(Capacity, HealthChecks, AccessLog):
             else:
                 keep = self.router.permits(conn.identity, conn.upstream)
             if keep and ca_changed:
-                der = conn.tls.getpeercert(binary_form=True) or b""
+                der = conn.tls.getpeercert(True) or b""
                 if der not in verdicts:
                     verdicts[der] = issued_by_any(der, anchors, now)
                 keep = verdicts[der]
