@@ -78,6 +78,7 @@ def test_no_healthy_upstream_is_a_different_outcome_from_denied(lab: Lab) -> Non
     (line, _) = lab.logs.wait_for("access", count=2, decision="no_healthy_upstream")
     assert line["client"] == "client.c"
     assert replies(lab, "client.b", 1) == ["u1"]
+    lab.logs.wait_for("access", decision="forwarded")  # its slot has been given back
     assert lab.active() == [0, 0]
 
 

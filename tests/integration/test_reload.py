@@ -25,9 +25,13 @@ REPLY = "Reply from upstream "
 
 
 def reload(lab: Lab) -> ReloadResult:
+    """A reload, as POST /reload does it: answered once it applies to every new
+    connection (with workers: N, once every worker has taken it)."""
     proxy = lab.proxy
     assert proxy is not None
-    return lab.proxy_loop.call(proxy.reload)
+    result = lab.proxy_loop.call(proxy.reload)
+    lab.proxy_loop.run(proxy.reload_settled())
+    return result
 
 
 def running(lab: Lab) -> Proxy:

@@ -75,6 +75,7 @@ def test_bad_client_is_refused_logged_and_never_reaches_an_upstream(
     good, end = uvloop.run(exchange(lab.address, client_context(lab.certs, "client.b")))
     assert good == b"Reply from upstream u1"
     assert end is End.CLOSE_NOTIFY
+    lab.logs.wait_for("access", decision="forwarded")  # its slot has been given back
     assert lab.active() == [0]
 
 

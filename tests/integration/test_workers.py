@@ -11,6 +11,7 @@ reaches every worker. (The whole integration tier also runs with ``workers: 2``:
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import uvloop
 
+from l4proxy import adminctl
 from l4proxy.ratelimit import TokenBucket
 from l4proxy.router import Admission, Rejected
 from l4proxy.supervisor import Supervisor
@@ -209,6 +211,51 @@ def test_a_ticket_from_one_worker_resumes_on_the_other(lab: Lab) -> None:
     lines = lab.logs.wait_for("access", count=17)
     assert set(by_worker(lines[1:])) == {1, 2}  # resumed on both workers
     assert not lab.logs.events("error")
+
+
+def test_a_reload_is_settled_once_every_worker_has_the_new_ca(lab: Lab, tmp_path: Path) -> None:
+    """A reload is settled (what POST /reload waits for before it answers) once every
+    worker has taken it: from then on it applies to every new connection, whichever
+    worker accepts it. Each worker builds its own TLS context from the reload, so an
+    answer before theirs would let a client reach a worker that still has the old CA.
+    The workers are stopped (SIGSTOP) across the reload to make that window certain."""
+    lab.start_upstreams(["echo"])
+    path = lab.write_config(tmp_path / "proxy.yaml", workers=2)
+    proxy = lab.start_proxy(path=path)
+    pids = lab.logs.wait_for("listening")[0]["pids"]
+    other = lab.certs / "other"
+    tls = {"ca": str(other / "ca.pem"), "cert": str(other / "server.pem")}
+    lab.write_config(path, workers=2, tls={**tls, "key": str(other / "server.key")})
+    ctx = client_context(other, "client.a", ca=other / "ca.pem")
+
+    async def reload_then_connect() -> list[End | None]:
+        # On the supervisor's loop, as the admin listener does it.
+        for pid in pids:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            assert proxy.reload().ok
+            settled = asyncio.ensure_future(proxy.reload_settled())
+            for _ in range(10):  # loop turns, not time: nothing can answer meanwhile
+                await asyncio.sleep(0)
+            assert not settled.done(), "settled while no worker could have taken it"
+        finally:
+            for pid in pids:
+                os.kill(pid, signal.SIGCONT)
+        await asyncio.wait_for(settled, 10)
+        ends = []
+        for _ in range(6):  # at once; two at a time, so that both workers take some
+            pair = await asyncio.gather(exchange(lab.address, ctx), exchange(lab.address, ctx))
+            ends += [end for _, end in pair]
+        return ends
+
+    assert lab.proxy_loop.run(reload_then_connect()) == [End.CLOSE_NOTIFY] * 12
+    lines = lab.logs.wait_for("access", count=12)
+    assert {r["decision"] for r in lines} == {"forwarded"}, lines
+    assert set(by_worker(lines)) == {1, 2}
+    # The admin listener's POST /reload waits the same way before it answers.
+    assert proxy.admin_address is not None
+    status, body = adminctl.request(*proxy.admin_address, "POST", "/reload")
+    assert (status, json.loads(body)["result"]) == (200, "ok"), body
 
 
 def test_drain_reaches_every_worker_and_waits_for_their_connections(lab: Lab) -> None:

@@ -280,9 +280,18 @@ class Lab:
         return status, json.loads(body)
 
     def active(self) -> list[int]:
+        """Open connections per upstream, as the router counts them. With workers: N,
+        after a round trip to every worker (``refresh``): a release a worker sent
+        before its answer is counted (a connection whose access line is out has sent
+        its release)."""
         proxy = self.proxy
         assert proxy is not None
-        return self.proxy_loop.call(lambda: list(proxy.router.pool.active))
+
+        async def read() -> list[int]:
+            await proxy.refresh()
+            return list(proxy.router.pool.active)
+
+        return self.proxy_loop.run(read())
 
     def carrying(self) -> list[int]:
         """Per upstream: open connections that carry client bytes (not health probes)."""

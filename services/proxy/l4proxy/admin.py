@@ -652,4 +652,10 @@ class AdminServer:
             raise ConnectionError("client closed mid-request") from exc
         if request.path in ("/metrics", "/status"):
             await self.proxy.refresh()  # workers: N: their counts, as of now
-        return self.respond(request), request.method == "HEAD"
+        response = self.respond(request)
+        if request.path == "/reload" and request.method == "POST":
+            # Answer when the reload applies to every new connection (workers: N: once
+            # each worker has taken it), so a client sent right after the answer is
+            # judged by the new config whichever worker accepts it.
+            await self.proxy.reload_settled()
+        return response, request.method == "HEAD"

@@ -44,6 +44,9 @@ RESTART_FIRST = 0.1  # seconds before restarting a worker that died...
 RESTART_MAX = 10.0  # ...doubling while it keeps dying within STABLE of its start
 STABLE = 10.0
 SNAPSHOT_TIMEOUT = 2.0
+# How long a caller of reload_settled waits for the workers' answers to a reload (a
+# worker that does not answer in time has a blocked loop; it is not waited for longer).
+SETTLE_TIMEOUT = 10.0
 
 
 def _pythonpath() -> str:
@@ -99,6 +102,7 @@ class Supervisor(Proxy):
         # TLS session ticket keys for every worker's context (a secret: it decrypts
         # every session's ticket; it only ever goes to our own workers' channels).
         self.ticket_keys = os.urandom(TICKET_KEYS_SIZE)
+        self.settled: asyncio.Future[None] | None = None  # the last reload's answers
 
     # --- listening: the workers -------------------------------------------------------
 
@@ -361,9 +365,13 @@ class Supervisor(Proxy):
                     open_connections=sum(open_ for _, open_ in answers),
                     revoked=sum(ended for ended, _ in answers),
                 )
+                if not settled.done():
+                    settled.set_result(None)
 
+        settled = self.settled = self.loop.create_future()
         if not live:
             self.log.emit("reload", **fields, open_connections=0, revoked=0)
+            settled.set_result(None)
         for handle in live:
             assert handle.channel is not None
             message = (
@@ -375,6 +383,14 @@ class Supervisor(Proxy):
                 self.ticket_keys,
             )
             handle.channel.request(message, answered)
+
+    async def reload_settled(self) -> None:
+        """Returns once every worker has answered the last reload: from then on, every
+        new connection, whichever worker accepts it, gets the new config (at most
+        :data:`SETTLE_TIMEOUT`: a worker that has not answered by then is stuck)."""
+        if self.settled is not None and not self.settled.done():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self.settled), SETTLE_TIMEOUT)
 
     async def drain(self, grace: float, force: Any = None) -> str:
         self._stop_listening()
