@@ -88,11 +88,22 @@ class JsonLog:
     def write(self, record: dict[str, Any]) -> None:
         """Write ``record``, which the caller built with ``ts`` and ``event`` first and
         this log's own :attr:`fields` next: :meth:`emit` without the keyword arguments
-        and the copying, for a line written for every connection."""
+        and the copying."""
         try:
             line = to_json(record)
         except ValueError:
             line = to_json(_finite(record))
+        self.write_line(line)
+
+    @functools.cached_property
+    def fields_json(self) -> str:
+        """This log's own :attr:`fields` as JSON members with a leading comma (``""``
+        when there are none), for a caller that writes a line's text itself."""
+        return "," + to_json(self.fields)[1:-1] if self.fields else ""
+
+    def write_line(self, line: str) -> None:
+        """Write one line of JSON text that the caller made (for a line written for
+        every connection, made without a dict: see the proxy's access line)."""
         try:
             self.stream.write(line + "\n")
             self.stream.flush()
