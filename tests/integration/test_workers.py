@@ -163,6 +163,56 @@ def test_max_concurrent_never_lets_a_fourth_stream_open(lab: Lab) -> None:
     assert lab.active() == [0, 0]
 
 
+def test_max_connections_is_the_whole_proxys_and_so_are_its_capacity_lines(lab: Lab) -> None:
+    """``max_connections: 2`` with one connection on each worker: the third is refused,
+    and the capacity lines are the supervisor's, one per episode, with the whole
+    proxy's counts (a worker wrote its own, with its own counts); ``available`` comes
+    when either one closes."""
+    lab.start_upstreams(["echo"])
+    proxy = lab.start_proxy(lab.config(workers=2, max_connections=2))
+    assert isinstance(proxy, Supervisor)
+    ctx = client_context(lab.certs, "client.b")
+
+    def workers_holding() -> set[int]:
+        books = lab.proxy_loop.call(lambda: dict(proxy.ledger.books))
+        return {slot for slot, book in books.items() if book.counted}
+
+    async def main() -> bytes:
+        held = [await TlsClient.connect(lab.address, ctx)]
+        # A second connection on the other worker (SO_REUSEPORT hashes the 4-tuple:
+        # a new source port is a new draw).
+        for _ in range(40):
+            client = await TlsClient.connect(lab.address, ctx)
+            await client.send(b"x")
+            assert await client.recv() == b"x"
+            if len(workers_holding()) == 2:
+                held.append(client)
+                break
+            await client.aclose()
+            await asyncio.to_thread(wait_for, "closed", lambda: len(workers_holding()) == 1)
+        assert len(held) == 2, "40 connections in a row landed on one worker"
+        reader, writer = await asyncio.open_connection(*lab.address)
+        try:
+            refused = await reader.read()  # reset at once, before any TLS
+        except ConnectionResetError:
+            refused = b""
+        writer.close()
+        await held[0].aclose()
+        await asyncio.to_thread(lab.logs.wait_for, "capacity", state="available")
+        for client in held[1:]:
+            await client.aclose()
+        return refused
+
+    assert uvloop.run(main()) == b""
+    (full,) = lab.logs.events("capacity", state="full")
+    assert (full["open_connections"], full["max_connections"]) == (2, 2), full
+    assert "worker" not in full  # the supervisor's line
+    (available,) = lab.logs.events("capacity", state="available")
+    assert (available["refused"], available["open_connections"]) == (1, 1), available
+    (over,) = lab.logs.wait_for("access", decision="over_capacity")
+    assert over["reason"] == "max_connections 2 reached"
+
+
 def test_a_killed_worker_is_restarted_and_gives_back_its_slots(lab: Lab) -> None:
     lab.start_upstreams(["echo"] * 2)
     rate_limit = {"enabled": True, "rate": 1000, "burst": 1000, "max_concurrent": 4}

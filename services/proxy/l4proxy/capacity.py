@@ -68,13 +68,26 @@ class Capacity:
         if conn not in self.handshaking:
             return
         del self.handshaking[conn]
-        if "max_handshakes" in self.at_capacity and not self._at_cap("max_handshakes"):
-            self._capacity_available("max_handshakes")
+        if self.at_capacity:
+            self.capacity_check()
+
+    def capacity_counts(self) -> tuple[int, int]:
+        """Open connections and handshakes, as the caps count them (with ``workers: N``
+        the supervisor's are the whole proxy's)."""
+        return len(self.connections), len(self.handshaking)
 
     def _at_cap(self, limit: str) -> bool:
         cap: int = getattr(self.config, limit)
-        count = len(self.connections if limit == "max_connections" else self.handshaking)
+        connections, handshakes = self.capacity_counts()
+        count = connections if limit == "max_connections" else handshakes
         return bool(cap) and count >= cap
+
+    def capacity_check(self) -> None:
+        """A connection closed or left its handshake: a cap that was reached may have
+        room again (its ``available`` line)."""
+        for limit in ("max_connections", "max_handshakes"):
+            if limit in self.at_capacity and not self._at_cap(limit):
+                self._capacity_available(limit)
 
     def over_capacity(self, conn: ClientConnection, limit: str) -> None:
         """``conn`` was refused at accept: ``limit`` is reached and no handshake could
@@ -84,18 +97,21 @@ class Capacity:
         self.connection_closed(conn, "over_capacity", f"{limit} {cap} reached")
 
     def _capacity_full(self, limit: str, *, refused: int = 0, evicted: int = 0) -> None:
+        """``limit`` made this process refuse a connection or evict a handshake: the
+        ``full`` line at the first of an episode, counted until ``available``."""
         counts = self.at_capacity.get(limit)
         if counts is None:
             cap = getattr(self.config, limit)
             counts = self.at_capacity[limit] = [0, 0]
             what = "evicting stalled handshakes" if evicted else "refusing new connections"
+            connections, handshakes = self.capacity_counts()
             self.log.emit(
                 "capacity",
                 state="full",
                 limit=limit,
                 **{limit: cap},
-                open_connections=len(self.connections),
-                handshakes=len(self.handshaking),
+                open_connections=connections,
+                handshakes=handshakes,
                 message=f"{limit} ({cap}) reached: {what}",
             )
         counts[0] += refused
@@ -103,13 +119,14 @@ class Capacity:
 
     def _capacity_available(self, limit: str) -> None:
         refused, evicted = self.at_capacity.pop(limit)
+        connections, handshakes = self.capacity_counts()
         self.log.emit(
             "capacity",
             state="available",
             limit=limit,
             **{limit: getattr(self.config, limit)},
-            open_connections=len(self.connections),
-            handshakes=len(self.handshaking),
+            open_connections=connections,
+            handshakes=handshakes,
             refused=refused,
             evicted=evicted,
         )

@@ -470,8 +470,8 @@ class Proxy(Capacity, HealthChecks, AccessLog):
         self.log_access(conn, decision, reason)
         if not self.connections and self.emptied is not None and not self.emptied.done():
             self.emptied.set_result(None)
-        if "max_connections" in self.at_capacity and not self._at_cap("max_connections"):
-            self._capacity_available("max_connections")
+        if self.at_capacity:
+            self.capacity_check()
 
 
 async def _open(listener: AdminServer, address: Address, key: str) -> tuple[str, int]:

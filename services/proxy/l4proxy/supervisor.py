@@ -223,6 +223,8 @@ class Supervisor(Proxy):
             handle.channel.close()
             handle.channel = None
         released = self.ledger.gone(handle.slot)
+        if self.at_capacity:
+            self.capacity_check()
         if handle.last is not None:
             self.departed.absorb(handle.last[0])
             handle.last = None
@@ -260,14 +262,20 @@ class Supervisor(Proxy):
         slot = handle.slot
         if kind == "admit":
             result = ledger.admit(slot, message[1], message[2], self.loop.time())
+            if self.at_capacity:  # its handshake is over
+                self.capacity_check()
             if isinstance(result, Admission):
                 channel.reply(self._answer(result.lease.upstream))
             else:
                 channel.reply((result, None))
         elif kind == "close":
             ledger.close(slot, message[1])
+            if self.at_capacity:
+                self.capacity_check()
         elif kind == "open":
             channel.reply(ledger.open(slot, message[1]))
+        elif kind == "capacity":  # a worker refused or evicted at a cap
+            self._capacity_full(message[1], refused=message[2], evicted=message[3])
         elif kind == "dial_failed":
             transition, failed, picked = ledger.dial_failed(
                 slot, message[1], message[2], self.loop.time()
@@ -337,6 +345,9 @@ class Supervisor(Proxy):
 
     def open_count(self) -> int:
         return self.open_total
+
+    def capacity_counts(self) -> tuple[int, int]:
+        return self.ledger.connections, self.ledger.handshakes
 
     def worker_counts(self) -> tuple[int, int]:
         running = sum(1 for h in self.handles if h.serving)

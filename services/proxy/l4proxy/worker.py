@@ -168,6 +168,11 @@ class WorkerProxy(Proxy):
         name = sock.getsockname()
         self.address = (str(name[0]), int(name[1]))
 
+    def _capacity_full(self, limit: str, *, refused: int = 0, evicted: int = 0) -> None:
+        # The caps are the whole proxy's: the supervisor counts and writes the capacity
+        # lines (with the proxy-wide counts), this worker only says what it did.
+        self.channel.send(("capacity", limit, refused, evicted))
+
     def _share_tickets(self) -> None:
         """Every worker's context gets the supervisor's ticket keys: a client resumes on
         whichever worker its next connection lands on."""
