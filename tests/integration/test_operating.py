@@ -12,7 +12,7 @@ import uvloop
 from l4proxy import proxyproto
 from tests.support.harness import Lab
 from tests.support.loops import wait_for
-from tests.support.tlsclient import End, TlsClient, client_context
+from tests.support.tlsclient import End, TlsClient, client_context, read_plain
 from upstream import proxyproto as reader
 
 
@@ -77,12 +77,7 @@ def test_max_connections_refuses_the_one_too_many_and_says_so(lab: Lab) -> None:
             for client in held:
                 await client.send(b"ping")
                 assert await client.recv_exactly(4) == b"ping"
-            reader_, writer = await asyncio.open_connection(*lab.address)
-            try:
-                refused = await reader_.read()  # closed at once, before any TLS
-            except ConnectionResetError:
-                refused = b""
-            writer.close()
+            refused = await read_plain(lab.address)  # closed at once, before any TLS
             await held[0].close_notify()
             await held[0].recv_all()
             await held[0].aclose()

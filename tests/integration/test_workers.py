@@ -28,7 +28,7 @@ from tests.integration.test_cli import Child, child_env, command, write_config
 from tests.integration.test_tls import blocking_exchange
 from tests.support.harness import Lab
 from tests.support.loops import wait_for
-from tests.support.tlsclient import End, TlsClient, client_context, exchange
+from tests.support.tlsclient import End, TlsClient, client_context, exchange, read_plain
 
 ATTEMPTS = 120
 
@@ -192,12 +192,7 @@ def test_max_connections_is_the_whole_proxys_and_so_are_its_capacity_lines(lab: 
             # Counted no more (else the next one would meet the cap): its close is in.
             wait_for("closed", lambda: lab.proxy_loop.call(lambda: proxy.ledger.connections) == 1)
         assert len(held) == 2, "40 connections in a row landed on one worker"
-        reader, writer = await asyncio.open_connection(*lab.address)
-        try:
-            refused = await reader.read()  # reset at once, before any TLS
-        except ConnectionResetError:
-            refused = b""
-        writer.close()
+        refused = await read_plain(lab.address)  # closed at once, before any TLS
         await held[0].aclose()
         lab.logs.wait_for("capacity", state="available")
         for client in held[1:]:

@@ -185,3 +185,15 @@ async def exchange(
         return await client.recv_all(), client.end
     finally:
         await client.aclose()
+
+
+async def read_plain(address: tuple[str, int]) -> bytes:
+    """Connect without TLS and read until the proxy closes: what a client refused at
+    accept (before any TLS) gets, ``b""`` also when the close is a reset."""
+    reader, writer = await asyncio.open_connection(*address)
+    try:
+        return await reader.read()
+    except ConnectionResetError:
+        return b""
+    finally:
+        writer.close()
