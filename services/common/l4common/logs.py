@@ -83,12 +83,6 @@ class JsonLog:
         if self.fields:
             record.update(self.fields)
         record.update(fields)
-        self.write(record)
-
-    def write(self, record: dict[str, Any]) -> None:
-        """Write ``record``, which the caller built with ``ts`` and ``event`` first and
-        this log's own :attr:`fields` next: :meth:`emit` without the keyword arguments
-        and the copying."""
         try:
             line = to_json(record)
         except ValueError:
