@@ -304,6 +304,34 @@ def test_a_reload_is_settled_once_every_worker_has_the_new_ca(lab: Lab, tmp_path
     assert (status, json.loads(body)["result"]) == (200, "ok"), body
 
 
+def test_a_reload_names_the_worker_that_did_not_take_it_in_time(lab: Lab, tmp_path: Path) -> None:
+    """A worker whose loop is blocked cannot take a reload. After the supervisor's settle
+    timeout, POST /reload answers and names it, and so does the reload line: the answer
+    neither waits for ever nor claims that every worker has the new config. Once the
+    worker runs again it takes the next reload like the other."""
+    lab.start_upstreams(["echo"])
+    path = lab.write_config(tmp_path / "proxy.yaml", workers=2)
+    proxy = lab.start_proxy(path=path)
+    assert isinstance(proxy, Supervisor)
+    proxy.settle_timeout = 0.5  # the deadline under test (10 s in production)
+    stuck = lab.logs.wait_for("listening")[0]["pids"][1]  # worker 2's
+    os.kill(stuck, signal.SIGSTOP)
+    try:
+        status, body = lab.admin_json("/reload", "POST")
+    finally:
+        os.kill(stuck, signal.SIGCONT)
+    assert (status, body["result"], body["unanswered_workers"]) == (200, "ok", [2]), body
+    assert "did not take the new config" in body["message"]
+    (line,) = lab.logs.wait_for("reload")
+    assert (line["result"], line["unanswered_workers"]) == ("ok", [2]), line
+
+    status, body = lab.admin_json("/reload", "POST")
+    assert (status, body["result"], body.get("unanswered_workers")) == (200, "ok", None), body
+    again = lab.logs.wait_for("reload", count=2)[1]
+    assert (again["result"], again.get("unanswered_workers")) == ("ok", None), again
+    assert not lab.logs.events("error")
+
+
 def test_drain_reaches_every_worker_and_waits_for_their_connections(lab: Lab) -> None:
     lab.start_upstreams(["echo"])
     proxy = lab.start_proxy(lab.config(workers=2, timeouts={"drain": "10s"}))

@@ -653,9 +653,18 @@ class AdminServer:
         if request.path in ("/metrics", "/status"):
             await self.proxy.refresh()  # workers: N: their counts, as of now
         response = self.respond(request)
-        if request.path == "/reload" and request.method == "POST":
+        if request.path == "/reload" and request.method == "POST" and response.status == 200:
             # Answer when the reload applies to every new connection (workers: N: once
             # each worker has taken it), so a client sent right after the answer is
-            # judged by the new config whichever worker accepts it.
-            await self.proxy.reload_settled()
+            # judged by the new config whichever worker accepts it. A worker that has
+            # not taken it in time is named: it still has the old config.
+            unanswered = await self.proxy.reload_settled()
+            if unanswered:
+                payload = json.loads(response.body)
+                payload["unanswered_workers"] = unanswered
+                payload["message"] = (
+                    f"worker(s) {', '.join(map(str, unanswered))} did not take the new "
+                    "config in time: their new connections may still get the old one"
+                )
+                response = json_response(200, payload)
         return response, request.method == "HEAD"

@@ -316,10 +316,11 @@ class Proxy(Capacity, HealthChecks, AccessLog):
         )
         return result
 
-    async def reload_settled(self) -> None:
+    async def reload_settled(self) -> list[int]:
         """Returns once the last :meth:`reload` applies to every new connection: at
         once here (``reload`` applied it before returning); a supervisor waits for its
-        workers (``workers: N``)."""
+        workers (``workers: N``) and returns those that did not answer in time."""
+        return []
 
     def adopt(self, config: Config, digest: str | None, context: ssl.SSLContext) -> None:
         """New connections get ``config`` and its TLS context; open ones get a changed

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import signal
 import socket
@@ -44,8 +45,8 @@ RESTART_FIRST = 0.1  # seconds before restarting a worker that died...
 RESTART_MAX = 10.0  # ...doubling while it keeps dying within STABLE of its start
 STABLE = 10.0
 SNAPSHOT_TIMEOUT = 2.0
-# How long a caller of reload_settled waits for the workers' answers to a reload (a
-# worker that does not answer in time has a blocked loop; it is not waited for longer).
+# How long a reload waits for the workers' answers (a worker that does not answer in
+# time has a blocked loop; it is not waited for longer: the reload line names it).
 SETTLE_TIMEOUT = 10.0
 
 
@@ -102,7 +103,8 @@ class Supervisor(Proxy):
         # TLS session ticket keys for every worker's context (a secret: it decrypts
         # every session's ticket; it only ever goes to our own workers' channels).
         self.ticket_keys = os.urandom(TICKET_KEYS_SIZE)
-        self.settled: asyncio.Future[None] | None = None  # the last reload's answers
+        self.settled: asyncio.Future[list[int]] | None = None  # the last reload's answers
+        self.settle_timeout = SETTLE_TIMEOUT
 
     # --- listening: the workers -------------------------------------------------------
 
@@ -357,32 +359,46 @@ class Supervisor(Proxy):
 
     def _reloaded(self, ca_changed: bool, fields: dict[str, Any]) -> None:
         """Tell every worker; the ``reload`` line follows their answers (how many
-        connections each ended, how many it has open)."""
+        connections each ended, how many it has open), or :attr:`settle_timeout` if a
+        worker has not answered by then: the line then names it (``unanswered_workers``)
+        and so does the answer to ``POST /reload``."""
         revoke = self.ledger.revocations() if self.config.authorization.on_reload == "close" else {}
         # New keys with each reload, as one process gets with its new TLS context.
         self.ticket_keys = os.urandom(TICKET_KEYS_SIZE)
         live = [h for h in self.handles if h.channel is not None]
+        waiting = {h.slot for h in live}
         answers: list[tuple[int, int]] = []
+        settled: asyncio.Future[list[int]] = self.loop.create_future()
+        self.settled = settled
 
-        def answered(value: object) -> None:
-            if isinstance(value, tuple):
-                answers.append(value)
-            else:
-                answers.append((0, 0))
-            if len(answers) == len(live):
-                self.log.emit(
-                    "reload",
-                    **fields,
-                    open_connections=sum(open_ for _, open_ in answers),
-                    revoked=sum(ended for ended, _ in answers),
-                )
-                if not settled.done():
-                    settled.set_result(None)
+        def done() -> None:
+            unanswered = sorted(waiting)
+            more = {"unanswered_workers": unanswered} if unanswered else {}
+            self.log.emit(
+                "reload",
+                **fields,
+                open_connections=sum(open_ for _, open_ in answers),
+                revoked=sum(ended for ended, _ in answers),
+                **more,
+            )
+            settled.set_result(unanswered)
+            overdue.cancel()
 
-        settled = self.settled = self.loop.create_future()
+        def answered(slot: int, value: object) -> None:
+            if settled.done():
+                return  # too late: the reload line has named this worker
+            waiting.discard(slot)
+            answers.append(value if isinstance(value, tuple) else (0, 0))
+            if not waiting:
+                done()
+
+        def timed_out() -> None:
+            if not settled.done():
+                done()
+
+        overdue = self.loop.call_later(self.settle_timeout, timed_out)
         if not live:
-            self.log.emit("reload", **fields, open_connections=0, revoked=0)
-            settled.set_result(None)
+            done()
         for handle in live:
             assert handle.channel is not None
             message = (
@@ -393,15 +409,16 @@ class Supervisor(Proxy):
                 revoke.get(handle.slot, []),
                 self.ticket_keys,
             )
-            handle.channel.request(message, answered)
+            handle.channel.request(message, functools.partial(answered, handle.slot))
 
-    async def reload_settled(self) -> None:
+    async def reload_settled(self) -> list[int]:
         """Returns once every worker has answered the last reload: from then on, every
-        new connection, whichever worker accepts it, gets the new config (at most
-        :data:`SETTLE_TIMEOUT`: a worker that has not answered by then is stuck)."""
-        if self.settled is not None and not self.settled.done():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(self.settled), SETTLE_TIMEOUT)
+        new connection, whichever worker accepts it, gets the new config. Or after
+        :attr:`settle_timeout` (a worker that has not answered by then has a blocked
+        loop): the workers that have not answered, which the ``reload`` line names."""
+        if self.settled is None:
+            return []
+        return list(await asyncio.shield(self.settled))
 
     async def drain(self, grace: float, force: Any = None) -> str:
         self._stop_listening()
