@@ -1,17 +1,21 @@
-"""Instructions per connection, counted by valgrind's callgrind: a figure that does not
-move with the machine's load or CPU placement, as CPU time does here (±20 % between runs
-of the same code).
+"""Instructions per connection (churn, resumption) or per message (ping-pong), counted by
+valgrind's callgrind: a figure that does not move with the machine's load or CPU
+placement, as CPU time does here (±20 % between runs of the same code).
 
-    .venv/bin/python bench/instructions.py [--only churn,resumption] [--small 50] [--large 250]
+    .venv/bin/python bench/instructions.py [--only churn,resumption,pingpong] \\
+        [--small 50] [--large 250]
 
 Each proxy (ours; HAProxy; and the floor, ``bench/floor_proxy.py``: the least a Python
 TLS proxy on uvloop does per connection) runs under callgrind twice per workload: once
-with ``--small`` measured connections and once with ``--large``, after the same warm-up.
-The difference of the two totals divided by the difference of the counts is the
-instructions per connection: start-up, warm-up and shutdown cancel out. OpenSSL's
-``SSL_do_handshake``, counted inclusively, splits that figure in two: the handshake
-(the same library and the same work for every proxy) and **the rest**, which is the
-proxy's own per-connection code, its event loop, its log line and the record layer.
+with ``--small`` measured units and once with ``--large``, after the same warm-up
+(ping-pong: 40 times as many messages, over the same connections). The difference of
+the two totals divided by the difference of the counts is the instructions per unit:
+start-up, warm-up and shutdown cancel out. OpenSSL's ``SSL_do_handshake``, counted
+inclusively, splits that figure in two: the handshake (the same library and the same
+work for every proxy) and **the rest**, which is the proxy's own per-connection code,
+its event loop, its log line and the record layer. The record layer (``SSL_read``,
+``SSL_write`` and their ``_ex`` forms, inclusively: OpenSSL again) is counted too, and
+**own** is the rest without it: what the proxy and its language spend themselves.
 
 What it does not count: the kernel's work (system calls), cache misses, stalls. CPU
 time (``bench/run.py``) is what the targets are judged on; this is the instrument for
@@ -39,14 +43,25 @@ from typing import Any
 import run as bench
 
 KINDS = ("ours", "haproxy", "floor")
-WORKLOADS = ("churn", "resumption")
+WORKLOADS = ("churn", "resumption", "pingpong")
+# The size that counts one workload's units (connections; ping-pong: messages).
+UNITS = {
+    "churn": "churn_connections",
+    "resumption": "churn_connections",
+    "pingpong": "pingpong_messages",
+}
+# Ping-pong counts messages over the same connections: more units for the same precision.
+SCALE = {"pingpong": 40}
 HANDSHAKE = "SSL_do_handshake"
+RECORDS = r"SSL_(?:read|write)(?:_ex)?"
 _TOTAL = re.compile(r"^(?:summary|totals):\s+(\d+)", re.MULTILINE)
 _INCLUSIVE = re.compile(r"^\s*([\d,]+) .*?[\s:]" + HANDSHAKE + r" \[", re.MULTILINE)
+_RECORDS = re.compile(r"^\s*([\d,]+) .*?[\s:]" + RECORDS + r" \[", re.MULTILINE)
 
 
 def counted(path: Path, annotate: str) -> dict[str, int]:
-    """The total instructions of one callgrind output and those inside SSL_do_handshake."""
+    """The total instructions of one callgrind output, those inside SSL_do_handshake and
+    those inside the record layer's reads and writes."""
     text = path.read_text(errors="replace")
     total = _TOTAL.search(text)
     if total is None:
@@ -59,14 +74,23 @@ def counted(path: Path, annotate: str) -> dict[str, int]:
         timeout=300,
     ).stdout
     handshake = sum(int(m.replace(",", "")) for m in _INCLUSIVE.findall(out))
-    return {"total": int(total.group(1)), "handshake": handshake}
+    records = sum(int(m.replace(",", "")) for m in _RECORDS.findall(out))
+    return {"total": int(total.group(1)), "handshake": handshake, "records": records}
 
 
 def per_connection(small: dict[str, int], large: dict[str, int], extra: int) -> dict[str, float]:
-    """Instructions per connection from two runs ``extra`` connections apart."""
-    total = (large["total"] - small["total"]) / extra
-    handshake = (large["handshake"] - small["handshake"]) / extra
-    return {"total": total, "handshake": handshake, "rest": total - handshake}
+    """Instructions per unit from two runs ``extra`` units apart."""
+    total, handshake, records = (
+        (large[key] - small[key]) / extra for key in ("total", "handshake", "records")
+    )
+    rest = total - handshake
+    return {
+        "total": total,
+        "handshake": handshake,
+        "rest": rest,
+        "records": records,
+        "own": rest - records,
+    }
 
 
 def ratios(figures: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
@@ -84,13 +108,15 @@ def measure(
     setup: bench.Setup, workload: str, kind: str, sizes: Sequence[int], annotate: str
 ) -> dict[str, Any]:
     counts = []
+    sizes = [n * SCALE.get(workload, 1) for n in sizes]
     for n in sizes:
         tag = f"{workload}-{kind}-{n}"
         here = dataclasses.replace(
-            setup, sizes=dataclasses.replace(setup.sizes, churn_connections=n)
+            setup, sizes=dataclasses.replace(setup.sizes, **{UNITS[workload]: n})
         )
         result = bench.run_one(here, workload, kind, tag)
-        print(f"  {workload:<10} {kind:<8} {n:>5} connections  {result['wall_s']:6.1f} s", end="")
+        unit = "messages" if workload == "pingpong" else "connections"
+        print(f"  {workload:<10} {kind:<8} {n:>5} {unit}  {result['wall_s']:6.1f} s", end="")
         if not result["ok"]:
             print(f"  FAILED: {result.get('error')}", flush=True)
             return {"ok": False, "error": result.get("error")}
@@ -102,10 +128,17 @@ def measure(
 
 def print_table(results: dict[str, dict[str, dict[str, Any]]]) -> None:
     print()
-    print("instructions per connection (user space), and each proxy's ratio to HAProxy's")
-    header = f"{'workload':<11} {'proxy':<8} {'total':>10} {'handshake':>10} {'rest':>9}"
-    print(header + f" {'total/hap':>10} {'rest/hap':>9}")
-    print("-" * (len(header) + 21))
+    print(
+        "instructions per connection (ping-pong: per message; user space), "
+        "and each proxy's ratio to HAProxy's"
+    )
+    header = (
+        f"{'workload':<11} {'proxy':<8} {'total':>10} {'handshake':>10} {'rest':>9} "
+        f"{'records':>9} {'own':>9} {'total/hap':>10} {'rest/hap':>9} {'own/hap':>8}"
+    )
+    print(header)
+    print("-" * len(header))
+    nan = float("nan")
     for workload, by_kind in results.items():
         figures = {k: r["per_connection"] for k, r in by_kind.items() if r.get("ok")}
         relative = ratios(figures)
@@ -113,17 +146,20 @@ def print_table(results: dict[str, dict[str, dict[str, Any]]]) -> None:
             rel = relative.get(kind, {})
             print(
                 f"{workload:<11} {kind:<8} {fig['total']:>10,.0f} {fig['handshake']:>10,.0f} "
-                f"{fig['rest']:>9,.0f} {rel.get('total', float('nan')):>10.3f} "
-                f"{rel.get('rest', float('nan')):>9.2f}"
+                f"{fig['rest']:>9,.0f} {fig['records']:>9,.0f} {fig['own']:>9,.0f} "
+                f"{rel.get('total', nan):>10.3f} {rel.get('rest', nan):>9.2f} "
+                f"{rel.get('own', nan):>8.2f}"
             )
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--only", default=",".join(WORKLOADS), help="churn,resumption")
+    parser.add_argument("--only", default=",".join(WORKLOADS), help="churn,resumption,pingpong")
     parser.add_argument("--kinds", default=",".join(KINDS), help="ours,haproxy,floor")
-    parser.add_argument("--small", type=int, default=50, help="connections, first run")
-    parser.add_argument("--large", type=int, default=250, help="connections, second run")
+    parser.add_argument(
+        "--small", type=int, default=50, help="units (ping-pong: 40 messages each), first run"
+    )
+    parser.add_argument("--large", type=int, default=250, help="units, second run")
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--no-install", action="store_true", help="never apt-get install")
     parser.add_argument("--out", default=str(bench.RESULTS / "instructions.json"))
@@ -180,7 +216,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         kinds = [k for k in KINDS if k in args.kinds.split(",")]
         print(
             f"layer4lab instructions: {', '.join(workloads)}; {', '.join(kinds)}; "
-            f"{args.small} and {args.large} connections, {args.concurrency} at a time",
+            f"{args.small} and {args.large} units, {args.concurrency} connections at a time",
             flush=True,
         )
         sizes_run = (args.small, args.large)

@@ -121,12 +121,14 @@ instructions = load_instructions()
 
 def test_instructions_per_connection_are_the_difference_of_two_runs() -> None:
     """Start-up and warm-up are in both runs' totals: the difference has none of them."""
-    small = {"total": 1_000_000 + 50 * 6_000, "handshake": 50 * 5_000}
-    large = {"total": 1_000_000 + 250 * 6_000, "handshake": 250 * 5_000}
+    small = {"total": 1_000_000 + 50 * 6_000, "handshake": 50 * 5_000, "records": 9 + 50 * 300}
+    large = {"total": 1_000_000 + 250 * 6_000, "handshake": 250 * 5_000, "records": 9 + 250 * 300}
     assert instructions.per_connection(small, large, 200) == {
         "total": 6_000.0,
         "handshake": 5_000.0,
         "rest": 1_000.0,
+        "records": 300.0,
+        "own": 700.0,
     }
 
 
@@ -141,18 +143,28 @@ def test_instruction_ratios_are_to_haproxys_figures() -> None:
     assert instructions.ratios({"ours": figures["ours"]}) == {}
 
 
-def test_callgrind_totals_and_the_handshakes_inclusive_count_are_read(tmp_path: Path) -> None:
+def test_callgrind_totals_and_the_handshake_and_records_inclusive_counts_are_read(
+    tmp_path: Path,
+) -> None:
     out = tmp_path / "run.callgrind"
     out.write_text("version: 1\ncmd: haproxy\nsummary: 123456789\n")
     annotated = (
         "5,566,127 (89.1%)  ???:SSL_do_handshake [/usr/lib/x86_64-linux-gnu/libssl.so.3]\n"
         "   12,345 ( 0.1%)  ???:SSL_do_handshake_x [/usr/lib/libssl.so.3]\n"
         "   99,999 ( 1.0%)  ???:_ssl__SSLSocket_do_handshake [/usr/lib/_ssl.so]\n"
+        "    1,000 ( 0.1%)  ???:SSL_read [/usr/lib/x86_64-linux-gnu/libssl.so.3]\n"
+        "      200 ( 0.1%)  ???:SSL_write_ex [/usr/lib/x86_64-linux-gnu/libssl.so.3]\n"
+        "       30 ( 0.1%)  ???:SSL_read_early_data [/usr/lib/libssl.so.3]\n"
+        "        4 ( 0.1%)  _ssl.c:_ssl__SSLSocket_read [/usr/lib/_ssl.so]\n"
     )
     script = tmp_path / "annotate"
     script.write_text(f"#!/bin/sh\ncat <<'END'\n{annotated}END\n")
     script.chmod(0o755)
-    assert instructions.counted(out, str(script)) == {"total": 123456789, "handshake": 5566127}
+    assert instructions.counted(out, str(script)) == {
+        "total": 123456789,
+        "handshake": 5566127,
+        "records": 1200,
+    }
     out.write_text("version: 1\n")
     with pytest.raises(bench.BenchError, match="no instruction total"):
         instructions.counted(out, str(script))
