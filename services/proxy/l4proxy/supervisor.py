@@ -371,7 +371,9 @@ class Supervisor(Proxy):
         settled: asyncio.Future[list[int]] = self.loop.create_future()
         self.settled = settled
 
-        def done() -> None:
+        def done() -> None:  # every worker has answered, or settle_timeout is over
+            if settled.done():
+                return
             unanswered = sorted(waiting)
             more = {"unanswered_workers": unanswered} if unanswered else {}
             self.log.emit(
@@ -392,11 +394,7 @@ class Supervisor(Proxy):
             if not waiting:
                 done()
 
-        def timed_out() -> None:
-            if not settled.done():
-                done()
-
-        overdue = self.loop.call_later(self.settle_timeout, timed_out)
+        overdue = self.loop.call_later(self.settle_timeout, done)
         if not live:
             done()
         for handle in live:
